@@ -1,0 +1,207 @@
+"""`recsys` command line: one sub-command per pipeline stage, each a thin call into its module.
+
+Global options (before or after the sub-command): `--profile tiny|small|full`, `--conf FILE`, `--set key=value`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from recsys.config import Config, ConfigError, load_config
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _spark(config: Config, name: str):
+    from recsys.spark import get_spark
+    from recsys.tables import Lakehouse
+
+    spark = get_spark(config, f"recsys-{name}")
+    return spark, Lakehouse(spark, config)
+
+
+@command("synth")
+def _synth(config: Config, args: argparse.Namespace) -> int:
+    from recsys import synth
+
+    if args.compare:
+        report = synth.compare(args.compare)
+        print(synth.format_report(report))
+        return 0
+    if args.scale:
+        config = load_config(args.scale, args.set, args.conf)
+    if args.seed is not None:
+        config.synth.seed = args.seed
+    if args.articles:
+        config.synth.articles_path = args.articles
+    out = args.out or config.paths.raw_dir
+    stats = synth.generate(config.synth, out)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+@command("ingest")
+def _ingest(config: Config, args: argparse.Namespace) -> int:
+    from recsys import ingest
+
+    spark, lake = _spark(config, "ingest")
+    report = ingest.run(lake, args.raw or config.paths.raw_dir, since=args.since or config.ingest.since or None)
+    print(report.format())
+    return 0
+
+
+@command("features")
+def _features(config: Config, args: argparse.Namespace) -> int:
+    from recsys import features
+
+    spark, lake = _spark(config, "features")
+    summary = features.run(lake, as_of=args.as_of or config.features.as_of or None)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+@command("train")
+def _train(config: Config, args: argparse.Namespace) -> int:
+    from recsys import train
+
+    spark, lake = _spark(config, "train")
+    result = train.run(lake, as_of=args.as_of or None)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+@command("score")
+def _score(config: Config, args: argparse.Namespace) -> int:
+    from recsys import score
+
+    spark, lake = _spark(config, "score")
+    summary = score.run(lake, model_uri=args.model_uri or None)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+@command("recommend-popular")
+def _popular(config: Config, args: argparse.Namespace) -> int:
+    from recsys import recommend
+
+    spark, lake = _spark(config, "recommend-popular")
+    summary = recommend.run_popularity(lake, cutoff=args.as_of or None)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+@command("evaluate")
+def _evaluate(config: Config, args: argparse.Namespace) -> int:
+    from recsys import evaluate
+
+    spark, lake = _spark(config, "evaluate")
+    report = evaluate.run(lake, test_start=args.test_start or config.split.test_start or None)
+    print(evaluate.format_report(report))
+    return 0
+
+
+@command("pipeline")
+def _pipeline(config: Config, args: argparse.Namespace) -> int:
+    from recsys import pipeline
+
+    result = pipeline.run(config, steps=args.steps.split(",") if args.steps else None)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+@command("demo")
+def _demo(config: Config, args: argparse.Namespace) -> int:
+    from recsys import pipeline
+
+    return pipeline.demo(config)
+
+
+@command("sql")
+def _sql(config: Config, args: argparse.Namespace) -> int:
+    spark, lake = _spark(config, "sql")
+    df = lake.sql(args.query)
+    rows = df.limit(args.limit).toPandas()
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 70):
+        print(rows.to_string(index=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def options(suppress: bool) -> argparse.ArgumentParser:
+        # Sub-commands accept the global options too, without resetting values given before them.
+        opts = argparse.ArgumentParser(add_help=False)
+        default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+        opts.add_argument("--profile", default=default(None), help="tiny | small | full, or a YAML file (default: small)")
+        opts.add_argument("--conf", default=default(None), help="an extra YAML file merged after the profile")
+        opts.add_argument("--set", action="append", default=default([]), metavar="KEY=VALUE", help="override a config key")
+        return opts
+
+    common = options(suppress=True)
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0], parents=[options(False)])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", parents=[common], help="generate H&M-shaped CSVs, or compare them with the real statistics")
+    p.add_argument("--scale", choices=["tiny", "small", "full"], default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="output folder (default: paths.raw_dir)")
+    p.add_argument("--articles", default=None, help="a real articles.csv or .parquet to use as the catalogue")
+    p.add_argument("--compare", default=None, metavar="DIR", help="print the statistics of DIR next to the real ones")
+
+    p = sub.add_parser("ingest", parents=[common], help="raw CSVs -> validated Delta tables (+ quarantine)")
+    p.add_argument("--raw", default=None, help="folder with the three CSVs (default: paths.raw_dir)")
+    p.add_argument("--since", default=None, help="replace only transactions on or after this date")
+
+    p = sub.add_parser("features", parents=[common], help="point-in-time feature tables, popularity, id maps")
+    p.add_argument("--as-of", dest="as_of", default=None)
+
+    p = sub.add_parser("train", parents=[common], help="train the two-tower model (MLflow run + registry)")
+    p.add_argument("--as-of", dest="as_of", default=None)
+
+    p = sub.add_parser("score", parents=[common], help="FAISS top-K for every customer -> recommendations")
+    p.add_argument("--model-uri", dest="model_uri", default=None)
+
+    p = sub.add_parser("recommend-popular", parents=[common], help="popularity recommendations for every customer")
+    p.add_argument("--as-of", dest="as_of", default=None)
+
+    p = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MAP@12 of the model against baselines")
+    p.add_argument("--test-start", dest="test_start", default=None)
+
+    p = sub.add_parser("pipeline", parents=[common], help="every stage in order (the nightly job)")
+    p.add_argument("--steps", default=None, help="comma-separated subset, e.g. features,train,score")
+
+    sub.add_parser("demo", parents=[common], help="synth + pipeline on the profile's data, then show some recommendations")
+
+    p = sub.add_parser("sql", parents=[common], help="SQL over the project's tables by name")
+    p.add_argument("query")
+    p.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.profile, args.set, args.conf)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](config, args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

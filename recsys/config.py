@@ -1,0 +1,253 @@
+"""One typed configuration object, loaded from `conf/base.yaml` plus a scale profile plus `--set` overrides.
+
+Typos in YAML are silent bugs in most pipelines; here an unknown key or a value of the wrong type is an
+error that names the key and the file it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ("tiny", "small", "full")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the typed schema."""
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    raw_dir: str = "data/raw"            # the three Kaggle CSVs (real or synthetic)
+    tables_dir: str = "data/delta"       # one Delta table per folder when `catalog` is empty
+    catalog: str = ""                    # e.g. "main.recsys" on Databricks: tables by name, not by path
+    artifacts_dir: str = "data/artifacts"
+    mlflow_tracking_uri: str = ""        # empty: sqlite database under data_dir
+    checkpoint_dir: str = "data/checkpoints"
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[2]"
+    driver_memory: str = "8g"
+    shuffle_partitions: int = 8
+    ui: bool = False
+    log_level: str = "WARN"
+    arrow_batch_size: int = 10000
+
+
+@dataclass
+class SynthConfig:
+    seed: int = 42
+    n_articles: int = 3000
+    n_customers: int = 20000
+    start_date: str = "2018-09-20"
+    end_date: str = "2020-09-22"
+    rows_per_customer: float = 23.2      # two-year mean in the real data
+    articles_path: str = ""              # a real articles.csv / parquet to use as the catalogue
+
+
+@dataclass
+class IngestConfig:
+    max_price: float = 1.0               # real max is 0.59; a price above this is quarantined
+    min_date: str = "2018-01-01"
+    since: str = ""                      # replace only transactions on or after this date
+
+
+@dataclass
+class FeaturesConfig:
+    as_of: str = ""                      # empty: the day after the last transaction
+    windows_weeks: list[int] = field(default_factory=lambda: [1, 4, 12])
+    decay_half_life_days: float = 14.0
+    training_window_weeks: int = 12
+    popularity_window_days: int = 7
+    popularity_top_n: int = 100
+
+
+@dataclass
+class SplitConfig:
+    test_start: str = ""                 # empty: the last `test_days` of the data
+    test_days: int = 7
+    backtest_weeks: int = 1
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 64
+    id_embedding_dim: int = 32
+    attribute_embedding_dim: int = 16
+    hidden_dim: int = 128
+    epochs: int = 3
+    batch_size: int = 2048
+    learning_rate: float = 0.003
+    weight_decay: float = 1e-6
+    temperature: float = 0.05
+    negatives: int = 512                 # sampled negatives per batch (popularity-corrected)
+    seed: int = 7
+    max_train_rows: int = 0              # 0: all training examples
+    device: str = "auto"
+
+
+@dataclass
+class ScoringConfig:
+    k: int = 12
+    candidates: int = 100                # FAISS neighbours fetched before filtering to k
+    index_type: str = "flat"             # flat | ivf
+    ivf_lists: int = 1024
+    ivf_probe: int = 16
+    partitions: int = 8
+    min_history: int = 1                 # fewer purchases than this: popularity fallback
+
+
+@dataclass
+class EvaluationConfig:
+    k: int = 12
+    ks: list[int] = field(default_factory=lambda: [12, 100])
+    gate_metric: str = "map_at_12"
+    gate_min_improvement: float = 0.0
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "recsys"
+    registered_model: str = "recsys-two-tower"
+
+
+@dataclass
+class Config:
+    profile: str = "small"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def path(self, relative: str) -> Path:
+        """Relative paths in config are relative to the working directory."""
+        return Path(relative).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.paths.mlflow_tracking_uri:
+            return self.paths.mlflow_tracking_uri
+        return "sqlite:///" + str(self.path(self.paths.data_dir) / "mlflow.db")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def conf_dir() -> Path:
+    env = os.environ.get("RECSYS_CONF_DIR")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "conf"
+    return local if (local / "base.yaml").exists() else PROJECT_ROOT / "conf"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _merge(hint(), value, source, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{source}: '{key}' has type {type(value).__name__}, expected {hint}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint is str and hasattr(value, "isoformat"):  # YAML turns 2020-09-22 into a date
+        return value.isoformat()
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(target: Any, values: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {known})")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{prefix}{key}' must be a mapping, got {value!r}")
+            _merge(current, value, source, f"{prefix}{key}.")
+        else:
+            setattr(target, key, _coerce(value, hints[key], prefix + key, source))
+    return target
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`model.epochs=5` -> {"model": {"epochs": 5}}; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(profile: str | None = None, overrides: list[str] | None = None, path: str | None = None) -> Config:
+    """base.yaml, then the profile (a name in conf/ or a YAML path), then each `--set` in order."""
+    config = Config()
+    base = conf_dir() / "base.yaml"
+    if base.exists():
+        _merge(config, _read_yaml(base), str(base))
+    profile = profile or os.environ.get("RECSYS_PROFILE") or config.profile
+    profile_path = Path(profile) if profile.endswith((".yaml", ".yml")) else conf_dir() / f"{profile}.yaml"
+    if not profile_path.exists():
+        raise ConfigError(f"unknown profile {profile!r}: no file {profile_path} (profiles: {', '.join(PROFILES)})")
+    _merge(config, _read_yaml(profile_path), str(profile_path))
+    config.profile = profile_path.stem
+    if path:
+        _merge(config, _read_yaml(Path(path)), path)
+    for text in overrides or []:
+        _merge(config, parse_override(text), f"--set {text}")
+    return config

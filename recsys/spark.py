@@ -1,0 +1,59 @@
+"""The one Spark session factory.
+
+Locally: a `local[2]` session with Delta from the JARs that `make setup` resolved (no network at start).
+On Databricks: the cluster's session as it is; the runtime already ships Delta, so nothing is added.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from recsys import jars
+from recsys.config import Config
+
+
+def on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
+def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
+    if on_databricks():
+        return SparkSession.builder.getOrCreate()
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    missing = jars.missing()
+    if missing:
+        raise RuntimeError(
+            f"Delta JARs not found: {', '.join(map(str, missing))}. Run `make setup` (resolves them once)."
+        )
+    # Workers must run the same interpreter as the driver (torch, faiss in mapInPandas).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    sc = config.spark
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .master(sc.master)
+        .config("spark.jars", ",".join(str(p) for p in jars.jar_paths()))
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.driver.memory", sc.driver_memory)
+        .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
+        .config("spark.default.parallelism", str(sc.shuffle_partitions))
+        .config("spark.ui.enabled", str(sc.ui).lower())
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(sc.arrow_batch_size))
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.warehouse.dir", str(config.path(config.paths.data_dir) / "spark-warehouse"))
+        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={config.path(config.paths.data_dir)}")
+        .config("spark.databricks.delta.snapshotPartitions", "2")
+        .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
+        .config("spark.python.worker.reuse", "true")
+    )
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(sc.log_level)
+    return spark

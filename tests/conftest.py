@@ -1,0 +1,44 @@
+"""One Spark session for the whole test run, on the `tiny` profile, in a temporary folder."""
+from __future__ import annotations
+
+import pytest
+
+from recsys.config import load_config
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("recsys")
+
+
+@pytest.fixture(scope="session")
+def config(workdir):
+    root = workdir / "data"
+    return load_config(
+        "tiny",
+        [
+            f"paths.data_dir={root}",
+            f"paths.raw_dir={root}/raw",
+            f"paths.tables_dir={root}/delta",
+            f"paths.artifacts_dir={root}/artifacts",
+            f"paths.checkpoint_dir={root}/checkpoints",
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def spark(config):
+    from recsys.spark import get_spark
+
+    session = get_spark(config, "recsys-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture()
+def lake(spark, config, tmp_path):
+    """A Lakehouse in a fresh folder per test, sharing the one session."""
+    from recsys.tables import Lakehouse
+
+    local = load_config("tiny", [f"paths.tables_dir={tmp_path}/delta", f"paths.data_dir={tmp_path}"])
+    return Lakehouse(spark, local)
