@@ -29,12 +29,14 @@ TRAINING_EXAMPLES = "training_examples"
 CUSTOMER_EMBEDDINGS = "customer_embeddings"
 ARTICLE_EMBEDDINGS = "article_embeddings"
 RECOMMENDATIONS = "recommendations"
+RECOMMENDATIONS_STAGING = "recommendations_staging"  # a scoring run's output, validated before publishing
+RECOMMENDATIONS_NAMED = "recommendations_named"      # recommendations joined with article names, for people
 EVALUATION = "evaluation"
 
 ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
-    RECOMMENDATIONS, EVALUATION,
+    RECOMMENDATIONS, EVALUATION, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -99,6 +101,7 @@ RECOMMENDATIONS_SCHEMA = T.StructType([
     T.StructField("score", T.DoubleType(), False),
     T.StructField("source", T.StringType(), False),
     T.StructField("model_version", T.StringType(), False),
+    T.StructField("run_id", T.StringType(), False),
     T.StructField("generated_at", T.TimestampType(), False),
 ])
 SCHEMAS = {
