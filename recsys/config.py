@@ -100,11 +100,16 @@ class ModelConfig:
 class ScoringConfig:
     k: int = 12
     candidates: int = 100                # FAISS neighbours fetched before filtering to k
-    index_type: str = "flat"             # flat | ivf
+    index_type: str = "flat"             # flat | ivf | hnsw
     ivf_lists: int = 1024
     ivf_probe: int = 16
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
     partitions: int = 8
     min_history: int = 1                 # fewer purchases than this: popularity fallback
+    candidate_weeks: int = 0             # >0: index only articles sold in the last N weeks (still selling)
+    exclude_purchased: bool = False      # H&M customers buy again: keep bought articles by default
+    threads_per_task: int = 1            # faiss/torch threads per Spark task (tasks x threads <= cores)
 
 
 @dataclass
