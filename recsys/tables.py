@@ -32,11 +32,12 @@ RECOMMENDATIONS = "recommendations"
 RECOMMENDATIONS_STAGING = "recommendations_staging"  # a scoring run's output, validated before publishing
 RECOMMENDATIONS_NAMED = "recommendations_named"      # recommendations joined with article names, for people
 EVALUATION = "evaluation"
+EVALUATION_RUNS = "evaluation_runs"  # one row per (model, version, test week, segment, metric)
 
 ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
-    RECOMMENDATIONS, EVALUATION, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED,
+    RECOMMENDATIONS, EVALUATION, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -104,12 +105,21 @@ RECOMMENDATIONS_SCHEMA = T.StructType([
     T.StructField("run_id", T.StringType(), False),
     T.StructField("generated_at", T.TimestampType(), False),
 ])
+EVALUATION_RUNS_SCHEMA = T.StructType([
+    T.StructField("model", T.StringType(), False),
+    T.StructField("version", T.StringType(), False),
+    T.StructField("test_week", T.DateType(), False),
+    T.StructField("metric", T.StringType(), False),
+    T.StructField("value", T.DoubleType(), True),
+    T.StructField("segment", T.StringType(), False),
+])
 SCHEMAS = {
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
     TRANSACTIONS: TRANSACTIONS_SCHEMA,
     QUARANTINE: QUARANTINE_SCHEMA,
     RECOMMENDATIONS: RECOMMENDATIONS_SCHEMA,
+    EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
 }
 PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip the rest
 
