@@ -125,6 +125,17 @@ class MlflowConfig:
     experiment: str = "recsys"
     registered_model: str = "recsys-two-tower"
 
+    gate_tolerance: float = 0.0          # how much gate_metric the challenger may lose and still be promoted
+    curve_max_k: int = 100               # Recall@K curve for K = 1..curve_max_k in the report
+    short_history_max: int = 5           # purchases before the test week: 0 none, 1..this short, more long
+    baselines: list[str] = field(default_factory=lambda: [
+        "popularity_last_week", "popularity_decayed", "popularity_age_bucket", "repurchase", "als",
+    ])
+    repurchase_window_days: int = 28
+    als_rank: int = 32
+    als_max_iter: int = 10
+    als_reg: float = 0.1
+    als_alpha: float = 10.0
 
 @dataclass
 class Config:
