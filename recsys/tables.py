@@ -26,6 +26,7 @@ POPULARITY = "popularity"
 CUSTOMER_INDEX = "customer_index"
 ARTICLE_INDEX = "article_index"
 TRAINING_EXAMPLES = "training_examples"
+CATEGORY_INDEX = "category_index"  # stable int codes of the article categoricals (append-only, like the id maps)
 CUSTOMER_EMBEDDINGS = "customer_embeddings"
 ARTICLE_EMBEDDINGS = "article_embeddings"
 RECOMMENDATIONS = "recommendations"
@@ -37,7 +38,7 @@ EVALUATION_RUNS = "evaluation_runs"  # one row per (model, version, test week, s
 ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
-    RECOMMENDATIONS, EVALUATION, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
+    RECOMMENDATIONS, EVALUATION, CATEGORY_INDEX, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -122,6 +123,8 @@ SCHEMAS = {
     EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
 }
 PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip the rest
+# Feature-store snapshots: one `as_of` folder each, replaced with replaceWhere, older ones stay readable.
+PARTITIONS.update({name: ["as_of"] for name in (CUSTOMER_FEATURES, ARTICLE_FEATURES, POPULARITY, TRAINING_EXAMPLES)})
 
 
 class Lakehouse:
