@@ -119,6 +119,15 @@ def _pipeline(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+@command("nightly")
+def _nightly(config: Config, args: argparse.Namespace) -> int:
+    from recsys import pipeline
+
+    result = pipeline.nightly(config, args.date)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 @command("demo")
 def _demo(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
@@ -180,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", parents=[common], help="every stage in order (the nightly job)")
     p.add_argument("--steps", default=None, help="comma-separated subset, e.g. features,train,score")
+
+    p = sub.add_parser("nightly", parents=[common], help="add day DATE's purchases, refresh, retrain, gate, score, publish")
+    p.add_argument("--date", required=True, help="the new day, YYYY-MM-DD")
 
     sub.add_parser("demo", parents=[common], help="synth + pipeline on the profile's data, then show some recommendations")
 
