@@ -94,6 +94,13 @@ class ModelConfig:
     seed: int = 7
     max_train_rows: int = 0              # 0: all training examples
     device: str = "auto"
+    validation_days: int = 7             # last days before as_of held out for per-epoch Recall/MAP@12
+    patience: int = 2                    # epochs without validation gain before early stopping
+    loader: str = "petastorm"            # petastorm | memory
+    negative_source: str = "catalogue"   # catalogue | recent (articles sold in the training window)
+    log_q_correction: bool = True
+    torch_threads: int = 2
+    distributed_processes: int = 0       # >1: TorchDistributor with that many local processes
 
 
 @dataclass
@@ -118,13 +125,6 @@ class EvaluationConfig:
     ks: list[int] = field(default_factory=lambda: [12, 100])
     gate_metric: str = "map_at_12"
     gate_min_improvement: float = 0.0
-
-
-@dataclass
-class MlflowConfig:
-    experiment: str = "recsys"
-    registered_model: str = "recsys-two-tower"
-
     gate_tolerance: float = 0.0          # how much gate_metric the challenger may lose and still be promoted
     curve_max_k: int = 100               # Recall@K curve for K = 1..curve_max_k in the report
     short_history_max: int = 5           # purchases before the test week: 0 none, 1..this short, more long
@@ -136,6 +136,13 @@ class MlflowConfig:
     als_max_iter: int = 10
     als_reg: float = 0.1
     als_alpha: float = 10.0
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "recsys"
+    registered_model: str = "recsys-two-tower"
+
 
 @dataclass
 class Config:
