@@ -68,7 +68,7 @@ ARTICLE_INT_COLUMNS = {
 ARTICLES_SCHEMA = T.StructType(
     [T.StructField("article_id", T.StringType(), False)]
     + [
-        T.StructField(c, T.IntegerType() if c in ARTICLE_INT_COLUMNS else T.StringType(), c != "detail_desc")
+        T.StructField(c, T.IntegerType() if c in ARTICLE_INT_COLUMNS else T.StringType(), c == "detail_desc")
         for c in RAW_COLUMNS[ARTICLES][1:]
     ]
 )
@@ -95,6 +95,20 @@ QUARANTINE_SCHEMA = T.StructType([
     T.StructField("reason", T.StringType(), False),
     T.StructField("run_id", T.StringType(), False),
     T.StructField("ingested_at", T.TimestampType(), False),
+    T.StructField("t_dat", T.DateType(), True),  # transactions only: lets `--since` replace exactly its dates
+])
+INGEST_RUNS_SCHEMA = T.StructType([  # one row per source file per ingest run
+    T.StructField("run_id", T.StringType(), False),
+    T.StructField("started_at", T.TimestampType(), False),
+    T.StructField("finished_at", T.TimestampType(), False),
+    T.StructField("raw_dir", T.StringType(), False),
+    T.StructField("since", T.DateType(), True),
+    T.StructField("source_file", T.StringType(), False),
+    T.StructField("table_name", T.StringType(), False),
+    T.StructField("rows_read", T.LongType(), False),
+    T.StructField("rows_written", T.LongType(), False),
+    T.StructField("rows_quarantined", T.LongType(), False),
+    T.StructField("rows_skipped", T.LongType(), False),
 ])
 RECOMMENDATIONS_SCHEMA = T.StructType([
     T.StructField("customer_id", T.StringType(), False),
@@ -119,6 +133,7 @@ SCHEMAS = {
     CUSTOMERS: CUSTOMERS_SCHEMA,
     TRANSACTIONS: TRANSACTIONS_SCHEMA,
     QUARANTINE: QUARANTINE_SCHEMA,
+    INGEST_RUNS: INGEST_RUNS_SCHEMA,
     RECOMMENDATIONS: RECOMMENDATIONS_SCHEMA,
     EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
 }
