@@ -1,0 +1,294 @@
+"""The two-tower model: a customer tower and an article tower that meet in one L2-normalised space.
+
+Features are discovered by prefix (`cat_*` int codes, `num_*` doubles) so a new feature in the feature store
+reaches the model without code changes. `FeatureSpec` holds everything learned from the training snapshot
+(vocabulary sizes, numeric means and standard deviations), travels inside the saved model, and turns
+feature rows into tensors the same way at training and at scoring time. Anything unseen (a new customer, a new
+article, a new category code) maps to row 0, the reserved "unknown" row, so scoring never crashes.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+CAT_PREFIX = "cat_"
+NUM_PREFIX = "num_"
+NUM_CLIP = 5.0  # standardised numeric features are clipped: one extreme customer must not dominate a batch
+
+
+# --- feature contract ------------------------------------------------------------------------------------
+@dataclass
+class SideSpec:
+    """What one tower knows about its entity's features, learned from the training snapshot."""
+
+    id_column: str                       # customer_idx | article_idx
+    num_ids: int                         # embedding rows: ids 1..num_ids-1 are known, 0 is unknown
+    cat_columns: list[str] = field(default_factory=list)
+    cat_sizes: list[int] = field(default_factory=list)      # max code + 1 per column (0 = unknown)
+    num_columns: list[str] = field(default_factory=list)
+    num_mean: list[float] = field(default_factory=list)
+    num_std: list[float] = field(default_factory=list)
+
+    @classmethod
+    def fit(cls, pdf: pd.DataFrame, id_column: str) -> "SideSpec":
+        """Vocabulary sizes and numeric statistics from the training snapshot's feature rows."""
+        if id_column not in pdf.columns:
+            raise ValueError(f"feature rows have no '{id_column}' column (columns: {', '.join(pdf.columns)})")
+        cats = sorted(c for c in pdf.columns if c.startswith(CAT_PREFIX))
+        nums = sorted(c for c in pdf.columns if c.startswith(NUM_PREFIX))
+        ids = pd.to_numeric(pdf[id_column], errors="coerce").fillna(0)
+        sizes = [int(pd.to_numeric(pdf[c], errors="coerce").fillna(0).clip(lower=0).max() or 0) + 1 for c in cats]
+        values = pdf[nums].apply(pd.to_numeric, errors="coerce").astype("float64") if nums else pd.DataFrame()
+        mean = values.mean().fillna(0.0).tolist() if nums else []
+        std = values.std(ddof=0).fillna(0.0).tolist() if nums else []
+        return cls(
+            id_column=id_column,
+            num_ids=int(ids.max() if len(ids) else 0) + 1,
+            cat_columns=cats,
+            cat_sizes=sizes,
+            num_columns=nums,
+            num_mean=[float(m) for m in mean],
+            num_std=[float(s) if s > 1e-12 else 1.0 for s in std],
+        )
+
+    def tensors(self, pdf: pd.DataFrame) -> dict[str, torch.Tensor]:
+        """Feature rows -> {"id", "cat", "num"} tensors; unknown ids/codes -> 0, missing numbers -> the mean."""
+        n = len(pdf)
+        ids = self._codes(pdf, self.id_column, self.num_ids, n)
+        cat = np.zeros((n, len(self.cat_columns)), dtype=np.int64)
+        for j, (column, size) in enumerate(zip(self.cat_columns, self.cat_sizes)):
+            cat[:, j] = self._codes(pdf, column, size, n)
+        num = np.zeros((n, len(self.num_columns)), dtype=np.float32)
+        for j, column in enumerate(self.num_columns):
+            if column in pdf.columns:
+                raw = pd.to_numeric(pdf[column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                raw = np.where(np.isfinite(raw), raw, self.num_mean[j])
+                num[:, j] = np.clip((raw - self.num_mean[j]) / self.num_std[j], -NUM_CLIP, NUM_CLIP)
+        return {"id": torch.from_numpy(ids), "cat": torch.from_numpy(cat), "num": torch.from_numpy(num)}
+
+    @staticmethod
+    def _codes(pdf: pd.DataFrame, column: str, size: int, n: int) -> np.ndarray:
+        if column not in pdf.columns:
+            return np.zeros(n, dtype=np.int64)
+        codes = pd.to_numeric(pdf[column], errors="coerce").fillna(0).to_numpy(dtype=np.int64)
+        return np.where((codes > 0) & (codes < size), codes, 0)
+
+
+@dataclass
+class FeatureSpec:
+    customer: SideSpec
+    article: SideSpec
+
+    @classmethod
+    def fit(cls, customer_features: pd.DataFrame, article_features: pd.DataFrame) -> "FeatureSpec":
+        return cls(SideSpec.fit(customer_features, "customer_idx"), SideSpec.fit(article_features, "article_idx"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FeatureSpec":
+        return cls(SideSpec(**data["customer"]), SideSpec(**data["article"]))
+
+
+class FeatureTable:
+    """A whole side's features as dense tensors indexed by idx (row 0 = unknown), kept in memory by the trainer.
+
+    The training stream then only carries (customer_idx, article_idx, weight); a batch's features are a gather.
+    """
+
+    def __init__(self, spec: SideSpec, pdf: pd.DataFrame):
+        self.spec = spec
+        dense = pd.DataFrame({spec.id_column: np.arange(spec.num_ids)})
+        rows = pdf.drop_duplicates(spec.id_column, keep="last")
+        rows = rows[pd.to_numeric(rows[spec.id_column], errors="coerce").between(1, spec.num_ids - 1)]
+        dense = dense.merge(rows, on=spec.id_column, how="left")
+        self.tensors = spec.tensors(dense)
+        self.tensors["num"][0] = 0.0  # the unknown row: average numbers, unknown codes
+        self.tensors["cat"][0] = 0
+
+    def to(self, device: torch.device) -> "FeatureTable":
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+    def __len__(self) -> int:
+        return self.spec.num_ids
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        idx = torch.where((idx > 0) & (idx < self.spec.num_ids), idx, torch.zeros_like(idx))
+        return {name: tensor[idx] for name, tensor in self.tensors.items()}
+
+
+# --- towers ----------------------------------------------------------------------------------------------
+@dataclass
+class TowerConfig:
+    id_dim: int = 32
+    attribute_dim: int = 16
+    hidden_dim: int = 128
+    output_dim: int = 64
+
+
+class Tower(nn.Module):
+    """id embedding + one embedding per categorical feature + projected numeric features -> MLP -> unit vector.
+
+    Input contract: {"id": Long[B], "cat": Long[B, n_cat], "num": Float[B, n_num]} as made by `SideSpec.tensors`.
+    """
+
+    def __init__(self, spec: SideSpec, config: TowerConfig):
+        super().__init__()
+        self.id_embedding = nn.Embedding(spec.num_ids, config.id_dim)
+        self.cat_embeddings = nn.ModuleList(nn.Embedding(size, config.attribute_dim) for size in spec.cat_sizes)
+        n_num = len(spec.num_columns)
+        self.num_projection = nn.Linear(n_num, config.attribute_dim) if n_num else None
+        width = config.id_dim + config.attribute_dim * len(spec.cat_sizes) + (config.attribute_dim if n_num else 0)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, config.hidden_dim), nn.ReLU(), nn.Linear(config.hidden_dim, config.output_dim)
+        )
+        nn.init.normal_(self.id_embedding.weight, std=0.05)
+        for embedding in self.cat_embeddings:
+            nn.init.normal_(embedding.weight, std=0.05)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [self.id_embedding(batch["id"])]
+        parts += [emb(batch["cat"][:, j]) for j, emb in enumerate(self.cat_embeddings)]
+        if self.num_projection is not None:
+            parts.append(self.num_projection(batch["num"]))
+        return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
+
+
+class TwoTower(nn.Module):
+    """Score = dot product of the two unit vectors; training divides it by a temperature (see train.py)."""
+
+    def __init__(self, spec: FeatureSpec, config: TowerConfig):
+        super().__init__()
+        self.spec = spec
+        self.tower_config = config
+        self.customer_tower = Tower(spec.customer, config)
+        self.article_tower = Tower(spec.article, config)
+
+    def user_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.customer_tower(batch)
+
+    def item_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.article_tower(batch)
+
+    def forward(self, customer_batch: dict[str, torch.Tensor], article_batch: dict[str, torch.Tensor]):
+        """(customer vectors, article vectors): one call, so DistributedDataParallel sees both towers."""
+        return self.user_embedding(customer_batch), self.item_embedding(article_batch)
+
+    @staticmethod
+    def score(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        return user @ item.T
+
+
+def tower_config(model_config) -> TowerConfig:
+    """`recsys.config.ModelConfig` -> the sizes the towers need."""
+    return TowerConfig(
+        id_dim=model_config.id_embedding_dim,
+        attribute_dim=model_config.attribute_embedding_dim,
+        hidden_dim=model_config.hidden_dim,
+        output_dim=model_config.embedding_dim,
+    )
+
+
+# --- the scoring-side handle -----------------------------------------------------------------------------
+class Encoder:
+    """A trained model packaged for scoring: feature rows in, L2-normalised float32 vectors out.
+
+    Picklable (state as numpy arrays, the torch module rebuilt lazily), so it can be broadcast to executors.
+    """
+
+    def __init__(self, spec: FeatureSpec, tower: TowerConfig, state: dict[str, np.ndarray],
+                 model_version: str = "", as_of: str = "", batch_size: int = 65536):
+        self.spec = spec
+        self.tower = tower
+        self.state = state
+        self.model_version = model_version
+        self.as_of = as_of
+        self.batch_size = batch_size
+        self._model: TwoTower | None = None
+
+    @classmethod
+    def from_model(cls, model: TwoTower, as_of: str, model_version: str = "") -> "Encoder":
+        state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+        return cls(model.spec, model.tower_config, state, model_version=model_version, as_of=as_of)
+
+    @property
+    def dim(self) -> int:
+        return self.tower.output_dim
+
+    @property
+    def model(self) -> TwoTower:
+        if self._model is None:
+            model = TwoTower(self.spec, self.tower)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in self.state.items()})
+            self._model = model.eval()
+        return self._model
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None}
+
+    def encode_customers(self, pdf: pd.DataFrame) -> np.ndarray:
+        return self._encode(pdf, self.spec.customer, self.model.user_embedding)
+
+    def encode_articles(self, pdf: pd.DataFrame) -> np.ndarray:
+        return self._encode(pdf, self.spec.article, self.model.item_embedding)
+
+    def _encode(self, pdf: pd.DataFrame, side: SideSpec, tower) -> np.ndarray:
+        out = np.zeros((len(pdf), self.dim), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(pdf), self.batch_size):
+                chunk = pdf.iloc[start:start + self.batch_size]
+                out[start:start + len(chunk)] = tower(side.tensors(chunk)).numpy()
+        return out
+
+    # -- a single-file form, stored as an MLflow artifact
+    def save(self, path) -> None:
+        torch.save({"spec": self.spec.to_dict(), "tower": asdict(self.tower), "state": self.state,
+                    "as_of": self.as_of, "model_version": self.model_version}, path)
+
+    @classmethod
+    def load(cls, path_or_bytes) -> "Encoder":
+        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        data = torch.load(source, weights_only=False)
+        return cls(FeatureSpec.from_dict(data["spec"]), TowerConfig(**data["tower"]), data["state"],
+                   model_version=data.get("model_version", ""), as_of=data.get("as_of", ""))
+
+
+def load_encoder(model_uri: str) -> Encoder:
+    """`models:/name@alias`, `models:/name/3`, `runs:/<run_id>/model` or a local model folder -> Encoder.
+
+    Reads the MLflow pyfunc model logged by `recsys.train`; `model_version` becomes the registry version when
+    the URI names the registry, else `run:<run_id>`. The caller sets the tracking URI (see `train.configure_mlflow`).
+    """
+    import mlflow
+
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    encoder = loaded.unwrap_python_model().encoder
+    if model_uri.startswith("models:/"):
+        encoder.model_version = _registry_version(model_uri)
+    elif loaded.metadata.run_id:
+        encoder.model_version = f"run:{loaded.metadata.run_id}"
+    return encoder
+
+
+def _registry_version(model_uri: str) -> str:
+    from mlflow import MlflowClient
+
+    name_part = model_uri[len("models:/"):].strip("/")
+    client = MlflowClient()
+    if "@" in name_part:
+        name, alias = name_part.split("@", 1)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    name, _, ref = name_part.partition("/")
+    if ref.isdigit():
+        return ref
+    versions = client.get_latest_versions(name, stages=[ref] if ref else None)
+    return str(versions[0].version) if versions else ""
