@@ -18,13 +18,19 @@ def on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
+def under_spark_submit() -> bool:
+    """spark-submit starts the JVM first and hands its gateway to Python: its --master/--jars must win."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
 def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
     if on_databricks():
         return SparkSession.builder.getOrCreate()
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    missing = jars.missing()
+    submitted = under_spark_submit()
+    missing = [] if submitted else jars.missing()
     if missing:
         raise RuntimeError(
             f"Delta JARs not found: {', '.join(map(str, missing))}. Run `make setup` (resolves them once)."
@@ -35,8 +41,6 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
     sc = config.spark
     builder = (
         SparkSession.builder.appName(app_name)
-        .master(sc.master)
-        .config("spark.jars", ",".join(str(p) for p in jars.jar_paths()))
         .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
         .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
         .config("spark.driver.memory", sc.driver_memory)
@@ -54,6 +58,8 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.python.worker.reuse", "true")
     )
+    if not submitted:  # a plain `python`/`recsys` run: the profile's master, Delta from the JAR cache
+        builder = builder.master(sc.master).config("spark.jars", ",".join(str(p) for p in jars.jar_paths()))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(sc.log_level)
     return spark
