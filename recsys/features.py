@@ -1,0 +1,469 @@
+"""The feature store: point-in-time feature tables that both towers read, stable integer ids, training pairs.
+
+Every feature is computed "as of" a date D from transactions strictly before D (a purchase ON D is the
+future), so a model trained on the snapshot for D never saw its own test week. Feature functions are pure
+`(DataFrames, as_of) -> DataFrame`; `run` reads the canonical tables, calls them and writes one snapshot per
+table (partition `as_of`, replaced atomically with replaceWhere; older snapshots stay readable).
+
+Tables, types and null handling
+-------------------------------
+=====================  ===============================  =======================================================
+table / column         type                             nulls and meaning
+=====================  ===============================  =======================================================
+customer_index         customer_id string,              append-only: an id keeps its number forever; new ids
+                       customer_idx int                 get max+1.. in id order; 0 is reserved for "unknown"
+article_index          article_id string,               same rules as customer_index
+                       article_idx int
+category_index         feature string, value string,    stable codes of the article categoricals (append-only,
+                       code int                         1..n per feature); a null value is never indexed (code 0)
+customer_features      one row per customer of `customers` per snapshot (customers with no history included)
+  customer_id          string                           never null
+  customer_idx         int                              never null (0 only if the id map lacks the customer)
+  as_of                date                             the snapshot (partition column)
+  has_history          int                              1 if any purchase before as_of, else 0 (cold start)
+  age                  int                              NULLABLE: the raw age, null when missing
+  age_bucket           string                           '16-24' '25-34' '35-44' '45-54' '55+' or 'unknown'
+  cat_age_bucket       int                              1..5 in that order, 0 = unknown
+  cat_club_status      int                              ACTIVE 1, PRE-CREATE 2, LEFT CLUB 3, else/missing 0
+  cat_news_frequency   int                              NONE/None 1, Regularly 2, Monthly 3, else/missing 0
+  cat_fn, cat_active   int                              flag 1 -> 1, flag 0 -> 2, missing -> 0
+  num_*                double                           NEVER null; 0.0 when the customer has no history
+  num_purchases_<w>w   double                           rows in the last w weeks (w from features.windows_weeks)
+  num_purchases_all    double                           rows before as_of (a duplicate row is one more unit)
+  num_days_since_last  double                           as_of - last purchase date (1 = the day before)
+  num_price_mean/_std  double                           over purchased rows; std is the population std (0 for
+                                                        one purchase)
+  num_channel2_share   double                           share of rows bought online (sales_channel_id 2)
+  num_distinct_articles double                          distinct articles bought
+  num_repeat_ratio     double                           share of those articles bought on two or more days
+  num_share_index_group_<k>, num_share_product_group_<k>, num_share_garment_group_<k>
+                       double                           share of rows in the group whose category_index code
+                                                        is k (the same k as cat_* in article_features); rows of
+                                                        articles missing from `articles` count in no group
+article_features       one row per article of `articles` per snapshot (never-sold articles included)
+  article_id, article_idx, as_of                        as for customers
+  cat_product_type ... cat_garment_group  int           category_index code of the article's value, 0 = missing
+  num_sales_<w>w, num_sales_all  double                 units sold in the last w weeks / before as_of
+  num_trend            double                           (sales_<w1>w/w1 + 1) / (sales_<w2>w/w2 + 1) for the two
+                                                        shortest windows: >1 rising, 1.0 flat or never sold
+  num_decayed_popularity double                         sum of 0.5 ** ((days_before - 1) / half_life) over sales
+  num_price_mean       double                           0.0 when never sold
+  num_days_since_first_sale, num_days_since_last_sale   0.0 when never sold (then num_sales_all is 0)
+  num_channel2_share, num_distinct_buyers  double       0.0 when never sold
+popularity             see recsys.popularity.popularity (window: features.popularity_window_days)
+training_examples      as_of date, customer_id, article_id, customer_idx int, article_idx int, t_dat date,
+                       weight double, days_before int: one row per distinct (customer, article, day) in the
+                       training window (features.training_window_weeks) before as_of; days_before = as_of -
+                       t_dat (1 = the day before), weight = the decay above (1.0 on the day before). No nulls.
+=====================  ===============================  =======================================================
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Iterable
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from recsys.popularity import AGE_BUCKETS, age_bucket, decay_weight, popularity
+from recsys.split import as_date, before, days_before, last_date
+from recsys.tables import (
+    ARTICLE_FEATURES,
+    ARTICLE_INDEX,
+    ARTICLES,
+    CATEGORY_INDEX,
+    CUSTOMER_FEATURES,
+    CUSTOMER_INDEX,
+    CUSTOMERS,
+    POPULARITY,
+    TRAINING_EXAMPLES,
+    TRANSACTIONS,
+    Lakehouse,
+)
+
+__all__ = [
+    "age_bucket", "article_codes", "article_features", "category_values", "customer_features", "customer_profile",
+    "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns", "training_examples",
+]
+
+log = logging.getLogger(__name__)
+
+# cat_ column in article_features -> the `articles` column whose value it encodes
+ARTICLE_CATEGORIES = {
+    "cat_product_type": "product_type_no",
+    "cat_product_group": "product_group_name",
+    "cat_graphical_appearance": "graphical_appearance_no",
+    "cat_colour_group": "colour_group_code",
+    "cat_perceived_colour_value": "perceived_colour_value_id",
+    "cat_perceived_colour_master": "perceived_colour_master_id",
+    "cat_department": "department_no",
+    "cat_index": "index_code",
+    "cat_index_group": "index_group_no",
+    "cat_section": "section_no",
+    "cat_garment_group": "garment_group_no",
+}
+# the customer's taste: share of purchases per group of these article categoricals
+TASTE_GROUPS = {"index_group": "cat_index_group", "product_group": "cat_product_group", "garment_group": "cat_garment_group"}
+CLUB_STATUSES = ("ACTIVE", "PRE-CREATE", "LEFT CLUB")
+NEWS_FREQUENCIES = ("NONE", "REGULARLY", "MONTHLY")  # matched upper-cased: Kaggle has both 'NONE' and 'None'
+FLAGS = ("1", "0")
+SNAPSHOT_TABLES = (CUSTOMER_FEATURES, ARTICLE_FEATURES, POPULARITY, TRAINING_EXAMPLES)
+
+
+# --- small column helpers -------------------------------------------------------------------------------
+def _code(value: Column, vocabulary: Iterable[str]) -> Column:
+    """value -> 1..n by its position in `vocabulary`; anything else (or null) -> 0."""
+    out = F.lit(0)
+    for code, item in reversed(list(enumerate(vocabulary, start=1))):
+        out = F.when(value == F.lit(item), F.lit(code)).otherwise(out)
+    return out.cast("int")
+
+
+def _finish(df: DataFrame) -> DataFrame:
+    """The typing contract: cat_* int never null (0 = unknown), num_* double never null (0.0)."""
+    return df.select(*[
+        F.coalesce(F.col(c).cast("int"), F.lit(0)).alias(c) if c.startswith("cat_")
+        else F.coalesce(F.col(c).cast("double"), F.lit(0.0)).alias(c) if c.startswith("num_")
+        else F.col(c)
+        for c in df.columns
+    ])
+
+
+def _require(df: DataFrame, columns: Iterable[str], table: str) -> DataFrame:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"table '{table}' lacks column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
+    return df
+
+
+def _windows(windows_weeks: Iterable[int]) -> list[int]:
+    weeks = sorted(set(int(w) for w in windows_weeks))
+    if not weeks or weeks[0] < 1:
+        raise ValueError(f"features.windows_weeks must be positive week counts, got {list(windows_weeks)}")
+    return weeks
+
+
+# --- stable ids and codes -------------------------------------------------------------------------------
+def new_ids(existing: DataFrame | None, candidates: DataFrame, key: str, idx: str, group: str | None = None) -> DataFrame:
+    """Rows to APPEND to an id map: candidates not yet in `existing`, numbered max+1.. in key order.
+
+    Existing numbers are never touched, so a model trained on yesterday's map reads the right rows today.
+    With `group`, numbering is per group (the category index: codes 1..n per feature).
+    """
+    groups = [group] if group else []
+    fresh = candidates.select(*groups, key).where(F.col(key).isNotNull()).distinct()
+    order = Window.partitionBy(*groups).orderBy(key) if groups else Window.orderBy(key)
+    if existing is None:
+        numbered = fresh.withColumn("_start", F.lit(0))
+    elif groups:
+        fresh = fresh.join(existing.select(*groups, key), [*groups, key], "left_anti")
+        start = existing.groupBy(*groups).agg(F.max(idx).alias("_start"))
+        numbered = fresh.join(start, groups, "left").withColumn("_start", F.coalesce("_start", F.lit(0)))
+    else:
+        fresh = fresh.join(existing.select(key), key, "left_anti")
+        numbered = fresh.withColumn("_start", F.lit(int(existing.agg(F.max(idx)).first()[0] or 0)))
+    return numbered.select(
+        *groups, key, (F.col("_start") + F.row_number().over(order)).cast("int").alias(idx)
+    )
+
+
+def category_values(articles: DataFrame) -> DataFrame:
+    """(feature, value) of every article categorical, the value as a string: the candidates for category_index."""
+    _require(articles, ["article_id", *ARTICLE_CATEGORIES.values()], ARTICLES)
+    values = None
+    for feature, column in ARTICLE_CATEGORIES.items():
+        part = articles.select(F.lit(feature).alias("feature"), F.col(column).cast("string").alias("value"))
+        values = part if values is None else values.unionByName(part)
+    return values
+
+
+def new_category_codes(existing: DataFrame | None, articles: DataFrame) -> DataFrame:
+    """category_index rows to append: each article categorical value not yet coded gets the next code."""
+    return new_ids(existing, category_values(articles), key="value", idx="code", group="feature")
+
+
+def article_codes(articles: DataFrame, category_index: DataFrame) -> DataFrame:
+    """article_id + one cat_* int per article categorical (the category_index code; 0 for a missing value)."""
+    _require(articles, ["article_id", *ARTICLE_CATEGORIES.values()], ARTICLES)
+    codes: dict[str, dict[str, int]] = {}
+    for row in category_index.collect():  # a few hundred rows: a literal map beats eleven joins
+        codes.setdefault(row["feature"], {})[row["value"]] = int(row["code"])
+
+    def lookup(feature: str) -> Column:
+        mapping = codes.get(feature)
+        if not mapping:
+            return F.lit(0)
+        pairs = [x for value, code in sorted(mapping.items()) for x in (F.lit(value), F.lit(code))]
+        return F.create_map(*pairs)[F.col(ARTICLE_CATEGORIES[feature]).cast("string")]
+
+    return _finish(articles.select("article_id", *[lookup(f).alias(f) for f in ARTICLE_CATEGORIES]))
+
+
+def taste_columns(category_index: DataFrame) -> dict[str, list[int]]:
+    """The share columns the customer features will have: group name -> the codes of that group."""
+    features = {cat: group for group, cat in TASTE_GROUPS.items()}
+    out: dict[str, list[int]] = {group: [] for group in TASTE_GROUPS}
+    for row in category_index.where(F.col("feature").isin(list(features))).select("feature", "code").collect():
+        out[features[row["feature"]]].append(int(row["code"]))
+    return {group: sorted(codes) for group, codes in out.items()}
+
+
+# --- feature sets (pure) --------------------------------------------------------------------------------
+def _history(transactions: DataFrame, as_of: dt.date) -> DataFrame:
+    """The purchases the snapshot may see: strictly before as_of, with days_before."""
+    return before(transactions, as_of).withColumn("days_before", days_before(as_of))
+
+
+def customer_profile(customers: DataFrame) -> DataFrame:
+    """One row per customer with the profile codes; a duplicated customer row keeps the larger value per field."""
+    _require(customers, ["customer_id", "FN", "Active", "club_member_status", "fashion_news_frequency", "age"], CUSTOMERS)
+    one = customers.groupBy("customer_id").agg(
+        *[F.max(c).alias(c) for c in ("FN", "Active", "club_member_status", "fashion_news_frequency", "age")]
+    )
+    bucket = age_bucket("age")
+    return one.select(
+        "customer_id",
+        F.col("age").cast("int").alias("age"),
+        bucket.alias("age_bucket"),
+        _code(bucket, AGE_BUCKETS).alias("cat_age_bucket"),
+        _code(F.upper(F.trim("club_member_status")), CLUB_STATUSES).alias("cat_club_status"),
+        _code(F.upper(F.trim("fashion_news_frequency")), NEWS_FREQUENCIES).alias("cat_news_frequency"),
+        _code(F.col("FN").cast("int").cast("string"), FLAGS).alias("cat_fn"),
+        _code(F.col("Active").cast("int").cast("string"), FLAGS).alias("cat_active"),
+    )
+
+
+def customer_features(
+    customers: DataFrame,
+    transactions: DataFrame,
+    articles: DataFrame,
+    customer_index: DataFrame,
+    category_index: DataFrame,
+    as_of: dt.date | str,
+    windows_weeks: Iterable[int] = (1, 4, 12),
+) -> DataFrame:
+    """Profile plus purchase signals as of `as_of`; every customer of `customers` gets a row (see the table above)."""
+    cutoff = as_date(as_of, "as_of")
+    weeks = _windows(windows_weeks)
+    taste = taste_columns(category_index)
+    codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values())
+    history = _history(transactions, cutoff).join(F.broadcast(codes), "article_id", "left")
+    rows = F.count(F.lit(1))
+    stats = history.groupBy("customer_id").agg(
+        *[F.sum(F.when(F.col("days_before") <= 7 * w, 1).otherwise(0)).alias(f"num_purchases_{w}w") for w in weeks],
+        rows.alias("num_purchases_all"),
+        F.min("days_before").alias("num_days_since_last"),
+        F.avg("price").alias("num_price_mean"),
+        F.stddev_pop("price").alias("num_price_std"),
+        F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("num_channel2_share"),
+        *[
+            (F.sum((F.col(cat) == code).cast("double")) / rows).alias(f"num_share_{group}_{code}")
+            for group, cat in TASTE_GROUPS.items()
+            for code in taste[group]
+        ],
+    )
+    # distinct articles and repeat purchases: an article bought on two or more different days
+    repeats = (
+        history.groupBy("customer_id", "article_id").agg(F.countDistinct("t_dat").alias("days"))
+        .groupBy("customer_id")
+        .agg(
+            F.count(F.lit(1)).alias("num_distinct_articles"),
+            (F.sum((F.col("days") > 1).cast("double")) / F.count(F.lit(1))).alias("num_repeat_ratio"),
+        )
+    )
+    return _finish(
+        customer_profile(customers)
+        .join(stats, "customer_id", "left")
+        .join(repeats, "customer_id", "left")
+        .join(customer_index, "customer_id", "left")
+        .select(
+            "customer_id",
+            F.coalesce("customer_idx", F.lit(0)).cast("int").alias("customer_idx"),
+            F.lit(cutoff).alias("as_of"),
+            F.col("num_purchases_all").isNotNull().cast("int").alias("has_history"),
+            "age", "age_bucket", "cat_age_bucket", "cat_club_status", "cat_news_frequency", "cat_fn", "cat_active",
+            *sorted(c for c in stats.columns + repeats.columns if c.startswith("num_")),
+        )
+    )
+
+
+def article_features(
+    articles: DataFrame,
+    transactions: DataFrame,
+    article_index: DataFrame,
+    category_index: DataFrame,
+    as_of: dt.date | str,
+    windows_weeks: Iterable[int] = (1, 4, 12),
+    half_life_days: float = 14.0,
+) -> DataFrame:
+    """Categorical codes plus sales signals as of `as_of`; every article of `articles` gets a row."""
+    cutoff = as_date(as_of, "as_of")
+    weeks = _windows(windows_weeks)
+    short, long = (weeks[0], weeks[1]) if len(weeks) > 1 else (weeks[0], weeks[0])
+    sales = _history(transactions, cutoff).groupBy("article_id").agg(
+        *[F.sum(F.when(F.col("days_before") <= 7 * w, 1).otherwise(0)).alias(f"num_sales_{w}w") for w in weeks],
+        F.count(F.lit(1)).alias("num_sales_all"),
+        F.sum(decay_weight(F.col("days_before"), half_life_days)).alias("num_decayed_popularity"),
+        F.avg("price").alias("num_price_mean"),
+        F.max("days_before").alias("num_days_since_first_sale"),
+        F.min("days_before").alias("num_days_since_last_sale"),
+        F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("num_channel2_share"),
+        F.countDistinct("customer_id").alias("num_distinct_buyers"),
+    )
+    trend = (F.coalesce(F.col(f"num_sales_{short}w"), F.lit(0)) / short + 1.0) / (
+        F.coalesce(F.col(f"num_sales_{long}w"), F.lit(0)) / long + 1.0
+    )
+    return _finish(
+        article_codes(articles, category_index).dropDuplicates(["article_id"])
+        .join(sales, "article_id", "left")
+        .join(article_index, "article_id", "left")
+        .withColumn("num_trend", trend)
+        .select(
+            "article_id",
+            F.coalesce("article_idx", F.lit(0)).cast("int").alias("article_idx"),
+            F.lit(cutoff).alias("as_of"),
+            *ARTICLE_CATEGORIES,
+            *sorted(c for c in sales.columns + ["num_trend"] if c.startswith("num_")),
+        )
+    )
+
+
+def training_examples(
+    transactions: DataFrame,
+    customer_index: DataFrame,
+    article_index: DataFrame,
+    as_of: dt.date | str,
+    window_weeks: int,
+    half_life_days: float,
+) -> DataFrame:
+    """Positive (customer, article, day) pairs of the `window_weeks` weeks before `as_of`, with ids and decay weight.
+
+    Several units of one article on one day are one interaction. Pairs whose ids are not mapped are dropped
+    (they cannot happen after `run` has extended the id maps).
+    """
+    if window_weeks < 1:
+        raise ValueError(f"features.training_window_weeks must be at least 1, got {window_weeks}")
+    cutoff = as_date(as_of, "as_of")
+    pairs = before(transactions, cutoff, 7 * window_weeks).select("customer_id", "article_id", "t_dat").distinct()
+    days = days_before(cutoff)
+    return (
+        pairs.join(customer_index, "customer_id").join(F.broadcast(article_index), "article_id")
+        .select(
+            F.lit(cutoff).alias("as_of"),
+            "customer_id",
+            "article_id",
+            F.col("customer_idx").cast("int").alias("customer_idx"),
+            F.col("article_idx").cast("int").alias("article_idx"),
+            "t_dat",
+            decay_weight(days, half_life_days).alias("weight"),
+            days.cast("int").alias("days_before"),
+        )
+    )
+
+
+# --- the job around them --------------------------------------------------------------------------------
+def read_snapshot(lake: Lakehouse, table: str, as_of: dt.date | str | None = None) -> DataFrame:
+    """One snapshot of a feature-store table: the one for `as_of`, or the latest when None."""
+    df = lake.read(table)
+    if "as_of" not in df.columns:
+        raise ValueError(f"table '{table}' has no as_of column: it is not a feature-store snapshot table")
+    if as_of is None:
+        latest = df.agg(F.max("as_of")).first()[0]
+        if latest is None:
+            raise ValueError(f"table '{table}' holds no snapshot yet; run `recsys features` first")
+        return df.where(F.col("as_of") == F.lit(latest))
+    wanted = as_date(as_of, "as_of")
+    out = df.where(F.col("as_of") == F.lit(wanted))
+    if out.limit(1).count() == 0:
+        have = sorted(r[0].isoformat() for r in df.select("as_of").distinct().collect())
+        raise ValueError(f"table '{table}' has no snapshot as of {wanted} (snapshots: {', '.join(have) or 'none'})")
+    return out
+
+
+def _write_snapshot(lake: Lakehouse, df: DataFrame, table: str, as_of: dt.date) -> None:
+    """Replace the `as_of` partition atomically; if the columns changed (a new product group appeared), rewrite
+    all snapshots on the union of columns, the missing ones 0 / 0.0, so every older snapshot stays readable."""
+    where = f"as_of = DATE'{as_of.isoformat()}'"
+    if not lake.exists(table):
+        lake.write(df, table)
+        return
+    old = lake.read(table)
+    if set(old.columns) == set(df.columns):
+        lake.write(df.select(*old.columns), table, replace_where=where)
+        return
+    columns = old.columns + [c for c in df.columns if c not in old.columns]
+
+    def align(frame: DataFrame) -> DataFrame:
+        filler = {c: (F.lit(0.0) if c.startswith("num_") else F.lit(0).cast("int")) for c in columns}
+        return frame.select(*[F.col(c) if c in frame.columns else filler[c].alias(c) for c in columns])
+
+    log.warning("%s: columns changed, rewriting every snapshot on %d columns", table, len(columns))
+    lake.write(align(old.where(F.col("as_of") != F.lit(as_of))).unionByName(align(df)), table)
+
+
+def _extend_index(lake: Lakehouse, table: str, candidates: DataFrame, key: str, idx: str, group: str | None = None) -> int:
+    existing = lake.read(table) if lake.exists(table) else None
+    fresh = new_ids(existing, candidates, key, idx, group).persist()
+    try:
+        added = fresh.count()
+        if added or existing is None:
+            lake.write(fresh, table, mode="append")
+    finally:
+        fresh.unpersist()
+    return added
+
+
+def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
+    """`recsys features`: extend the id maps, then write every snapshot table for `as_of` (default: the day
+    after the last transaction) in one all-or-nothing step. Returns rows and seconds per table."""
+    cfg = lake.config.features
+    transactions = _require(
+        lake.read(TRANSACTIONS), ["t_dat", "customer_id", "article_id", "price", "sales_channel_id"], TRANSACTIONS
+    )
+    cutoff = as_date(as_of, "as_of") if as_of else last_date(transactions) + dt.timedelta(days=1)
+    if "t_month" in transactions.columns:  # partition pruning: months after the cut-off are never read
+        transactions = transactions.where(F.col("t_month") <= F.lit(cutoff.strftime("%Y-%m")))
+    transactions = transactions.select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
+    articles, customers = lake.read(ARTICLES), lake.read(CUSTOMERS)
+    history = before(transactions, cutoff)
+    summary: dict = {"as_of": cutoff.isoformat(), "tables": {}}
+
+    def timed(table: str, write) -> None:
+        start = time.perf_counter()
+        info = write()
+        summary["tables"][table] = {**info, "seconds": round(time.perf_counter() - start, 2)}
+
+    tables = (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX, *SNAPSHOT_TABLES)
+    with lake.transaction(*tables):
+        timed(CUSTOMER_INDEX, lambda: {"added": _extend_index(
+            lake, CUSTOMER_INDEX,
+            customers.select("customer_id").unionByName(history.select("customer_id")), "customer_id", "customer_idx")})
+        timed(ARTICLE_INDEX, lambda: {"added": _extend_index(
+            lake, ARTICLE_INDEX,
+            articles.select("article_id").unionByName(history.select("article_id")), "article_id", "article_idx")})
+        timed(CATEGORY_INDEX, lambda: {"added": _extend_index(
+            lake, CATEGORY_INDEX, category_values(articles), "value", "code", group="feature")})
+        customer_index, article_index = lake.read(CUSTOMER_INDEX), lake.read(ARTICLE_INDEX)
+        category_index = lake.read(CATEGORY_INDEX)
+        snapshots = {
+            CUSTOMER_FEATURES: lambda: customer_features(
+                customers, transactions, articles, customer_index, category_index, cutoff, cfg.windows_weeks),
+            ARTICLE_FEATURES: lambda: article_features(
+                articles, transactions, article_index, category_index, cutoff, cfg.windows_weeks,
+                cfg.decay_half_life_days),
+            POPULARITY: lambda: popularity(
+                transactions, customers, articles, cutoff, cfg.popularity_window_days, cfg.popularity_top_n,
+                cfg.decay_half_life_days),
+            TRAINING_EXAMPLES: lambda: training_examples(
+                transactions, customer_index, article_index, cutoff, cfg.training_window_weeks,
+                cfg.decay_half_life_days),
+        }
+        for table, build in snapshots.items():
+            def write(table=table, build=build) -> dict:
+                _write_snapshot(lake, build(), table, cutoff)
+                return {"rows": read_snapshot(lake, table, cutoff).count()}
+
+            timed(table, write)
+    return summary

@@ -1,0 +1,285 @@
+"""The feature store on hand-written tables: every feature against a value computed by hand, the cut-off
+(strictly before as_of), the leakage test, stable ids, and snapshots that replace / stay readable.
+
+The data (as_of 2020-09-23 unless a test says otherwise):
+
+    customer  purchases before as_of                                       profile
+    c_many    A 09-20 x2 (0.01, ch1), A 08-30 (0.03, ch2), B 09-01 (0.04, ch2)  age 50, PRE-CREATE, NONE
+    c_one     A 09-22 (0.02, ch2)   [+ B ON 09-23 and 09-30: excluded]      age 22, ACTIVE, Regularly (row twice)
+    c_none    none                                                          everything missing
+    ghost     B 09-10 (0.05, ch1)   (not in customers: indexed, no feature row)
+
+    article A (Ladieswear / Garment Upper body / 1002), B (Menswear / Shoes / 1020), C never sold.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from chispa import assert_approx_df_equality, assert_df_equality
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from recsys import features
+from recsys.tables import (
+    ARTICLE_FEATURES, ARTICLE_INDEX, ARTICLES, CATEGORY_INDEX, CUSTOMER_FEATURES, CUSTOMER_INDEX, CUSTOMERS,
+    POPULARITY, TRAINING_EXAMPLES, TRANSACTIONS,
+)
+
+D = dt.date.fromisoformat
+AS_OF = D("2020-09-23")
+A, B, C = "0000000001", "0000000002", "0000000003"
+
+CUSTOMERS_DDL = (
+    "customer_id string, FN int, Active int, club_member_status string, fashion_news_frequency string, "
+    "age int, postal_code string"
+)
+ARTICLES_DDL = (
+    "article_id string, product_type_no int, product_group_name string, graphical_appearance_no int, "
+    "colour_group_code int, perceived_colour_value_id int, perceived_colour_master_id int, department_no int, "
+    "index_code string, index_group_no int, index_group_name string, section_no int, garment_group_no int"
+)
+TX_SCHEMA = T.StructType([
+    T.StructField("t_dat", T.DateType(), False),
+    T.StructField("customer_id", T.StringType(), False),
+    T.StructField("article_id", T.StringType(), False),
+    T.StructField("price", T.DoubleType(), False),
+    T.StructField("sales_channel_id", T.ShortType(), False),
+])
+PAST = [
+    # t_dat            customer   article price  channel
+    (D("2020-09-20"), "c_many", A, 0.01, 1),
+    (D("2020-09-20"), "c_many", A, 0.01, 1),  # duplicate row: a second unit
+    (D("2020-08-30"), "c_many", A, 0.03, 2),
+    (D("2020-09-01"), "c_many", B, 0.04, 2),
+    (D("2020-09-22"), "c_one", A, 0.02, 2),   # the day before as_of
+    (D("2020-09-10"), "ghost", B, 0.05, 1),
+]
+FUTURE = [
+    (D("2020-09-23"), "c_one", B, 0.02, 2),   # exactly ON the cut-off: excluded
+    (D("2020-09-30"), "c_one", B, 0.02, 2),
+    (D("2020-09-24"), "stranger", C, 0.09, 2),  # a new buyer, and the never-sold article's first sale
+]
+
+
+@pytest.fixture(scope="module")
+def frames(spark):
+    customers = spark.createDataFrame(
+        [
+            ("c_many", 1, 1, "PRE-CREATE", "NONE", 50, "p1"),
+            ("c_one", 1, None, "ACTIVE", "Regularly", 22, "p2"),
+            ("c_one", 1, None, "ACTIVE", "Regularly", 22, "p2"),  # duplicate customer row
+            ("c_none", None, None, None, None, None, None),       # missing age and everything else
+        ],
+        CUSTOMERS_DDL,
+    )
+    articles = spark.createDataFrame(
+        [
+            (A, 253, "Garment Upper body", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1002),
+            (B, 94, "Shoes", 1010016, 10, 3, 5, 3608, "F", 2, "Menswear", 21, 1020),
+            (C, 253, "Garment Upper body", None, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1002),
+        ],
+        ARTICLES_DDL,
+    )
+    transactions = spark.createDataFrame(PAST + FUTURE, TX_SCHEMA)
+    category_index = features.new_category_codes(None, articles).cache()
+    customer_index = features.new_ids(None, customers.select("customer_id"), "customer_id", "customer_idx")
+    article_index = features.new_ids(None, articles.select("article_id"), "article_id", "article_idx")
+    return customers, articles, transactions, category_index, customer_index.cache(), article_index.cache()
+
+
+def test_stable_codes_are_dense_per_feature_in_value_order(spark, frames):
+    _, articles, _, category_index, customer_index, _ = frames
+    assert sorted((r.customer_id, r.customer_idx) for r in customer_index.collect()) == [
+        ("c_many", 1), ("c_none", 2), ("c_one", 3)  # 0 stays free for "unknown"
+    ]
+    got = {(r.feature, r.value): r.code for r in category_index.collect()}
+    assert got[("cat_product_group", "Garment Upper body")] == 1 and got[("cat_product_group", "Shoes")] == 2
+    assert got[("cat_colour_group", "10")] == 1 and got[("cat_colour_group", "9")] == 2  # string order
+    assert ("cat_graphical_appearance", None) not in got  # a missing value is never coded
+    codes = features.article_codes(articles, category_index)
+    expected = spark.createDataFrame(
+        [
+            # article pt pg ga cg pcv pcm dep idx ig sec gg
+            (A, 1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1),
+            (B, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2, 2),
+            (C, 1, 1, 0, 2, 2, 1, 1, 1, 1, 1, 1),  # graphical appearance missing -> 0
+        ],
+        ["article_id", *features.ARTICLE_CATEGORIES],
+    ).select("article_id", *[F.col(c).cast("int").alias(c) for c in features.ARTICLE_CATEGORIES])
+    assert_df_equality(codes, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_customer_features_by_hand(spark, frames):
+    customers, articles, transactions, category_index, customer_index, _ = frames
+    result = features.customer_features(
+        customers, transactions, articles, customer_index, category_index, AS_OF, windows_weeks=[4, 1]
+    ).cache()
+    profile = spark.createDataFrame(
+        [
+            # id        idx as_of  hist age   bucket     c_age club news fn active
+            ("c_many", 1, AS_OF, 1, 50, "45-54", 4, 2, 1, 1, 1),
+            ("c_one", 3, AS_OF, 1, 22, "16-24", 1, 1, 2, 1, 0),
+            ("c_none", 2, AS_OF, 0, None, "unknown", 0, 0, 0, 0, 0),
+        ],
+        "customer_id string, customer_idx int, as_of date, has_history int, age int, age_bucket string, "
+        "cat_age_bucket int, cat_club_status int, cat_news_frequency int, cat_fn int, cat_active int",
+    )
+    assert_df_equality(result.select(*profile.columns), profile, ignore_row_order=True, ignore_nullable=True)
+    numbers = [
+        "customer_id", "num_purchases_1w", "num_purchases_4w", "num_purchases_all", "num_days_since_last",
+        "num_price_mean", "num_price_std", "num_channel2_share", "num_distinct_articles", "num_repeat_ratio",
+        "num_share_index_group_1", "num_share_index_group_2", "num_share_product_group_1",
+        "num_share_product_group_2", "num_share_garment_group_1", "num_share_garment_group_2",
+    ]
+    expected = spark.createDataFrame(
+        [
+            # id       1w   4w   all  last mean    std               ch2  dist rep  ig1   ig2   pg1   pg2   gg1   gg2
+            ("c_many", 2.0, 4.0, 4.0, 3.0, 0.0225, 0.012990381056767, 0.5, 2.0, 0.5, 0.75, 0.25, 0.75, 0.25, 0.75, 0.25),
+            ("c_one", 1.0, 1.0, 1.0, 1.0, 0.02, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0),
+            ("c_none", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        ],
+        numbers,
+    )
+    assert_approx_df_equality(result.select(*numbers), expected, 1e-9, ignore_row_order=True, ignore_nullable=True)
+    num_columns = [c for c in result.columns if c.startswith("num_")]
+    assert sorted(num_columns) == sorted(numbers[1:])  # no hidden extras, and discoverable by prefix
+    nulls = result.select(*[F.sum(F.col(c).isNull().cast("int")).alias(c) for c in result.columns if c != "age"]).first()
+    assert not any(nulls), "only age may be null"
+    assert dict(result.dtypes)["num_purchases_all"] == "double" and dict(result.dtypes)["cat_fn"] == "int"
+    result.unpersist()
+
+
+def test_article_features_by_hand(spark, frames):
+    _, articles, transactions, category_index, _, article_index = frames
+    result = features.article_features(
+        articles, transactions, article_index, category_index, AS_OF, windows_weeks=[1, 4], half_life_days=1.0
+    )
+    numbers = [
+        "article_id", "article_idx", "cat_index_group", "num_sales_1w", "num_sales_4w", "num_sales_all", "num_trend",
+        "num_decayed_popularity", "num_price_mean", "num_days_since_first_sale", "num_days_since_last_sale",
+        "num_channel2_share", "num_distinct_buyers",
+    ]
+    expected = spark.createDataFrame(
+        [
+            # id idx ig 1w   4w   all  trend      decayed                   price  first last ch2 buyers
+            (A, 1, 1, 3.0, 4.0, 4.0, 2.0, 2 * 0.25 + 0.5**23 + 1.0, 0.0175, 24.0, 1.0, 0.5, 2.0),
+            (B, 2, 2, 0.0, 2.0, 2.0, 1 / 1.5, 0.5**21 + 0.5**12, 0.045, 22.0, 13.0, 0.5, 2.0),
+            (C, 3, 1, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),  # never sold (its sale is after as_of)
+        ],
+        "article_id string, article_idx int, cat_index_group int, " + ", ".join(f"{c} double" for c in numbers[3:]),
+    )
+    assert_approx_df_equality(result.select(*numbers), expected, 1e-12, ignore_row_order=True, ignore_nullable=True)
+    assert result.columns[:3] == ["article_id", "article_idx", "as_of"]
+    assert set(features.ARTICLE_CATEGORIES) < set(result.columns)
+
+
+def test_training_examples_window_dedup_and_weight(spark, frames):
+    _, _, transactions, _, customer_index, article_index = frames
+    ghost_index = customer_index.unionByName(spark.createDataFrame([("ghost", 4)], "customer_id string, customer_idx int"))
+    result = features.training_examples(transactions, ghost_index, article_index, AS_OF, window_weeks=2, half_life_days=1.0)
+    expected = spark.createDataFrame(
+        [
+            # as_of  customer  article cidx aidx t_dat             weight days
+            (AS_OF, "c_many", A, 1, 1, D("2020-09-20"), 0.25, 3),  # two units on one day: one example
+            (AS_OF, "c_one", A, 3, 1, D("2020-09-22"), 1.0, 1),
+            (AS_OF, "ghost", B, 4, 2, D("2020-09-10"), 0.5**12, 13),
+        ],
+        "as_of date, customer_id string, article_id string, customer_idx int, article_idx int, t_dat date, "
+        "weight double, days_before int",
+    )
+    assert_approx_df_equality(result, expected, 1e-12, ignore_row_order=True, ignore_nullable=True)
+    with pytest.raises(ValueError, match="training_window_weeks"):
+        features.training_examples(transactions, ghost_index, article_index, AS_OF, 0, 1.0)
+
+
+def test_bad_input_names_table_and_column(spark, frames):
+    customers, articles, transactions, category_index, customer_index, _ = frames
+    with pytest.raises(ValueError, match="table 'articles' lacks column.*index_group_no"):
+        features.article_codes(articles.drop("index_group_no"), category_index)
+    with pytest.raises(ValueError, match="table 'customers' lacks column.*age"):
+        features.customer_profile(customers.drop("age"))
+    with pytest.raises(ValueError, match="windows_weeks"):
+        features.customer_features(customers, transactions, articles, customer_index, category_index, AS_OF, [0])
+
+
+# --- the job: leakage, stable ids, snapshots --------------------------------------------------------------
+def _load(lake, customers, articles, transactions) -> None:
+    lake.write(customers, CUSTOMERS)
+    lake.write(articles, ARTICLES)
+    lake.write(transactions.withColumn("t_month", F.date_format("t_dat", "yyyy-MM")), TRANSACTIONS)
+
+
+def _snapshot_tables(lake, as_of):
+    tables = {t: features.read_snapshot(lake, t, as_of) for t in features.SNAPSHOT_TABLES}
+    tables.update({t: lake.read(t) for t in (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX)})
+    return tables
+
+
+def test_no_leakage_features_identical_with_or_without_the_future(spark, frames, lake, tmp_path):
+    from recsys.config import load_config
+    from recsys.tables import Lakehouse
+
+    customers, articles, _, _, _, _ = frames
+    past = spark.createDataFrame(PAST, TX_SCHEMA)
+    everything = spark.createDataFrame(PAST + FUTURE, TX_SCHEMA)
+    _load(lake, customers, articles, past)
+    other = Lakehouse(spark, load_config("tiny", [f"paths.tables_dir={tmp_path}/with_future"]))
+    _load(other, customers, articles, everything)
+
+    summary = features.run(lake)  # default as_of: the day after the last transaction = 2020-09-23
+    assert summary["as_of"] == "2020-09-23"
+    features.run(other, as_of="2020-09-23")
+    without, with_future = _snapshot_tables(lake, AS_OF), _snapshot_tables(other, AS_OF)
+    for table in without:
+        assert_df_equality(without[table], with_future[table], ignore_row_order=True, ignore_column_order=False)
+    assert summary["tables"][CUSTOMER_FEATURES]["rows"] == 3 and summary["tables"][ARTICLE_FEATURES]["rows"] == 3
+    assert summary["tables"][POPULARITY]["rows"] > 0 and summary["tables"][TRAINING_EXAMPLES]["rows"] > 0
+    assert lake.sql("SELECT count(*) AS n FROM customer_features").first().n == 3  # queryable by name
+
+
+def test_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames, lake):
+    customers, articles, transactions, _, _, _ = frames
+    _load(lake, customers, articles, transactions)
+    first = D("2020-09-15")
+    features.run(lake, as_of=first)
+    customer_ids = {r.customer_id: r.customer_idx for r in lake.read(CUSTOMER_INDEX).collect()}
+    article_ids = {r.article_id: r.article_idx for r in lake.read(ARTICLE_INDEX).collect()}
+    assert sorted(customer_ids.values()) == list(range(1, len(customer_ids) + 1))
+
+    # New customers (ids that sort FIRST), a new article with a new product group, and a later cut-off.
+    newcomers = spark.createDataFrame([("a_new", None, None, None, None, 30, None)], CUSTOMERS_DDL)
+    bag = spark.createDataFrame(
+        [("0000000000", 66, "Accessories", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1019)], ARTICLES_DDL
+    )
+    lake.write(customers.unionByName(newcomers), CUSTOMERS)
+    lake.write(articles.unionByName(bag), ARTICLES)
+    features.run(lake, as_of=AS_OF)
+    features.run(lake, as_of=AS_OF)  # a re-run replaces its snapshot: no duplicate rows
+
+    now_customers = {r.customer_id: r.customer_idx for r in lake.read(CUSTOMER_INDEX).collect()}
+    now_articles = {r.article_id: r.article_idx for r in lake.read(ARTICLE_INDEX).collect()}
+    assert {k: now_customers[k] for k in customer_ids} == customer_ids  # old ids never move
+    assert {k: now_articles[k] for k in article_ids} == article_ids
+    assert now_customers["a_new"] == max(customer_ids.values()) + 1
+    assert now_articles["0000000000"] == max(article_ids.values()) + 1
+    assert len(set(now_customers.values())) == len(now_customers) and 0 not in now_customers.values()
+
+    latest = features.read_snapshot(lake, CUSTOMER_FEATURES)
+    older = features.read_snapshot(lake, CUSTOMER_FEATURES, "2020-09-15")
+    assert latest.count() == 4 and older.count() == 3
+    assert {r.as_of for r in latest.select("as_of").distinct().collect()} == {AS_OF}
+    # The new product group added a share column; the older snapshot reads it as 0.0 and keeps its values.
+    new_columns = set(latest.columns) - set(features.read_snapshot(lake, CUSTOMER_FEATURES, first).columns)
+    assert not new_columns  # one table, one schema
+    old_rows = {r.customer_id: r for r in older.collect()}
+    assert old_rows["c_many"].num_purchases_all == 2.0  # 08-30 and 09-01 only: strictly before 09-15
+    codes = {(r.feature, r.value): r.code for r in lake.read(CATEGORY_INDEX).collect()}
+    share_new = f"num_share_product_group_{codes[('cat_product_group', 'Accessories')]}"
+    assert share_new in latest.columns and all(r[share_new] == 0.0 for r in old_rows.values())
+    assert lake.read(TRAINING_EXAMPLES).where(F.col("as_of") == AS_OF).count() == \
+        features.read_snapshot(lake, TRAINING_EXAMPLES).count()
+    with pytest.raises(ValueError, match=r"no snapshot as of 2019-01-01 \(snapshots: 2020-09-15, 2020-09-23\)"):
+        features.read_snapshot(lake, ARTICLE_FEATURES, "2019-01-01")
+    with pytest.raises(ValueError, match="as_of: 'soon'"):
+        features.run(lake, as_of="soon")
