@@ -114,7 +114,8 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
 def _pipeline(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
 
-    result = pipeline.run(config, steps=args.steps.split(",") if args.steps else None)
+    result = pipeline.run(config, steps=args.steps.split(",") if args.steps else None, as_of=args.as_of,
+                          force=args.force, from_stage=args.from_stage)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", parents=[common], help="every stage in order (the nightly job)")
     p.add_argument("--steps", default=None, help="comma-separated subset, e.g. features,train,score")
+    p.add_argument("--from", dest="from_stage", default=None, help="resume from this stage")
+    p.add_argument("--as-of", dest="as_of", default=None, help="publish snapshot date (default: day after the data)")
+    p.add_argument("--force", action="store_true", help="recompute stages whose inputs did not change")
 
     p = sub.add_parser("nightly", parents=[common], help="add day DATE's purchases, refresh, retrain, gate, score, publish")
     p.add_argument("--date", required=True, help="the new day, YYYY-MM-DD")
@@ -208,8 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from recsys.pipeline import StageFailed
+
     try:
         return COMMANDS[args.command](config, args)
+    except StageFailed as exc:
+        print(f"pipeline failed: {exc}", file=sys.stderr)
+        return 1
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

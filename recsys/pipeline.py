@@ -1,0 +1,335 @@
+"""The stages in order: ingest -> features -> train -> evaluate (+ gate) -> score (+ publish).
+
+Dates follow one rule, so nothing leaks: the model is trained on purchases before the last `test_days` of the
+data, evaluated (with the baselines, on the same path) on those last days, and the lists that get published are
+scored with features that include every purchase up to the newest day. Publishing is the last step and one
+Delta transaction: a failure anywhere before it leaves the published `recommendations` as they were.
+
+A stage whose inputs did not change since its last success (fingerprints in `data_dir/pipeline_state.json`)
+is skipped unless `force`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from recsys.config import Config
+from recsys.tables import (
+    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRANSACTIONS, Lakehouse,
+)
+
+STAGES = ("ingest", "features", "train", "evaluate", "score")
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message names it, and what stays published."""
+
+
+@dataclass
+class Context:
+    config: Config
+    lake: Lakehouse
+    force: bool = False
+    as_of: dt.date | None = None          # publish snapshot (default: the day after the last purchase)
+    since: str | None = None              # ingest only the days from here (nightly)
+    results: dict[str, Any] = field(default_factory=dict)
+    out: Callable[[str], None] = print
+
+    # -- the dates, derived from the data once it is ingested
+    def last_day(self) -> dt.date:
+        from pyspark.sql import functions as F
+
+        return self.lake.read(TRANSACTIONS).agg(F.max("t_dat")).first()[0]
+
+    def publish_as_of(self) -> dt.date:
+        return self.as_of or self.last_day() + dt.timedelta(days=1)
+
+    def test_start(self) -> dt.date:
+        """The evaluation week: the last `test_days` before the publish snapshot; training ends where it starts."""
+        return self.publish_as_of() - dt.timedelta(days=self.config.split.test_days)
+
+
+# --- fingerprints: skip work whose inputs did not change ----------------------------------------------------
+def _state_path(config: Config) -> Path:
+    return config.path(config.paths.data_dir) / "pipeline_state.json"
+
+
+def _load_state(config: Config) -> dict[str, str]:
+    path = _state_path(config)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_state(config: Config, state: dict[str, str]) -> None:
+    path = _state_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _raw_fingerprint(raw_dir: Path) -> str:
+    from recsys.tables import RAW_FILES
+
+    files = [raw_dir / name for name in RAW_FILES.values()]
+    return _digest([(f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else (f.name, None) for f in files])
+
+
+def _versions(lake: Lakehouse, *names: str) -> list[int | None]:
+    return [lake.version(name) for name in names]
+
+
+def _registry_version(config: Config, alias: str) -> str | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    try:
+        return str(client.get_model_version_by_alias(config.mlflow.registered_model, alias).version)
+    except MlflowException:
+        return None
+
+
+# --- the stages ---------------------------------------------------------------------------------------------
+def stage_ingest(ctx: Context) -> dict[str, Any]:
+    from recsys import ingest
+
+    report = ingest.run(ctx.lake, ctx.config.paths.raw_dir, since=ctx.since)
+    ctx.out(report.format())
+    return {"rows": ctx.lake.read(TRANSACTIONS).count(), "last_day": ctx.last_day().isoformat()}
+
+
+def stage_features(ctx: Context) -> dict[str, Any]:
+    """Two snapshots: one at the evaluation week's start (training, evaluation), one for publishing."""
+    from recsys import features
+
+    out = {}
+    for as_of in sorted({ctx.test_start(), ctx.publish_as_of()}):
+        summary = features.run(ctx.lake, as_of=as_of)
+        out[as_of.isoformat()] = {t: v.get("rows") for t, v in summary["tables"].items()}
+    return out
+
+
+def stage_train(ctx: Context) -> dict[str, Any]:
+    from recsys import train
+
+    result = train.run(ctx.lake, as_of=ctx.test_start().isoformat())
+    return {k: result[k] for k in ("run_id", "model_version", "as_of", "metrics")}
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    """The challenger, the champion and the baselines on the held-out week, through one path; then the gate."""
+    from recsys import evaluate, score
+    from recsys.metrics import metric_name
+    from recsys.model import load_encoder
+
+    config, lake = ctx.config, ctx.lake
+    name = config.mlflow.registered_model
+    week = evaluate.load_week(lake, ctx.test_start())
+    recommenders = dict(evaluate.baseline_recommenders(lake)(week))
+    challenger = _registry_version(config, "challenger")
+    champion = _registry_version(config, "champion")
+    if challenger is None:
+        raise ValueError(f"no '{name}@challenger' in the registry at {config.tracking_uri}: run the train stage first")
+    versions = {"two_tower": challenger}
+    models = {"two_tower": f"models:/{name}/{challenger}"}
+    if champion is not None and champion != challenger:
+        models["champion"], versions["champion"] = f"models:/{name}/{champion}", champion
+    for label, uri in models.items():
+        recommenders[label] = score.recommend(lake, load_encoder(uri), as_of=week.test_start, customers=week.target)
+    run_id = _run_of(config, challenger)
+    report = evaluate.evaluate_all(lake, recommenders, week.test_start, versions=versions,
+                                   run_ids={"two_tower": run_id})
+    ctx.out(evaluate.format_report(report))
+    overall = report["metrics"][report["metrics"]["segment"] == evaluate.ALL]
+
+    def metrics_of(model: str) -> dict[str, float] | None:
+        rows = overall[overall["model"] == model]
+        return dict(zip(rows["metric"], rows["value"].astype(float))) if len(rows) else None
+
+    champion_metrics = metrics_of("champion")
+    if champion is not None and champion == challenger:  # re-evaluating the champion itself: nothing to decide
+        champion_metrics = metrics_of("two_tower")
+    decision = evaluate.promote_if_better(config, challenger, metrics_of("two_tower"), champion_metrics)
+    ctx.out(f"gate: version {challenger} {'promoted to champion' if decision.promote else 'stays challenger'}"
+            f" ({decision.reason})")
+    k = config.evaluation.k
+    table = report["table"]
+    return {
+        "test_start": report["test_start"],
+        "report": report.get("report_path"),
+        "gate": decision.as_dict(),
+        "map_at_k": dict(zip(table["model"], table[metric_name("map", k)].astype(float))),
+    }
+
+
+def _run_of(config: Config, version: str) -> str | None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    return client.get_model_version(config.mlflow.registered_model, version).run_id
+
+
+def stage_score(ctx: Context) -> dict[str, Any]:
+    from recsys import score
+
+    uri = f"models:/{ctx.config.mlflow.registered_model}@champion"
+    if _registry_version(ctx.config, "champion") is None:
+        raise ValueError(f"no champion model to publish with ({uri}); the evaluate stage promotes one")
+    return score.run(ctx.lake, model_uri=uri, as_of=ctx.publish_as_of())
+
+
+RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "ingest": stage_ingest,
+    "features": stage_features,
+    "train": stage_train,
+    "evaluate": stage_evaluate,
+    "score": stage_score,
+}
+
+
+def fingerprint(stage: str, ctx: Context) -> str:
+    """What a stage's output depends on; the same fingerprint means the same output."""
+    config, lake = ctx.config, ctx.lake
+    if stage == "ingest":
+        return _digest(_raw_fingerprint(config.path(config.paths.raw_dir)), ctx.since, config.ingest)
+    if stage == "features":
+        return _digest(_versions(lake, ARTICLES, CUSTOMERS, TRANSACTIONS), ctx.publish_as_of(), config.features)
+    if stage == "train":
+        return _digest(_versions(lake, CUSTOMER_FEATURES), ctx.test_start(), config.model)
+    if stage == "evaluate":
+        return _digest(_registry_version(config, "challenger"), ctx.test_start(), config.evaluation, config.scoring)
+    return _digest(_registry_version(config, "champion"), _versions(lake, CUSTOMER_FEATURES), config.scoring,
+                   ctx.publish_as_of())
+
+
+def _outputs_exist(stage: str, lake: Lakehouse) -> bool:
+    needed = {"ingest": [TRANSACTIONS], "features": [CUSTOMER_FEATURES], "score": [RECOMMENDATIONS]}
+    return all(lake.exists(name) for name in needed.get(stage, []))
+
+
+def run(config: Config, steps: list[str] | None = None, as_of: str | None = None, force: bool = False,
+        from_stage: str | None = None, since: str | None = None, out: Callable[[str], None] = print) -> dict:
+    """Run the stages in order; returns per stage its status, seconds and summary."""
+    from recsys.spark import get_spark
+
+    selected = _select(steps, from_stage)
+    lake = Lakehouse(get_spark(config, "recsys-pipeline"), config)
+    ctx = Context(config, lake, force=force, as_of=dt.date.fromisoformat(as_of) if as_of else None, since=since,
+                  out=out)
+    state = _load_state(config)
+    summary: dict[str, Any] = {}
+    started = time.perf_counter()
+    for stage in selected:
+        t0 = time.perf_counter()
+        key = fingerprint(stage, ctx) if stage != "ingest" or not since else None
+        if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
+            summary[stage] = {"status": "up to date", "seconds": 0.0}
+            out(f"[{stage:>8}] up to date (inputs unchanged; --force to redo)")
+            continue
+        out(f"[{stage:>8}] running ...")
+        try:
+            result = RUNNERS[stage](ctx)
+        except Exception as exc:
+            published = lake.version(RECOMMENDATIONS)
+            raise StageFailed(
+                f"stage '{stage}' failed: {type(exc).__name__}: {exc}. The published recommendations are "
+                f"unchanged (version {published})."
+            ) from exc
+        seconds = round(time.perf_counter() - t0, 1)
+        summary[stage] = {"status": "done", "seconds": seconds, **_short(result)}
+        state[stage] = fingerprint(stage, ctx)
+        _save_state(config, state)
+        out(f"[{stage:>8}] done in {seconds:.1f}s  {_headline(stage, result)}")
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def _select(steps: list[str] | None, from_stage: str | None) -> list[str]:
+    unknown = [s for s in (steps or []) + ([from_stage] if from_stage else []) if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    selected = [s for s in STAGES if not steps or s in steps]
+    if from_stage:
+        selected = [s for s in selected if STAGES.index(s) >= STAGES.index(from_stage)]
+    return selected
+
+
+def _short(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if isinstance(v, (str, int, float, dict)) and k != "metrics"}
+
+
+def _headline(stage: str, result: dict[str, Any]) -> str:
+    if stage == "ingest":
+        return f"{result['rows']:,} transactions up to {result['last_day']}"
+    if stage == "features":
+        return "snapshots " + ", ".join(result)
+    if stage == "train":
+        return f"model version {result['model_version']} (features as of {result['as_of']})"
+    if stage == "evaluate":
+        best = max(result["map_at_k"].items(), key=lambda kv: kv[1])
+        return f"best MAP@K {best[1]:.4f} ({best[0]}); gate: {result['gate']['reason']}"
+    return f"{result.get('customers', '?'):,} customers x K published (model {result.get('model_version')})" \
+        if isinstance(result.get("customers"), int) else "published"
+
+
+def nightly(config: Config, date: str, force: bool = False) -> dict:
+    """Add day `date`'s purchases (ingest from that day), refresh features, retrain, evaluate, gate, publish."""
+    day = dt.date.fromisoformat(date)
+    return run(config, since=day.isoformat(), as_of=(day + dt.timedelta(days=1)).isoformat(), force=force)
+
+
+# --- the demo -----------------------------------------------------------------------------------------------
+def demo(config: Config) -> int:
+    """Generate the profile's data if absent, run every stage, show a few customers' lists."""
+    from recsys import recommend, synth
+    from recsys.tables import RAW_FILES
+
+    raw = config.path(config.paths.raw_dir)
+    if not all((raw / name).exists() for name in RAW_FILES.values()):
+        print(f"[   synth] generating the '{config.profile}' data into {raw} ...")
+        stats = synth.generate(config.synth, str(raw))
+        print(f"[   synth] done: {json.dumps({k: v for k, v in stats.items() if k != 'paths'}, default=str)}")
+    try:
+        summary = run(config)
+    except StageFailed as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    from recsys.spark import get_spark
+
+    lake = Lakehouse(get_spark(config), config)
+    counts = lake.sql("SELECT count(DISTINCT customer_id) AS customers, count(*) AS rows FROM recommendations").first()
+    print(f"\nrecommendations: {counts.customers:,} customers, {counts.rows:,} rows")
+    print(lake.sql("SELECT source, count(*) AS rows FROM recommendations GROUP BY source ORDER BY rows DESC")
+          .toPandas().to_string(index=False))
+    for customer_id in _sample_customers(lake):
+        print()
+        print(recommend.format_list(recommend.lookup(lake, customer_id)))
+    print(f"\ntables (Delta) under {config.path(config.paths.tables_dir)}: {', '.join(lake.existing())}")
+    print(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri}")
+    report = summary.get("evaluate", {}).get("report")
+    if report:
+        print(f"evaluation report: {report}")
+    print(f"try: .venv/bin/recsys --profile {config.profile} sql "
+          f"\"SELECT source, count(*) FROM recommendations GROUP BY source\"")
+    return 0
+
+
+def _sample_customers(lake: Lakehouse, n: int = 2) -> list[str]:
+    """A customer with a model list and a cold-start customer, so both paths show."""
+    rows = lake.sql(
+        "SELECT customer_id, max(source) AS source FROM recommendations WHERE rank = 1 GROUP BY customer_id"
+    )
+    picks = []
+    for source in [r.source for r in rows.select("source").distinct().orderBy("source").collect()][:n]:
+        picks.append(rows.filter(rows.source == source).orderBy("customer_id").first().customer_id)
+    return picks
