@@ -120,16 +120,18 @@ SALE_FACTORS = np.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
 N_SEGMENTS = 12
 
 # Latent process parameters (tuned against DATA.md with `recsys synth --compare`).
-BASKET_EXTRA_MEAN = 1.70        # distinct rows per basket = 1 + NegBin(mean this)
-BASKET_DISPERSION = 1.4
-DUPLICATE_RATE = 0.103          # extra identical rows per row (9.3 % of rows are duplicates)
+BASKET_EXTRA_MEAN = 1.75        # distinct rows per basket = 1 + NegBin(mean this)
+BASKET_DISPERSION = 0.55
+DUPLICATE_RATE = 0.075          # extra identical rows per row (9.3 % of rows are duplicates)
 P_REPEAT = 0.07                 # row = one of the customer's last two articles
 P_HISTORY_DEPT = 0.20           # first row of a basket from the department of the customer's last article
 P_BASKET_DEPT = 0.30            # later rows of a basket from the department of the basket's first article
 P_GLOBAL = 0.15                 # row from global popularity (trends every segment follows)
-POPULARITY_SIGMA = 1.55         # log-normal spread of an article's base popularity
+POPULARITY_SIGMA = 1.5         # log-normal spread of an article's base popularity
 ACTIVITY_SIGMA = 1.25           # log-normal spread of a customer's visit rate
 CHANNEL2_SHARE = 0.69
+PRICE_SIGMA = 0.38              # log-normal spread of prices around a product group's centre
+DECAY_DAYS = 70.0               # median e-folding time of an article's decline after its peak
 
 
 @dataclass
@@ -212,7 +214,7 @@ def make_articles(n: int, seed: int) -> pd.DataFrame:
     p_type = np.array([rng.integers(len(PRODUCT_GROUPS[g][4])) for g in p_pg])
     p_graphic = _choice(rng, [g[2] for g in GRAPHICS], n_products)
     p_name = rng.integers(len(NAME_WORDS), size=n_products)
-    p_price = rng.lognormal(0, 0.45, n_products) * np.array([PRODUCT_GROUPS[g][2] for g in p_pg])
+    p_price = rng.lognormal(0, PRICE_SIGMA, n_products) * np.array([PRODUCT_GROUPS[g][2] for g in p_pg])
     p_price *= np.where(p_group == 1, 0.65, 1.0)  # children's clothes cost less
     p_desc = [_description(rng, PRODUCT_GROUPS[g][4][t][0]) for g, t in zip(p_pg, p_type)]
 
@@ -302,7 +304,7 @@ def build_catalogue(frame: pd.DataFrame, seed: int, n_days: int) -> Catalogue:
     price_sek = frame.attrs.get("price_sek")
     if price_sek is None:  # a real catalogue has no price: draw one by product group
         centre = np.array([PRODUCT_GROUPS[g][2] for g in product_group])
-        price_sek = rng.lognormal(0, 0.45, n) * centre * np.where(group == 1, 0.65, 1.0)
+        price_sek = rng.lognormal(0, PRICE_SIGMA, n) * centre * np.where(group == 1, 0.65, 1.0)
     price_sek = np.asarray(price_sek) * rng.lognormal(0, 0.08, n)
     point = np.clip(np.searchsorted(PRICE_POINTS_SEK, price_sek), 0, len(PRICE_POINTS_SEK) - 1)
     price_cents = np.round(PRICE_POINTS_SEK[point] * 100).astype(np.int64)
@@ -312,7 +314,7 @@ def build_catalogue(frame: pd.DataFrame, seed: int, n_days: int) -> Catalogue:
     launch = np.round(-400 + order * (n_days + 397) + rng.normal(0, 25, n)).astype(int)
     launch = np.minimum(launch, n_days - 3)
     rise = rng.integers(3, 22, n).astype(float)
-    decay = rng.lognormal(math.log(45), 0.6, n)
+    decay = rng.lognormal(math.log(DECAY_DAYS), 0.6, n)
     evergreen = rng.random(n) < 0.06
     decay[evergreen] = 2000.0
     launch[evergreen] = np.minimum(launch[evergreen], rng.integers(-400, 0, int(evergreen.sum())))
@@ -409,14 +411,15 @@ def _day_weights(start: date, n_days: int) -> np.ndarray:
     days = [start + timedelta(d) for d in range(n_days)]
     weekday = np.array([1.0, 1.0, 0.88, 1.2, 1.15, 1.08, 0.95])[[d.weekday() for d in days]]
     doy = np.array([d.timetuple().tm_yday for d in days])
-    yearly = 1 + 0.18 * np.cos(2 * np.pi * (doy - 175) / 365) + 0.10 * np.cos(4 * np.pi * (doy - 350) / 365)
+    # a summer peak and a quiet late September (the real last week sells ~0.79 of the two-year daily mean)
+    yearly = 1 + 0.25 * np.cos(2 * np.pi * (doy - 172) / 365) + 0.12 * np.cos(4 * np.pi * (doy - 172) / 365)
     special = np.ones(n_days)
     for i, d in enumerate(days):
         if d.month == 11 and 23 <= d.day <= 29 and d.weekday() == 4:
             special[i] = 2.2
         elif d.month == 12 and 10 <= d.day <= 22:
             special[i] = 1.3
-    trend = np.linspace(1.1, 0.95, n_days)
+    trend = np.linspace(1.05, 0.92, n_days)
     return weekday * yearly * special * trend
 
 
@@ -452,13 +455,23 @@ class _Simulator:
     def _draw_visits(self) -> np.ndarray:
         """All (day, customer) visits at once: counts per customer, days weighted by store traffic."""
         pop, rng = self.pop, self.rng
-        weights = _day_weights(self.start, self.n_days)
-        cum = np.concatenate([[0.0], np.cumsum(weights)])
-        span = cum[pop.end + 1] - cum[pop.start]
-        mean_w = span / (pop.end - pop.start + 1)
-        counts = rng.poisson(pop.rate * (pop.end - pop.start + 1) * mean_w / weights.mean())
+        target = _day_weights(self.start, self.n_days)
+        counts = rng.poisson(pop.rate * (pop.end - pop.start + 1))
         # almost every customer in customers.csv bought at least once (99.3 % in the real data)
         counts = np.where((counts == 0) & (rng.random(len(counts)) < 0.99), 1, counts)
+        # Customers join and leave, so the active population is not flat; reweight days so that the expected
+        # rows per day follow the store-traffic profile anyway (two fixed-point steps are plenty).
+        weights = target.copy()
+        for _ in range(3):
+            cum = np.concatenate([[0.0], np.cumsum(weights)])
+            span = cum[pop.end + 1] - cum[pop.start]
+            load = np.zeros(self.n_days + 1)
+            np.add.at(load, pop.start, counts / span)
+            np.add.at(load, pop.end + 1, -counts / span)
+            expected = weights * np.cumsum(load)[:-1]
+            weights = weights * target / np.maximum(expected / expected.mean(), 1e-9) / target.mean()
+        cum = np.concatenate([[0.0], np.cumsum(weights)])
+        span = cum[pop.end + 1] - cum[pop.start]
         cust = np.repeat(np.arange(len(counts)), counts)
         u = cum[pop.start[cust]] + rng.random(len(cust)) * span[cust]
         day = np.clip(np.searchsorted(cum, u, side="right") - 1, 0, self.n_days - 1)
@@ -682,7 +695,7 @@ REAL_STATS: list[tuple[str, str, str, float, bool]] = [
     ("price_p99", _WEEK, "price p99", 0.119, True),
     ("price_max", _WEEK, "price max", 0.507, False),
     ("recency_share", _WEEK, "rows of last 3 days whose article sold in the 4 days before", 0.955, True),
-    ("recall12_top_sellers", _WEEK, "recall@12 of the 4 days' 12 best sellers over the next 3 days", 0.024, True),
+    ("recall12_top_sellers", _WEEK, "recall@12 of the 4 days' best sellers over the next 3 (k scaled)", 0.024, True),
     ("rows_per_customer_mean", _TWO_YEARS, "rows per customer: mean", 23.2, True),
     ("rows_per_customer_median", _TWO_YEARS, "rows per customer: median", 9, True),
     ("rows_per_customer_p90", _TWO_YEARS, "rows per customer: p90", 61, True),
@@ -726,9 +739,12 @@ def week_stats(week: pd.DataFrame, n_customers: int, n_articles: int) -> dict[st
     days = sorted(daily.index)
     split = days[-3] if len(days) >= 4 else days[-1]
     before, after = week[week["t_dat"] < split], week[week["t_dat"] >= split]
-    top12 = set(before["article_id"].value_counts().index[:12])
+    # recall@k of the best sellers for k = 1..12, read at k = 12 * scale (like top-k above)
+    sellers = before["article_id"].value_counts().index[:12]
     bought = after.drop_duplicates(["customer_id", "article_id"])
-    recall = bought["article_id"].isin(top12).groupby(bought["customer_id"]).mean().mean()
+    rank = bought["article_id"].map({a: i for i, a in enumerate(sellers)})
+    per_k = [0.0] + [(rank < k).groupby(bought["customer_id"]).mean().mean() for k in range(1, len(sellers) + 1)]
+    recall = float(np.interp(12 * n_articles / REAL_N_ARTICLES, np.arange(len(per_k)), per_k)) if len(bought) else 0.0
     stats = {
         "active_share": len(per_customer) / n_customers,
         "distinct_article_share": len(counts) / n_articles,
@@ -745,7 +761,7 @@ def week_stats(week: pd.DataFrame, n_customers: int, n_articles: int) -> dict[st
         "daily_rows_min_per_1k": daily.min() / n_customers * 1000,
         "daily_rows_max_per_1k": daily.max() / n_customers * 1000,
         "recency_share": after["article_id"].isin(set(before["article_id"])).mean(),
-        "recall12_top_sellers": float(recall) if not np.isnan(recall) else 0.0,
+        "recall12_top_sellers": recall,
         "price_max": week["price"].max(),
     }
     for k in (1, 10, 100, 1000):
@@ -874,7 +890,9 @@ def compare(directory: str, real_dir: Path | None = None) -> dict:
     for key, section, label, reference, flagged in REAL_STATS:
         value = measured["stats"].get(key, float("nan"))
         deviation = value / reference - 1 if reference else float("nan")
-        ok = bool(abs(deviation) <= TOLERANCE) if flagged else None
+        # "top-1 of 105,542" has no counterpart in a catalogue of fewer than 105,542 articles: shown, not judged
+        measurable = not key.startswith("top") or int(key[3:].split("_")[0]) * measured["n_articles"] >= REAL_N_ARTICLES
+        ok = bool(abs(deviation) <= TOLERANCE) if flagged and measurable else None
         rows.append({"key": key, "section": section, "label": label, "synthetic": value, "data_md": reference,
                      "real_files": real.get(key), "deviation": deviation, "ok": ok})
     outside = [r["key"] for r in rows if r["ok"] is False]
