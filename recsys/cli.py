@@ -100,6 +100,37 @@ def _popular(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+@command("recommend")
+def _recommend(config: Config, args: argparse.Namespace) -> int:
+    from recsys import recommend
+
+    spark, lake = _spark(config, "recommend")
+    print(recommend.format_list(recommend.lookup(lake, args.customer_id)))
+    return 0
+
+
+@command("export-submission")
+def _export_submission(config: Config, args: argparse.Namespace) -> int:
+    from recsys import recommend
+
+    spark, lake = _spark(config, "export-submission")
+    print(json.dumps(recommend.export_submission(lake, args.out), indent=2, default=str))
+    return 0
+
+
+@command("publish")
+def _publish(config: Config, args: argparse.Namespace) -> int:
+    from recsys import publish
+
+    spark, lake = _spark(config, "publish")
+    if args.rollback:
+        print(json.dumps(publish.rollback(lake), indent=2, default=str))
+        return 0
+    for commit in publish.history(lake):  # which model produced which version
+        print(json.dumps(commit, default=str))
+    return 0
+
+
 @command("evaluate")
 def _evaluate(config: Config, args: argparse.Namespace) -> int:
     from recsys import evaluate
@@ -184,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recommend-popular", parents=[common], help="popularity recommendations for every customer")
     p.add_argument("--as-of", dest="as_of", default=None)
+
+    p = sub.add_parser("recommend", parents=[common], help="print one customer's published list with article names")
+    p.add_argument("customer_id")
+
+    p = sub.add_parser("export-submission", parents=[common], help="published lists -> Kaggle submission CSV")
+    p.add_argument("--out", required=True, help="the CSV file to write (customer_id,prediction)")
+
+    p = sub.add_parser("publish", parents=[common], help="recommendations table history; --rollback to the previous run")
+    p.add_argument("--rollback", action="store_true", help="restore the previously published run")
 
     p = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MAP@12 of the model against baselines")
     p.add_argument("--test-start", dest="test_start", default=None)
