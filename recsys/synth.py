@@ -13,6 +13,7 @@ stays bounded at full scale (31.8 M rows).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import math
 import time
@@ -123,15 +124,18 @@ N_SEGMENTS = 12
 BASKET_EXTRA_MEAN = 1.75        # distinct rows per basket = 1 + NegBin(mean this)
 BASKET_DISPERSION = 0.55
 DUPLICATE_RATE = 0.075          # extra identical rows per row (9.3 % of rows are duplicates)
-P_REPEAT = 0.07                 # row = one of the customer's last two articles
+P_REPEAT = 0.10                 # row = one of the customer's last two articles
 P_HISTORY_DEPT = 0.20           # first row of a basket from the department of the customer's last article
 P_BASKET_DEPT = 0.30            # later rows of a basket from the department of the basket's first article
-P_GLOBAL = 0.15                 # row from global popularity (trends every segment follows)
+P_GLOBAL = 0.10                 # row from global popularity (trends every segment follows)
 POPULARITY_SIGMA = 1.5         # log-normal spread of an article's base popularity
 ACTIVITY_SIGMA = 1.25           # log-normal spread of a customer's visit rate
 CHANNEL2_SHARE = 0.69
+GROUP_TASTE_POWER = 2.0         # sharpens a segment's index-group preference
+TYPE_TASTE_SIGMA = 1.2          # log-normal spread of a segment's product-type preferences
+COLOUR_TASTE_SIGMA = 0.6        # log-normal spread of a segment's colour preferences
 PRICE_SIGMA = 0.38              # log-normal spread of prices around a product group's centre
-DECAY_DAYS = 70.0               # median e-folding time of an article's decline after its peak
+DECAY_DAYS = 55.0               # median e-folding time of an article's decline after its peak
 
 
 @dataclass
@@ -325,19 +329,43 @@ def build_catalogue(frame: pd.DataFrame, seed: int, n_days: int) -> Catalogue:
 
 
 # --- customers ------------------------------------------------------------------------------------------------
-def _segments(seed: int, n_pg: int, n_colour: int):
-    """Each segment: a centre age and preferences over index group, product group, colour and price."""
+SEGMENT_AGES = np.array([21, 23, 25, 27, 30, 34, 38, 43, 48, 52, 57, 62], dtype=float)  # one per segment
+
+
+def _taste_factors(seed: int, kind: str, names: np.ndarray, sigma: float) -> np.ndarray:
+    """(segments, len(names)) log-normal preferences, keyed by the attribute's name (so a real catalogue with
+    other product types gets tastes too, and the same name always gets the same taste for a seed)."""
+    out = np.empty((N_SEGMENTS, len(names)))
+    for j, name in enumerate(names):
+        key = int.from_bytes(hashlib.sha256(f"{kind}:{name}".encode()).digest()[:8], "little")
+        out[:, j] = np.random.default_rng([seed, key]).normal(0, sigma, N_SEGMENTS)
+    return np.exp(out)
+
+
+def segment_affinity(cat: Catalogue, seed: int) -> np.ndarray:
+    """(segments, articles) multiplier on popularity: the planted taste a model should learn.
+
+    Index group preference is shaped by the segment's age (young: Divided, Sport; thirties to forties:
+    Baby/Children; all: Ladieswear), product type and colour preferences are segment-specific, and each
+    segment has a price level.
+    """
     rng = _rngs(seed)["segments"]
-    centre_age = np.array([21, 23, 25, 27, 30, 34, 38, 43, 48, 52, 57, 62], dtype=float)[:N_SEGMENTS]
-    young = np.clip((40 - centre_age) / 20, 0, 1)
+    young = np.clip((40 - SEGMENT_AGES) / 20, 0, 1)
     # Index groups: Ladieswear, Baby/Children, Divided, Menswear, Sport
-    base_ig = np.stack([np.full(N_SEGMENTS, 3.0), 0.5 + 2.5 * (1 - young) * (centre_age < 50), 0.3 + 3.5 * young,
+    base_ig = np.stack([np.full(N_SEGMENTS, 3.0), 0.3 + 3.0 * (1 - young) * (SEGMENT_AGES < 50), 0.2 + 4.0 * young,
                         np.full(N_SEGMENTS, 1.0), 0.2 + 0.6 * young], axis=1)
     index_pref = np.stack([rng.dirichlet(b * 2) for b in base_ig])
-    pg_pref = rng.dirichlet(np.full(n_pg, 0.8), size=N_SEGMENTS) + 0.02
-    colour_pref = rng.dirichlet(np.full(n_colour, 0.7), size=N_SEGMENTS) + 0.01
     price_level = rng.normal(0, 0.35, N_SEGMENTS)
-    return centre_age, index_pref, pg_pref, colour_pref, price_level
+    types, type_of = np.unique(cat.frame["product_type_name"].fillna("").to_numpy(str), return_inverse=True)
+    colours, colour_of = np.unique(cat.frame["perceived_colour_master_name"].fillna("").to_numpy(str),
+                                   return_inverse=True)
+    type_pref = _taste_factors(seed, "type", types, TYPE_TASTE_SIGMA)
+    colour_pref = _taste_factors(seed, "colour", colours, COLOUR_TASTE_SIGMA)
+    log_price = np.log(cat.price_cents / 100.0)
+    price_fit = np.exp(-((log_price[None, :] - np.median(log_price) - price_level[:, None]) ** 2) / (2 * 0.8 ** 2))
+    affinity = (index_pref[:, cat.group] ** GROUP_TASTE_POWER * type_pref[:, type_of] * colour_pref[:, colour_of]
+                * price_fit)
+    return affinity / affinity.mean(axis=1, keepdims=True)
 
 
 def sample_ages(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -373,8 +401,7 @@ def make_customers(n: int, seed: int, n_days: int, rows_per_customer: float) -> 
         "postal_code": postal,
     })
 
-    centre_age = _segments(seed, len(PRODUCT_GROUPS), len({c[3] for c in COLOURS}))[0]
-    logits = -((age[:, None] - centre_age[None, :]) ** 2) / (2 * 5.0 ** 2)
+    logits = -((age[:, None] - SEGMENT_AGES[None, :]) ** 2) / (2 * 5.0 ** 2)
     prob = np.exp(logits - logits.max(axis=1, keepdims=True))
     prob /= prob.sum(axis=1, keepdims=True)
     segment = (prob.cumsum(axis=1) < rng.random(n)[:, None]).sum(axis=1).clip(0, N_SEGMENTS - 1)
@@ -436,14 +463,7 @@ class _Simulator:
     def __init__(self, cat: Catalogue, pop: Population, seed: int, start: date, n_days: int):
         self.cat, self.pop, self.start, self.n_days = cat, pop, start, n_days
         self.rng = _rngs(seed)["transactions"]
-        n_colour = len({c[3] for c in COLOURS})
-        _, index_pref, pg_pref, colour_pref, price_level = _segments(seed, len(PRODUCT_GROUPS), n_colour)
-        log_price = np.log(cat.price_cents / 100.0)
-        centre = np.median(log_price)
-        price_fit = np.exp(-((log_price[None, :] - centre - price_level[:, None]) ** 2) / (2 * 0.8 ** 2))
-        self.affinity = (index_pref[:, cat.group] ** 1.2 * pg_pref[:, cat.product_group]
-                         * colour_pref[:, cat.colour] ** 0.6 * price_fit).astype(np.float64)
-        self.affinity /= self.affinity.mean(axis=1, keepdims=True)
+        self.affinity = segment_affinity(cat, seed)
         self.dept_order = np.argsort(cat.department, kind="stable")
         counts = np.bincount(cat.department)
         self.dept_end = np.cumsum(counts)
@@ -866,6 +886,7 @@ def measure(directory: str) -> dict:
             "history_customers": len(sample), "stats": stats}
 
 
+@functools.lru_cache(maxsize=4)
 def measure_real(real_dir: Path = REAL_DIR) -> dict[str, float]:
     """The same statistics on the real files in ../shared/data/hm-real, where present (never copied)."""
     stats: dict[str, float] = {}

@@ -123,3 +123,128 @@ def test_same_seed_same_bytes_other_seed_differs(tiny_dir, tmp_path):
     for name in ("articles.csv", "customers.csv", "transactions_train.csv"):
         assert _sha(a / name) == _sha(b / name), name
         assert _sha(a / name) != _sha(c / name), name
+
+
+def test_tiny_statistics_are_roughly_real(tiny_dir):
+    """The scale-free statistics already hold on 1,500 customers (wider bands than compare's ±20 %)."""
+    out, _ = tiny_dir
+    stats = synth.measure(str(out))["stats"]
+    expect = {"rows_per_customer_mean": (23.2, 0.25), "rows_per_customer_median": (9, 0.35),
+              "channel2_share": (0.69, 0.15), "basket_rows": (3.12, 0.3), "rows_per_active_mean": (3.48, 0.3),
+              "fn_empty": (0.67, 0.1), "age_p25": (24, 0.15), "age_p50": (31, 0.15), "age_p75": (48, 0.15),
+              "club_active": (0.92, 0.05), "news_none": (0.66, 0.1), "active_share": (0.05, 0.5)}
+    for key, (real, tol) in expect.items():
+        assert abs(stats[key] / real - 1) <= tol, (key, stats[key], real)
+    assert 0.5 < stats["price_p50"] / 0.0339 < 1.5
+
+
+def test_compare_flags_a_statistic_outside_the_band(tiny_dir, tmp_path):
+    out, _ = tiny_dir
+    report = synth.compare(str(out))
+    assert {r["key"] for r in report["rows"]} == {s[0] for s in synth.REAL_STATS}
+    assert "channel2_share" not in report["outside"] and "fn_empty" not in report["outside"]
+    # the same data, but every sale in a store: channel 2 share drops to 0 and must be flagged
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("articles.csv", "customers.csv"):
+        (broken / name).write_bytes((out / name).read_bytes())
+    lines = (out / "transactions_train.csv").read_text().splitlines()
+    (broken / "transactions_train.csv").write_text("\n".join([lines[0]] + [x[:-1] + "1" for x in lines[1:]]) + "\n")
+    report = synth.compare(str(broken))
+    assert "channel2_share" in report["outside"] and not report["passed"]
+    row = next(r for r in report["rows"] if r["key"] == "channel2_share")
+    assert row["synthetic"] == 0 and row["ok"] is False
+    text = synth.format_report(report)
+    assert "OUT" in text and "channel2_share" in text.splitlines()[-1]
+
+
+def test_compare_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="articles.csv"):
+        synth.compare(str(tmp_path))
+
+
+def _catalogue_source(tiny_dir) -> pd.DataFrame:
+    """A small 'real' catalogue: the generated one with other ids, product types and names."""
+    out, _ = tiny_dir
+    frame = pd.read_csv(out / "articles.csv", dtype=str, keep_default_na=False, na_values=[""]).head(150)
+    frame["article_id"] = [f"{(500_000 + i // 2) * 1000 + 1 + i % 2:010d}" for i in range(len(frame))]
+    frame["product_code"] = [str(500_000 + i // 2) for i in range(len(frame))]
+    frame["product_type_name"] = frame["product_type_name"] + " X"
+    return frame
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_articles_path_uses_the_given_catalogue(tiny_dir, tmp_path, fmt):
+    source = _catalogue_source(tiny_dir)
+    path = tmp_path / f"catalogue.{fmt}"
+    if fmt == "parquet":
+        source.to_parquet(path)  # article_id as a 10-digit string, as in the real articles.parquet
+    else:
+        written = source.assign(article_id=source["article_id"].astype(int))  # Kaggle CSV: no leading zero
+        written.to_csv(path, index=False)
+    out = tmp_path / "out"
+    stats = synth.generate(_cfg(n_customers=300, articles_path=str(path)), str(out))
+    assert stats["rows"]["articles"] == len(source)
+    articles = pd.read_csv(out / "articles.csv", dtype=str, keep_default_na=False, na_values=[""])
+    assert list(articles["article_id"]) == [a.lstrip("0") for a in source["article_id"]]
+    assert list(articles["product_type_name"]) == list(source["product_type_name"])
+    t = pd.read_csv(out / "transactions_train.csv", dtype={"article_id": str})
+    assert len(t) > 1000 and t["article_id"].isin(set(articles["article_id"])).all()
+
+
+def test_articles_path_errors_name_the_file_row_and_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        synth.generate(_cfg(articles_path=str(tmp_path / "nope.csv")), str(tmp_path / "o"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("article_id,product_code\n1,2\n")
+    with pytest.raises(ValueError, match="bad.csv.*missing article columns"):
+        synth.generate(_cfg(articles_path=str(bad)), str(tmp_path / "o"))
+    row = {c: "1" for c in RAW_COLUMNS["articles"]}
+    frame = pd.DataFrame([row, {**row, "article_id": "2", "colour_group_code": "red"}])
+    frame.to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=r"bad.csv: row 3: field colour_group_code 'red'"):
+        synth.generate(_cfg(articles_path=str(bad)), str(tmp_path / "o"))
+
+
+def test_planted_taste_is_learnable(tmp_path):
+    """Customers' own history beats global popularity, and the planted segment taste explains purchases.
+
+    The catalogue is sized so that 12 articles are a small share of it, as in the real data.
+    """
+    cfg = _cfg(n_customers=4000, n_articles=8000)
+    synth.generate(cfg, str(tmp_path))
+    t = pd.read_csv(tmp_path / "transactions_train.csv", dtype={"article_id": str})
+    cut = "2020-09-09"
+    train, test = t[t["t_dat"] < cut], t[t["t_dat"] >= cut]
+    recent = train[train["t_dat"] >= "2020-08-26"]["article_id"].value_counts()
+    popular = list(recent.index[:12])
+    truth = test.groupby("customer_id")["article_id"].apply(set)
+
+    def recall(recommend) -> float:
+        return float(np.mean([len(set(recommend(c)) & bought) / len(bought) for c, bought in truth.items()]))
+
+    history = train[train["t_dat"] >= "2020-06-01"].drop_duplicates(["customer_id", "article_id"], keep="last")
+    past = history.groupby("customer_id")["article_id"].apply(lambda s: list(s)[::-1][:12])
+
+    def with_history(customer):
+        mine = past.get(customer, [])[:12]
+        return mine + [a for a in popular if a not in mine][: 12 - len(mine)]
+
+    baseline = recall(lambda c: popular)
+    assert len(truth) > 200
+    print("recall popularity", baseline, "history", recall(with_history))
+    assert recall(with_history) > 1.2 * baseline
+
+    # the segment of a customer (known only to the generator) sharpens the ranking of recent best sellers
+    frame = synth.make_articles(cfg.n_articles, cfg.seed)
+    cat = synth.build_catalogue(frame, cfg.seed, synth._n_days(cfg))
+    affinity = synth.segment_affinity(cat, cfg.seed)
+    segment = synth.customer_segments(cfg).set_index("customer_id")["segment"]
+    position = pd.Series(np.arange(len(frame)), index=frame["article_id"].str.lstrip("0"))
+    candidates = recent.index[:300]
+    score = (np.log1p(recent.loc[candidates].to_numpy(float))[None, :]
+             + np.log(affinity[segment.loc[truth.index].to_numpy()][:, position.loc[candidates].to_numpy()]))
+    top = np.argsort(-score, axis=1)[:, :12]
+    oracle = float(np.mean([len(set(candidates[r]) & bought) / len(bought) for r, bought in zip(top, truth)]))
+    print("oracle", oracle)
+    assert oracle > 1.15 * baseline
