@@ -1,0 +1,205 @@
+"""Spark metrics against hand-computed vectors and the Python reference; the evaluation table, report and gate."""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+
+import pandas as pd
+import pytest
+from pyspark.sql import functions as F
+
+from recsys import evaluate as E
+from recsys import metrics as M
+from recsys.config import load_config
+from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, TRANSACTIONS
+
+RECS = "customer_id string, rank int, article_id string, score double"
+BUYS = "customer_id string, article_id string"
+
+
+def recs_df(spark, lists: dict[str, list[str]]):
+    rows = [(c, r, a, float(-r)) for c, arts in lists.items() for r, a in enumerate(arts, start=1)]
+    return spark.createDataFrame(rows, RECS)
+
+
+def buys_df(spark, bought: dict[str, list[str]]):
+    return spark.createDataFrame([(c, a) for c, arts in bought.items() for a in arts], BUYS)
+
+
+def as_dict(frame: pd.DataFrame, segment: str = "all") -> dict[str, float]:
+    part = frame[frame["segment"] == segment]
+    return dict(zip(part["metric"], part["value"]))
+
+
+def test_spark_metrics_match_hand_computed_vectors(spark):
+    lists = {"c1": ["a", "b", "c", "d"], "c3": ["z"], "c4": ["b", "b", "d"]}
+    bought = {"c1": ["b", "d", "d", "x"], "c2": ["a"], "c4": ["b", "d"]}  # c2: no list; c3: bought nothing
+    catalogue = spark.createDataFrame([(a,) for a in "abcdxz"], "article_id string")
+    train = buys_df(spark, {"old": ["a"] * 5 + ["b", "c"]})
+    out = as_dict(E.evaluate_recommendations(recs_df(spark, lists), buys_df(spark, bought), [2, 12], None, catalogue, train))
+    assert out["customers"] == 3
+    ap_c4_at_2 = 1 / 2                                                       # b hit at 1, repeat b wastes slot 2
+    assert out["map_at_2"] == pytest.approx((0 / 3 * 0 + 1 / 2 / 2 + 0 + ap_c4_at_2) / 3)
+    assert out["map_at_12"] == pytest.approx(((1 / 2 + 2 / 4) / 3 + 0 + (1 + 2 / 3) / 2) / 3)
+    assert out["precision_at_2"] == pytest.approx((1 / 2 + 0 + 1 / 2) / 3)
+    assert out["recall_at_12"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+    ndcg_c1 = (1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3) + 1 / math.log2(4))
+    ndcg_c4 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert out["ndcg_at_12"] == pytest.approx((ndcg_c1 + 0 + ndcg_c4) / 3)
+    assert out["hit_rate_at_12"] == pytest.approx(2 / 3)
+    assert out["coverage_at_12"] == pytest.approx(4 / 6)                       # a b c d; z's list is c3's
+    assert out["popularity_bias_at_12"] == pytest.approx((5 / 6 + 3 / 6 + 3 / 6 + 0 + 3 / 6 + 0) / 6)
+    reference = M.evaluate(lists, bought, [2, 12], catalogue=list("abcdxz"), train_counts={"a": 5, "b": 1, "c": 1})
+    assert out == pytest.approx(reference)
+
+
+def generated(seed: int, n_customers: int = 60, n_articles: int = 40):
+    rng = random.Random(seed)
+    articles = [f"{i:010d}" for i in range(n_articles)]
+    weights = [1 / (i + 1) for i in range(n_articles)]  # a popularity skew, so lists and purchases overlap
+    lists, bought, segments, train = {}, {}, [], []
+    for i in range(n_customers):
+        customer = f"cust{i:03d}"
+        if rng.random() < 0.85:
+            lists[customer] = rng.choices(articles, weights, k=rng.randint(0, 25))  # repeats, short and empty lists
+        if rng.random() < 0.7:
+            bought[customer] = rng.choices(articles, weights, k=rng.randint(1, 8))  # duplicate purchases
+        segments.append((customer, rng.choice(["history:none", "history:short", "history:long"])))
+        if rng.random() < 0.5:
+            segments.append((customer, rng.choice(["age:16-24", "age:55+"])))
+        train += [(customer, rng.choice(articles)) for _ in range(rng.randint(0, 5))]
+    return articles, lists, bought, segments, train
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_spark_agrees_with_reference_on_generated_data(spark, seed):
+    articles, lists, bought, segments, train = generated(seed)
+    ks = [1, 5, 12, 20]
+    seg_df = spark.createDataFrame(segments, "customer_id string, segment string")
+    catalogue = spark.createDataFrame([(a,) for a in articles], "article_id string")
+    out = E.evaluate_recommendations(
+        recs_df(spark, lists), buys_df(spark, bought), ks, seg_df, catalogue, spark.createDataFrame(train, BUYS)
+    )
+    train_counts = M.counts(a for _, a in train)
+    for segment in ["all"] + sorted({s for _, s in segments}):
+        members = {c for c, s in segments if s == segment} if segment != "all" else set(lists) | set(bought)
+        reference = M.evaluate(
+            {c: v for c, v in lists.items() if c in members}, {c: v for c, v in bought.items() if c in members},
+            ks, catalogue=articles, train_counts=train_counts,
+        )
+        assert as_dict(out, segment) == pytest.approx(reference), segment
+    curve = E.recall_curve(recs_df(spark, lists), buys_df(spark, bought), 30)
+    assert curve["recall"].tolist() == pytest.approx(M.recall_curve(lists, bought, 30).tolist())
+    assert curve["recall"].iloc[11] == pytest.approx(as_dict(out)["recall_at_12"])
+
+
+def test_customer_segments_by_history_and_age(spark):
+    train = spark.createDataFrame([("long", "a")] * 7 + [("short", "a")], BUYS)
+    customers = spark.createDataFrame(
+        [("long", 30), ("short", None), ("new", 60)], "customer_id string, age int"
+    )
+    rows = {(r.customer_id, r.segment) for r in E.customer_segments(train, customers, 5).collect()}
+    assert rows == {
+        ("long", "history:long"), ("short", "history:short"), ("new", "history:none"),
+        ("long", "age:25-34"), ("short", "age:unknown"), ("new", "age:55+"),
+    }
+
+
+@pytest.fixture()
+def week_lake(lake, spark):
+    """Two weeks of purchases: 2020-09-01..07 in training, 09-08..14 the test week."""
+    rows = []
+    start = dt.date(2020, 9, 1)
+    for day in range(14):
+        for c in range(6):
+            article = f"{(c + day) % 5:010d}" if day < 7 else f"{c % 3:010d}"
+            rows.append((start + dt.timedelta(days=day), f"cust{c}", article, 0.01, 2))
+    tx = spark.createDataFrame(rows, "t_dat date, customer_id string, article_id string, price double, sales_channel_id int")
+    tx = tx.withColumn("sales_channel_id", F.col("sales_channel_id").cast("short")).withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
+    lake.write(tx, TRANSACTIONS)
+    lake.write(spark.createDataFrame([(f"cust{c}", 20 + 10 * c) for c in range(7)], "customer_id string, age int"), CUSTOMERS)
+    lake.write(spark.createDataFrame([(f"{i:010d}", "Ladieswear") for i in range(8)], "article_id string, index_group_name string"), ARTICLES)
+    return lake
+
+
+def test_evaluate_all_writes_table_and_report(week_lake, spark, tmp_path):
+    perfect = recs_df(spark, {f"cust{c}": [f"{c % 3:010d}"] for c in range(6)})
+    wrong = recs_df(spark, {f"cust{c}": [f"{7:010d}"] for c in range(6)})
+    report_path = tmp_path / "report.html"
+    report = E.evaluate_all(week_lake, {"perfect": perfect, "wrong": wrong}, "2020-09-08",
+                            versions={"perfect": "v1"}, report_path=report_path)
+    table = report["table"].set_index("model")
+    assert table.loc["perfect", "map_at_12"] == pytest.approx(1.0) and table.loc["wrong", "map_at_12"] == 0.0
+    runs = week_lake.read(EVALUATION_RUNS)
+    assert set(runs.columns) == {"model", "version", "test_week", "metric", "value", "segment"}
+    one = runs.filter("model = 'perfect' AND metric = 'map_at_12' AND segment = 'all'").collect()
+    assert len(one) == 1 and one[0].version == "v1" and one[0].test_week == dt.date(2020, 9, 8)
+    assert runs.filter("segment = 'history:long'").count() > 0
+    # a re-run replaces its own slice instead of appending a second copy
+    E.write_runs(week_lake, report["metrics"][report["metrics"]["model"] == "perfect"])
+    assert week_lake.read(EVALUATION_RUNS).count() == runs.count()
+    page = report_path.read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "Recall@K" in page and "perfect" in page
+    text = E.format_report(report)
+    assert "perfect" in text and "map_at_12" in text and "2020-09-08 .. 2020-09-14" in text
+
+
+def test_empty_test_week_is_a_clear_error(week_lake):
+    with pytest.raises(ValueError, match="no rows in the test week starting 2021-01-01"):
+        E.load_week(week_lake, "2021-01-01")
+
+
+def test_gate_rule():
+    config = load_config("tiny", ["evaluation.gate_tolerance=0.001"])
+    assert E.gate(config, {"map_at_12": 0.0200}, {"map_at_12": 0.0205}).promote          # within tolerance
+    assert not E.gate(config, {"map_at_12": 0.0190}, {"map_at_12": 0.0205}).promote      # worse beyond it
+    assert E.gate(config, {"map_at_12": 0.01}, None).promote                               # no champion yet
+    assert not E.gate(config, {"recall_at_12": 0.5}, {"map_at_12": 0.0}).promote          # metric missing
+    strict = load_config("tiny", ["evaluation.gate_min_improvement=0.002"])
+    assert not E.gate(strict, {"map_at_12": 0.021}, {"map_at_12": 0.020}).promote
+
+
+def test_gate_sets_champion_alias_in_a_real_registry(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    config = load_config("tiny", [f"paths.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow.registered_model=gate-test"])
+
+    class Constant(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)
+    try:
+        mlflow.set_experiment("gate")
+        run_ids = []
+        for _ in range(3):
+            with mlflow.start_run() as active:
+                mlflow.pyfunc.log_model(name="model", python_model=Constant(), registered_model_name="gate-test",
+                                        pip_requirements=[])
+                run_ids.append(active.info.run_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+
+    first = E.promote_if_better(config, "1", {"map_at_12": 0.02}, None)
+    assert first.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "1"
+    better = E.promote_if_better(config, "2", {"map_at_12": 0.03}, {"map_at_12": 0.02})
+    assert better.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "2"
+    worse = E.promote_if_better(config, "3", {"map_at_12": 0.01}, {"map_at_12": 0.03})
+    assert not worse.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "2"
+    assert client.get_model_version("gate-test", "3").tags["gate.decision"] == "rejected"
+    run = client.get_run(run_ids[2])
+    assert run.data.tags["gate.decision"] == "rejected" and run.data.metrics["gate_champion_map_at_12"] == 0.03
+
+    # evaluation metrics land in the model's run, the Recall@K curve as steps of one metric
+    metrics = pd.DataFrame({"segment": ["all", "history:long"], "metric": ["map_at_12"] * 2, "value": [0.25, 0.5]})
+    curve = pd.DataFrame({"k": range(1, 101), "recall": [k / 100 for k in range(1, 101)]})
+    E.log_to_mlflow(config, run_ids[0], metrics, curve)
+    logged = client.get_run(run_ids[0]).data.metrics
+    assert logged["test_map_at_12"] == 0.25 and logged["test_history_long_map_at_12"] == 0.5
+    history = client.get_metric_history(run_ids[0], "test_recall_curve")
+    assert len(history) == 100 and {h.step: h.value for h in history}[12] == pytest.approx(0.12)
