@@ -136,7 +136,8 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
     from recsys import evaluate
 
     spark, lake = _spark(config, "evaluate")
-    report = evaluate.run(lake, test_start=args.test_start or config.split.test_start or None)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    report = evaluate.run(lake, test_start=args.test_start or config.split.test_start or None, models=models)
     print(evaluate.format_report(report))
     return 0
 
@@ -226,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback", action="store_true", help="restore the previously published run")
 
     p = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MAP@12 of the model against baselines")
-    p.add_argument("--test-start", dest="test_start", default=None)
+    p.add_argument("--test-start", "--test-week", dest="test_start", default=None, help="first day of the test week")
+    p.add_argument("--models", default=None, help="comma-separated: baselines (e.g. als,repurchase) and/or challenger,champion")
 
     p = sub.add_parser("pipeline", parents=[common], help="every stage in order (the nightly job)")
     p.add_argument("--steps", default=None, help="comma-separated subset, e.g. features,train,score")

@@ -26,7 +26,7 @@ from recsys import metrics as M
 from recsys.config import Config
 from recsys.popularity import UNKNOWN, age_bucket
 from recsys.split import as_date, backtest_starts, default_test_start, evaluation_customers, split
-from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_SCHEMA, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
+from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_SCHEMA, TRANSACTIONS, Lakehouse
 
 log = logging.getLogger(__name__)
 
@@ -358,41 +358,86 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
     return make
 
 
-def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame], dict[str, str]]:
-    """The `recommendations` table's lists for the week's buyers, by source, when the table exists.
+def registry_versions(config: Config) -> dict[str, str]:
+    """alias -> version for the `challenger` and `champion` of the registered model (missing aliases left out)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    Returns (name -> recommendations, name -> model_version). The lists are taken as they are: they are an
-    honest evaluation only if the model was trained on data before the test week (the pipeline's as_of).
-    """
-    if not lake.exists(RECOMMENDATIONS):
-        return {}, {}
-    recs = lake.read(RECOMMENDATIONS).join(week.target, "customer_id")
-    out, versions = {}, {}
-    for row in recs.select("source", "model_version").distinct().collect():
-        name = "model" if row.source in ("model", "two_tower") else str(row.source)
-        out[name] = recs.filter((F.col("source") == row.source) & (F.col("model_version") == row.model_version))
-        versions[name] = str(row.model_version)
-    return out, versions
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    out = {}
+    for alias in (CHALLENGER, CHAMPION):
+        try:
+            out[alias] = str(client.get_model_version_by_alias(config.mlflow.registered_model, alias).version)
+        except MlflowException:
+            pass
+    return out
+
+
+def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame], dict[str, str], list[str]]:
+    """The registry's challenger and champion, scored for the week's buyers with features as of the week's start
+    (so nothing from the test week leaks in). Returns (name -> recommendations, name -> version, notes)."""
+    from recsys import score
+
+    config = lake.config
+    try:
+        versions = registry_versions(config)
+    except Exception as exc:  # noqa: BLE001 - no tracking database yet is not an evaluation error
+        return {}, {}, [f"models skipped: no MLflow registry at {config.tracking_uri} ({exc})"]
+    if not versions:
+        return {}, {}, [f"models skipped: {config.mlflow.registered_model!r} has no challenger/champion yet"]
+    if not hasattr(score, "recommend"):
+        return {}, {}, ["models skipped: recsys.score.recommend is not available"]
+    from recsys.model import load_encoder
+
+    recs, labels = {}, {}
+    for alias, version in versions.items():
+        if alias == CHAMPION and version == versions.get(CHALLENGER):
+            continue  # one model under two aliases: evaluate it once
+        encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{version}")
+        recs[alias] = score.recommend(lake, encoder, as_of=week.test_start, customers=week.target)
+        labels[alias] = version
+    return recs, labels, []
+
+
+def run_ids_of(config: Config, versions: Mapping[str, str]) -> dict[str, str]:
+    """name -> the MLflow run that produced that registry version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    return {n: client.get_model_version(config.mlflow.registered_model, v).run_id for n, v in versions.items()}
 
 
 def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[str] | None = None) -> dict[str, Any]:
-    """`recsys evaluate`: baselines (+ the `recommendations` table) on the test week, back-tested over
-    `split.backtest_weeks` weeks; writes `evaluation_runs` and the HTML report."""
+    """`recsys evaluate`: the baselines and the registry's challenger/champion on the test week (default: the
+    last `split.test_days` of data), back-tested over `split.backtest_weeks` weeks; writes `evaluation_runs`,
+    logs to the models' MLflow runs and writes the HTML report. `models` picks names (baselines, aliases)."""
+    from recsys.baselines import BASELINES
+
     config = lake.config
     if test_start is None:
         test_start = default_test_start(lake.read(TRANSACTIONS), config.split.test_days)
     start = as_date(test_start, "test_start")
-    from recsys.baselines import BASELINES
-
+    unknown = [m for m in models or [] if m not in BASELINES and m not in (CHALLENGER, CHAMPION)]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; known: {sorted(BASELINES) + [CHALLENGER, CHAMPION]}")
     make_baselines = baseline_recommenders(lake, None if models is None else [m for m in models if m in BASELINES])
     spread = None
     if config.split.backtest_weeks > 1:
         _, spread = backtest(lake, make_baselines, start, config.split.backtest_weeks)
     week = load_week(lake, start)
     recommenders = dict(make_baselines(week))
-    model_recs, versions = model_recommenders(lake, week)
-    recommenders.update({k: v for k, v in model_recs.items() if not models or k in models})
-    report = evaluate_all(lake, recommenders, start, versions=versions, backtest=spread)
+    notes: list[str] = []
+    versions: dict[str, str] = {}
+    if models is None or CHALLENGER in models or CHAMPION in models:
+        model_recs, versions, notes = model_recommenders(lake, week)
+        model_recs = {k: v for k, v in model_recs.items() if models is None or k in models}
+        versions = {k: v for k, v in versions.items() if k in model_recs}
+        recommenders.update(model_recs)
+    if not recommenders:
+        raise ValueError("nothing to evaluate: no baseline selected and no model in the registry")
+    run_ids = run_ids_of(config, versions) if versions else {}
+    report = evaluate_all(lake, recommenders, start, versions=versions, run_ids=run_ids, backtest=spread)
+    report["notes"] = notes
     return report
 
 
@@ -429,6 +474,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             rows = spread[(spread["segment"] == ALL) & (spread["metric"] == metric)]
             lines += ["", f"Back-test {metric} over {int(rows['weeks'].max())} weeks (mean, std, min, max):",
                       rows[["model", "mean", "std", "min", "max"]].to_string(index=False)]
+    lines += [f"note: {note}" for note in report.get("notes", [])]
     if report.get("report_path"):
         lines += ["", f"HTML report: {report['report_path']}"]
     return "\n".join(lines)
