@@ -60,7 +60,7 @@ class MemoryLoader:
         if not (len(self.customer_idx) == len(self.article_idx) == len(self.weight)):
             raise ValueError("customer_idx, article_idx and weight must have the same length")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.shard, self.num_shards = shard, num_shards
+        self.shard_index, self.shard_count = shard, num_shards
         self.num_rows = len(range(shard, len(self.weight), num_shards))
 
     @classmethod
@@ -70,7 +70,7 @@ class MemoryLoader:
         return cls(pdf["customer_idx"], pdf["article_idx"], pdf["weight"], batch_size, seed, **kwargs)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        rows = np.arange(self.shard, len(self.weight), self.num_shards)
+        rows = np.arange(self.shard_index, len(self.weight), self.shard_count)
         if self.shuffle:
             rows = np.random.default_rng([self.seed, epoch]).permutation(rows)
         for start in range(0, len(rows), self.batch_size):
@@ -103,7 +103,7 @@ class PetastormLoader:
         narrow = df.select(df.customer_idx.cast("int"), df.article_idx.cast("int"), df.weight.cast("float"))
         self.converter = make_spark_converter(narrow, parquet_row_group_size_bytes=4 * 1024 * 1024)
         self.batch_size, self.seed, self.shuffle, self.workers = batch_size, seed, shuffle, workers
-        self.shard, self.num_shards = shard, num_shards
+        self.shard_index, self.shard_count = shard, num_shards
         total = len(self.converter)
         self.num_rows = total if num_shards == 1 else -1  # Petastorm shards by row group: size known after a pass
 
@@ -116,8 +116,8 @@ class PetastormLoader:
             seed=self.seed * 1000 + epoch,
             shuffling_queue_capacity=self.batch_size * 4 if self.shuffle else 0,
         )
-        if self.num_shards > 1:
-            options.update(cur_shard=self.shard, shard_count=self.num_shards)
+        if self.shard_count > 1:
+            options.update(cur_shard=self.shard_index, shard_count=self.shard_count)
         with self.converter.make_torch_dataloader(**options) as dataloader:
             for batch in dataloader:
                 yield _batch(batch["customer_idx"], batch["article_idx"], batch["weight"])
@@ -125,7 +125,7 @@ class PetastormLoader:
     def shard(self, rank: int, world_size: int) -> "PetastormLoader":
         """Petastorm shards by row group; the converter (a Parquet cache path) is shared, not rewritten."""
         sharded = copy.copy(self)
-        sharded.shard, sharded.num_shards, sharded.num_rows = rank, world_size, -1
+        sharded.shard_index, sharded.shard_count, sharded.num_rows = rank, world_size, -1
         return sharded
 
     def close(self) -> None:

@@ -295,7 +295,7 @@ def validate(model: TwoTower, data: TrainingData, k: int = VALIDATION_K) -> dict
         return {}
     customers = sorted(data.validation)
     scores = metrics.evaluate(top_k(model, data, customers, k), data.validation, [k])
-    return {f"val_{name}": scores[metrics.metric_name(name, k)] for name in ("recall", "map")}
+    return {f"val_{metrics.metric_name(name, k)}": scores[metrics.metric_name(name, k)] for name in ("recall", "map")}
 
 
 def popularity_validation(data: TrainingData, k: int = VALIDATION_K) -> dict[str, float]:
@@ -306,7 +306,8 @@ def popularity_validation(data: TrainingData, k: int = VALIDATION_K) -> dict[str
     counts[0] = -1
     best = np.argsort(-counts, kind="stable")[:k].tolist()
     scores = metrics.evaluate({c: best for c in data.validation}, data.validation, [k])
-    return {f"val_popularity_{name}": scores[metrics.metric_name(name, k)] for name in ("recall", "map")}
+    return {f"val_popularity_{metrics.metric_name(name, k)}": scores[metrics.metric_name(name, k)]
+            for name in ("recall", "map")}
 
 
 def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -368,14 +369,14 @@ def fit(model: TwoTower, loader: ExampleLoader, data: TrainingData, mc: ModelCon
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss) * len(batch["weight"])
+                total_loss += float(loss.detach()) * len(batch["weight"])
                 rows += len(batch["weight"])
                 batches += 1
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "loss": total_loss / max(rows, 1), "examples": rows,
                "examples_per_s": rows / max(seconds, 1e-9), "epoch_seconds": seconds}
         row.update(validate(model, data))
-        score = row.get(f"val_map_at_{VALIDATION_K}")
+        score = row.get(f"val_{metrics.metric_name('map', VALIDATION_K)}")
         if score is None or score > state["best_metric"] + 1e-12:
             state.update(best_metric=score if score is not None else float("-inf"), best_epoch=epoch, bad_epochs=0,
                          best_state=_state_copy(model))
