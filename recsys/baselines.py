@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 from pyspark.sql import DataFrame, Window
@@ -36,6 +37,11 @@ class BaselineInputs:
     @property
     def k(self) -> int:
         return self.config.evaluation.k
+
+    @cached_property
+    def best_sellers(self) -> DataFrame:
+        """Last week's top K by plain count: one list, computed once, shared by every fill."""
+        return popular(self, self.config.features.popularity_window_days, FLAT).cache()
 
 
 def to_recommendations(ranked: DataFrame, source: str, model_version: str, run_id: str = "") -> DataFrame:
@@ -85,16 +91,13 @@ def _same_list_for_all(target: DataFrame, ranked: DataFrame, priority: int) -> D
 
 def _fill(inputs: BaselineInputs, own: DataFrame) -> DataFrame:
     """Own candidates (customer_id, article_id, score) first, then last week's global best sellers."""
-    fallback = popular(inputs, inputs.config.features.popularity_window_days, FLAT)
-    # The fill's scores sit below every own score, in best-seller order.
-    fill = _same_list_for_all(inputs.target, fallback, 1)
+    fill = _same_list_for_all(inputs.target, inputs.best_sellers, 1)
     return rank_lists(own.withColumn("priority", F.lit(0)).unionByName(fill), inputs.k)
 
 
 def popularity_last_week(inputs: BaselineInputs) -> DataFrame:
     """The same K best sellers of the last week (plain counts) for everyone."""
-    top = popular(inputs, inputs.config.features.popularity_window_days, FLAT)
-    return rank_lists(_same_list_for_all(inputs.target, top, 0), inputs.k)
+    return rank_lists(_same_list_for_all(inputs.target, inputs.best_sellers, 0), inputs.k)
 
 
 def popularity_decayed(inputs: BaselineInputs) -> DataFrame:
@@ -139,13 +142,9 @@ def als(inputs: BaselineInputs) -> DataFrame:
     ev = inputs.config.evaluation
     window = before(inputs.train, inputs.as_of, inputs.config.features.training_window_weeks * 7)
     counts = window.groupBy("customer_id", "article_id").agg(F.count(F.lit(1)).cast("float").alias("n"))
-    # ALS wants int ids: dense ranks over the ids present in the window.
-    users = counts.select("customer_id").distinct().withColumn(
-        "user", F.dense_rank().over(Window.orderBy("customer_id")) - 1
-    )
-    items = counts.select("article_id").distinct().withColumn(
-        "item", F.dense_rank().over(Window.orderBy("article_id")) - 1
-    )
+    # ALS wants int ids: index the ids present in the window.
+    users = _index(counts, "customer_id", "user")
+    items = _index(counts, "article_id", "item")
     ratings = counts.join(users, "customer_id").join(items, "article_id").select("user", "item", "n").cache()
     if ratings.isEmpty():  # nothing to factorise: everyone gets the fill
         return _fill(inputs, ratings.sparkSession.createDataFrame([], "customer_id string, article_id string, score double"))
@@ -166,6 +165,15 @@ def als(inputs: BaselineInputs) -> DataFrame:
     ranked.count()  # materialise before the ratings cache goes
     ratings.unpersist()
     return ranked
+
+
+def _index(df: DataFrame, column: str, name: str) -> DataFrame:
+    """Distinct values of `column` -> int ids 0..n-1 (`name`)."""
+    from pyspark.ml.feature import StringIndexer
+
+    distinct = df.select(column).distinct()
+    model = StringIndexer(inputCol=column, outputCol=name, stringOrderType="alphabetAsc").fit(distinct)
+    return model.transform(distinct).select(column, F.col(name).cast("int").alias(name))
 
 
 BASELINES: dict[str, Callable[[BaselineInputs], DataFrame]] = {
