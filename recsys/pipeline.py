@@ -128,27 +128,15 @@ def stage_train(ctx: Context) -> dict[str, Any]:
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
     """The challenger, the champion and the baselines on the held-out week, through one path; then the gate."""
-    from recsys import evaluate, score
+    from recsys import evaluate
     from recsys.metrics import metric_name
-    from recsys.model import load_encoder
 
-    config, lake = ctx.config, ctx.lake
-    name = config.mlflow.registered_model
-    week = evaluate.load_week(lake, ctx.test_start())
-    recommenders = dict(evaluate.baseline_recommenders(lake)(week))
-    challenger = _registry_version(config, "challenger")
-    champion = _registry_version(config, "champion")
-    if challenger is None:
-        raise ValueError(f"no '{name}@challenger' in the registry at {config.tracking_uri}: run the train stage first")
-    versions = {"two_tower": challenger}
-    models = {"two_tower": f"models:/{name}/{challenger}"}
-    if champion is not None and champion != challenger:
-        models["champion"], versions["champion"] = f"models:/{name}/{champion}", champion
-    for label, uri in models.items():
-        recommenders[label] = score.recommend(lake, load_encoder(uri), as_of=week.test_start, customers=week.target)
-    run_id = _run_of(config, challenger)
-    report = evaluate.evaluate_all(lake, recommenders, week.test_start, versions=versions,
-                                   run_ids={"two_tower": run_id})
+    config = ctx.config
+    versions = evaluate.registry_versions(config)
+    if evaluate.CHALLENGER not in versions:
+        raise ValueError(f"no '{config.mlflow.registered_model}@challenger' in the registry at "
+                         f"{config.tracking_uri}: run the train stage first")
+    report = evaluate.run(ctx.lake, test_start=ctx.test_start())
     ctx.out(evaluate.format_report(report))
     overall = report["metrics"][report["metrics"]["segment"] == evaluate.ALL]
 
@@ -156,11 +144,14 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         rows = overall[overall["model"] == model]
         return dict(zip(rows["metric"], rows["value"].astype(float))) if len(rows) else None
 
-    champion_metrics = metrics_of("champion")
-    if champion is not None and champion == challenger:  # re-evaluating the champion itself: nothing to decide
-        champion_metrics = metrics_of("two_tower")
-    decision = evaluate.promote_if_better(config, challenger, metrics_of("two_tower"), champion_metrics)
-    ctx.out(f"gate: version {challenger} {'promoted to champion' if decision.promote else 'stays challenger'}"
+    challenger = metrics_of(evaluate.CHALLENGER)
+    if challenger is None:
+        raise ValueError("the challenger was not evaluated: " + "; ".join(report.get("notes", [])))
+    # The champion under the same version as the challenger is one model: the gate compares it with itself.
+    same = versions.get(evaluate.CHAMPION) == versions[evaluate.CHALLENGER]
+    champion = challenger if same else metrics_of(evaluate.CHAMPION)
+    decision = evaluate.promote_if_better(config, versions[evaluate.CHALLENGER], challenger, champion)
+    ctx.out(f"gate: version {decision.version} {'is champion' if decision.promote else 'stays challenger'}"
             f" ({decision.reason})")
     k = config.evaluation.k
     table = report["table"]
@@ -170,13 +161,6 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         "gate": decision.as_dict(),
         "map_at_k": dict(zip(table["model"], table[metric_name("map", k)].astype(float))),
     }
-
-
-def _run_of(config: Config, version: str) -> str | None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
-    return client.get_model_version(config.mlflow.registered_model, version).run_id
 
 
 def stage_score(ctx: Context) -> dict[str, Any]:
