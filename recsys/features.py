@@ -85,7 +85,7 @@ from recsys.tables import (
 
 __all__ = [
     "age_bucket", "article_codes", "article_features", "category_values", "customer_features", "customer_profile",
-    "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns", "training_examples",
+    "known_ids", "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns", "training_examples",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,12 @@ def new_ids(existing: DataFrame | None, candidates: DataFrame, key: str, idx: st
     return numbered.select(
         *groups, key, (F.col("_start") + F.row_number().over(order)).cast("int").alias(idx)
     )
+
+
+def known_ids(entities: DataFrame, transactions: DataFrame, as_of: dt.date | str, key: str) -> DataFrame:
+    """The ids to index as of `as_of`: every row of `customers`/`articles` plus any buyer/article of a purchase
+    before `as_of` that the table lacks (never one that first appears on or after the cut-off)."""
+    return entities.select(key).unionByName(before(transactions, as_of).select(key)).distinct()
 
 
 def category_values(articles: DataFrame) -> DataFrame:
@@ -382,17 +388,18 @@ def read_snapshot(lake: Lakehouse, table: str, as_of: dt.date | str | None = Non
     return out
 
 
-def _write_snapshot(lake: Lakehouse, df: DataFrame, table: str, as_of: dt.date) -> None:
+def _write_snapshot(lake: Lakehouse, df: DataFrame, table: str, as_of: dt.date) -> int:
     """Replace the `as_of` partition atomically; if the columns changed (a new product group appeared), rewrite
-    all snapshots on the union of columns, the missing ones 0 / 0.0, so every older snapshot stays readable."""
+    all snapshots on the union of columns, the missing ones 0 / 0.0, so every older snapshot stays readable.
+    Returns the snapshot's row count."""
     where = f"as_of = DATE'{as_of.isoformat()}'"
     if not lake.exists(table):
         lake.write(df, table)
-        return
+        return _rows_written(lake, table)
     old = lake.read(table)
     if set(old.columns) == set(df.columns):
         lake.write(df.select(*old.columns), table, replace_where=where)
-        return
+        return _rows_written(lake, table)
     columns = old.columns + [c for c in df.columns if c not in old.columns]
 
     def align(frame: DataFrame) -> DataFrame:
@@ -401,6 +408,13 @@ def _write_snapshot(lake: Lakehouse, df: DataFrame, table: str, as_of: dt.date) 
 
     log.warning("%s: columns changed, rewriting every snapshot on %d columns", table, len(columns))
     lake.write(align(old.where(F.col("as_of") != F.lit(as_of))).unionByName(align(df)), table)
+    return read_snapshot(lake, table, as_of).count()
+
+
+def _rows_written(lake: Lakehouse, table: str) -> int:
+    """Rows the table's last commit wrote, from the Delta log (no scan of the data)."""
+    metrics = lake.history(table).select("operationMetrics").first()[0] or {}
+    return int(metrics.get("numOutputRows", 0))
 
 
 def _extend_index(lake: Lakehouse, table: str, candidates: DataFrame, key: str, idx: str, group: str | None = None) -> int:
@@ -427,7 +441,6 @@ def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
         transactions = transactions.where(F.col("t_month") <= F.lit(cutoff.strftime("%Y-%m")))
     transactions = transactions.select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
     articles, customers = lake.read(ARTICLES), lake.read(CUSTOMERS)
-    history = before(transactions, cutoff)
     summary: dict = {"as_of": cutoff.isoformat(), "tables": {}}
 
     def timed(table: str, write) -> None:
@@ -438,15 +451,14 @@ def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
     tables = (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX, *SNAPSHOT_TABLES)
     with lake.transaction(*tables):
         timed(CUSTOMER_INDEX, lambda: {"added": _extend_index(
-            lake, CUSTOMER_INDEX,
-            customers.select("customer_id").unionByName(history.select("customer_id")), "customer_id", "customer_idx")})
+            lake, CUSTOMER_INDEX, known_ids(customers, transactions, cutoff, "customer_id"), "customer_id", "customer_idx")})
         timed(ARTICLE_INDEX, lambda: {"added": _extend_index(
-            lake, ARTICLE_INDEX,
-            articles.select("article_id").unionByName(history.select("article_id")), "article_id", "article_idx")})
+            lake, ARTICLE_INDEX, known_ids(articles, transactions, cutoff, "article_id"), "article_id", "article_idx")})
         timed(CATEGORY_INDEX, lambda: {"added": _extend_index(
             lake, CATEGORY_INDEX, category_values(articles), "value", "code", group="feature")})
         customer_index, article_index = lake.read(CUSTOMER_INDEX), lake.read(ARTICLE_INDEX)
-        category_index = lake.read(CATEGORY_INDEX)
+        codes = lake.read(CATEGORY_INDEX)  # a few hundred rows: held on the driver, read by every feature set
+        category_index = lake.spark.createDataFrame(codes.collect(), codes.schema)
         snapshots = {
             CUSTOMER_FEATURES: lambda: customer_features(
                 customers, transactions, articles, customer_index, category_index, cutoff, cfg.windows_weeks),
@@ -462,8 +474,7 @@ def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
         }
         for table, build in snapshots.items():
             def write(table=table, build=build) -> dict:
-                _write_snapshot(lake, build(), table, cutoff)
-                return {"rows": read_snapshot(lake, table, cutoff).count()}
+                return {"rows": _write_snapshot(lake, build(), table, cutoff)}
 
             timed(table, write)
     return summary

@@ -203,83 +203,101 @@ def test_bad_input_names_table_and_column(spark, frames):
         features.customer_features(customers, transactions, articles, customer_index, category_index, AS_OF, [0])
 
 
-# --- the job: leakage, stable ids, snapshots --------------------------------------------------------------
+def test_no_leakage_every_table_identical_with_or_without_the_future(spark, frames):
+    """Features as of D from transactions before D equal those from a table that also holds D and later."""
+    from recsys.popularity import popularity
+
+    customers, articles, everything, category_index, _, _ = frames
+    past = everything.where(F.col("t_dat") < F.lit(AS_OF)).cache()
+    assert past.count() == len(PAST) < everything.count()
+
+    def build(transactions):
+        customer_index = features.new_ids(
+            None, features.known_ids(customers, transactions, AS_OF, "customer_id"), "customer_id", "customer_idx"
+        )
+        article_index = features.new_ids(
+            None, features.known_ids(articles, transactions, AS_OF, "article_id"), "article_id", "article_idx"
+        )
+        return {
+            CUSTOMER_INDEX: customer_index,
+            ARTICLE_INDEX: article_index,
+            CUSTOMER_FEATURES: features.customer_features(
+                customers, transactions, articles, customer_index, category_index, AS_OF
+            ),
+            ARTICLE_FEATURES: features.article_features(articles, transactions, article_index, category_index, AS_OF),
+            POPULARITY: popularity(transactions, customers, articles, AS_OF, 28, 10, 14.0),
+            TRAINING_EXAMPLES: features.training_examples(transactions, customer_index, article_index, AS_OF, 12, 14.0),
+        }
+
+    without, with_future = build(past), build(everything)
+    for table in without:
+        assert_df_equality(without[table], with_future[table], ignore_row_order=True)
+    assert "stranger" not in {r.customer_id for r in with_future[CUSTOMER_INDEX].collect()}
+    past.unpersist()
+
+
+# --- the job: stable ids, snapshots replaced atomically, older ones readable ----------------------------------
 def _load(lake, customers, articles, transactions) -> None:
     lake.write(customers, CUSTOMERS)
     lake.write(articles, ARTICLES)
     lake.write(transactions.withColumn("t_month", F.date_format("t_dat", "yyyy-MM")), TRANSACTIONS)
 
 
-def _snapshot_tables(lake, as_of):
-    tables = {t: features.read_snapshot(lake, t, as_of) for t in features.SNAPSHOT_TABLES}
-    tables.update({t: lake.read(t) for t in (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX)})
-    return tables
+def _ids(lake, table, key, idx) -> dict[str, int]:
+    return {r[key]: r[idx] for r in lake.read(table).collect()}
 
 
-def test_no_leakage_features_identical_with_or_without_the_future(spark, frames, lake, tmp_path):
-    from recsys.config import load_config
-    from recsys.tables import Lakehouse
-
-    customers, articles, _, _, _, _ = frames
-    past = spark.createDataFrame(PAST, TX_SCHEMA)
-    everything = spark.createDataFrame(PAST + FUTURE, TX_SCHEMA)
-    _load(lake, customers, articles, past)
-    other = Lakehouse(spark, load_config("tiny", [f"paths.tables_dir={tmp_path}/with_future"]))
-    _load(other, customers, articles, everything)
-
-    summary = features.run(lake)  # default as_of: the day after the last transaction = 2020-09-23
+def test_job_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames, lake):
+    customers, articles, everything, _, _, _ = frames
+    # 1. Only the past is loaded: the default cut-off is the day after the last transaction.
+    _load(lake, customers, articles, spark.createDataFrame(PAST, TX_SCHEMA))
+    summary = features.run(lake)
     assert summary["as_of"] == "2020-09-23"
-    features.run(other, as_of="2020-09-23")
-    without, with_future = _snapshot_tables(lake, AS_OF), _snapshot_tables(other, AS_OF)
-    for table in without:
-        assert_df_equality(without[table], with_future[table], ignore_row_order=True, ignore_column_order=False)
-    assert summary["tables"][CUSTOMER_FEATURES]["rows"] == 3 and summary["tables"][ARTICLE_FEATURES]["rows"] == 3
-    assert summary["tables"][POPULARITY]["rows"] > 0 and summary["tables"][TRAINING_EXAMPLES]["rows"] > 0
-    assert lake.sql("SELECT count(*) AS n FROM customer_features").first().n == 3  # queryable by name
+    rows = {table: info.get("rows") for table, info in summary["tables"].items()}
+    assert rows[CUSTOMER_FEATURES] == 3 and rows[ARTICLE_FEATURES] == 3 and rows[TRAINING_EXAMPLES] == 5
+    assert rows[POPULARITY] > 0 and summary["tables"][CUSTOMER_INDEX]["added"] == 4  # 3 customers + ghost
+    first_version = lake.version(CUSTOMER_FEATURES)
+    customer_ids = _ids(lake, CUSTOMER_INDEX, "customer_id", "customer_idx")
+    article_ids = _ids(lake, ARTICLE_INDEX, "article_id", "article_idx")
+    assert sorted(customer_ids.values()) == [1, 2, 3, 4]
 
+    # 2. The future arrives; re-running the same cut-off replaces its snapshot with identical rows.
+    _load(lake, customers, articles, everything)
+    features.run(lake, as_of=AS_OF)
+    assert_df_equality(
+        features.read_snapshot(lake, CUSTOMER_FEATURES, AS_OF), lake.read(CUSTOMER_FEATURES, version=first_version),
+        ignore_row_order=True,
+    )
+    assert _ids(lake, CUSTOMER_INDEX, "customer_id", "customer_idx") == customer_ids  # 'stranger' buys after D
 
-def test_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames, lake):
-    customers, articles, transactions, _, _, _ = frames
-    _load(lake, customers, articles, transactions)
-    first = D("2020-09-15")
-    features.run(lake, as_of=first)
-    customer_ids = {r.customer_id: r.customer_idx for r in lake.read(CUSTOMER_INDEX).collect()}
-    article_ids = {r.article_id: r.article_idx for r in lake.read(ARTICLE_INDEX).collect()}
-    assert sorted(customer_ids.values()) == list(range(1, len(customer_ids) + 1))
-
-    # New customers (ids that sort FIRST), a new article with a new product group, and a later cut-off.
-    newcomers = spark.createDataFrame([("a_new", None, None, None, None, 30, None)], CUSTOMERS_DDL)
+    # 3. New customers (ids that sort first), a new article in a new product group, a later cut-off.
+    newcomer = spark.createDataFrame([("a_new", None, None, None, None, 30, None)], CUSTOMERS_DDL)
     bag = spark.createDataFrame(
         [("0000000000", 66, "Accessories", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1019)], ARTICLES_DDL
     )
-    lake.write(customers.unionByName(newcomers), CUSTOMERS)
-    lake.write(articles.unionByName(bag), ARTICLES)
-    features.run(lake, as_of=AS_OF)
-    features.run(lake, as_of=AS_OF)  # a re-run replaces its snapshot: no duplicate rows
-
-    now_customers = {r.customer_id: r.customer_idx for r in lake.read(CUSTOMER_INDEX).collect()}
-    now_articles = {r.article_id: r.article_idx for r in lake.read(ARTICLE_INDEX).collect()}
-    assert {k: now_customers[k] for k in customer_ids} == customer_ids  # old ids never move
+    _load(lake, customers.unionByName(newcomer), articles.unionByName(bag), everything)
+    later = D("2020-10-01")
+    features.run(lake, as_of=later)
+    now_customers = _ids(lake, CUSTOMER_INDEX, "customer_id", "customer_idx")
+    now_articles = _ids(lake, ARTICLE_INDEX, "article_id", "article_idx")
+    assert {k: now_customers[k] for k in customer_ids} == customer_ids  # an existing id never moves
     assert {k: now_articles[k] for k in article_ids} == article_ids
-    assert now_customers["a_new"] == max(customer_ids.values()) + 1
-    assert now_articles["0000000000"] == max(article_ids.values()) + 1
-    assert len(set(now_customers.values())) == len(now_customers) and 0 not in now_customers.values()
+    assert now_customers["a_new"] == 5 and now_customers["stranger"] == 6  # appended in id order
+    assert now_articles["0000000000"] == 4
 
     latest = features.read_snapshot(lake, CUSTOMER_FEATURES)
-    older = features.read_snapshot(lake, CUSTOMER_FEATURES, "2020-09-15")
-    assert latest.count() == 4 and older.count() == 3
-    assert {r.as_of for r in latest.select("as_of").distinct().collect()} == {AS_OF}
-    # The new product group added a share column; the older snapshot reads it as 0.0 and keeps its values.
-    new_columns = set(latest.columns) - set(features.read_snapshot(lake, CUSTOMER_FEATURES, first).columns)
-    assert not new_columns  # one table, one schema
-    old_rows = {r.customer_id: r for r in older.collect()}
-    assert old_rows["c_many"].num_purchases_all == 2.0  # 08-30 and 09-01 only: strictly before 09-15
+    older = features.read_snapshot(lake, CUSTOMER_FEATURES, AS_OF)
+    assert {r.as_of for r in latest.select("as_of").distinct().collect()} == {later} and latest.count() == 4
+    # The new product group added a share column: the older snapshot reads it as 0.0, its other values unchanged.
     codes = {(r.feature, r.value): r.code for r in lake.read(CATEGORY_INDEX).collect()}
-    share_new = f"num_share_product_group_{codes[('cat_product_group', 'Accessories')]}"
-    assert share_new in latest.columns and all(r[share_new] == 0.0 for r in old_rows.values())
-    assert lake.read(TRAINING_EXAMPLES).where(F.col("as_of") == AS_OF).count() == \
-        features.read_snapshot(lake, TRAINING_EXAMPLES).count()
-    with pytest.raises(ValueError, match=r"no snapshot as of 2019-01-01 \(snapshots: 2020-09-15, 2020-09-23\)"):
+    new_share = f"num_share_product_group_{codes[('cat_product_group', 'Accessories')]}"
+    before_change = lake.read(CUSTOMER_FEATURES, version=first_version)
+    assert new_share in older.columns and new_share not in before_change.columns
+    assert_df_equality(
+        older.where(F.col(new_share) == 0.0).select(*before_change.columns), before_change, ignore_row_order=True
+    )
+    assert lake.sql(f"SELECT count(*) AS n FROM customer_features WHERE as_of = DATE'{later}'").first().n == 4
+    with pytest.raises(ValueError, match=r"no snapshot as of 2019-01-01 \(snapshots: 2020-09-23, 2020-10-01\)"):
         features.read_snapshot(lake, ARTICLE_FEATURES, "2019-01-01")
     with pytest.raises(ValueError, match="as_of: 'soon'"):
         features.run(lake, as_of="soon")
