@@ -114,6 +114,7 @@ DESC_FEATURES = ["a round neckline", "long sleeves", "short sleeves", "a V-neck"
 # --- real statistics (DATA.md) -----------------------------------------------------------------------------
 REAL_N_ARTICLES = 105_542
 REAL_N_CUSTOMERS = 1_371_980
+REAL_N_DAYS = 734  # 2018-09-20 .. 2020-09-22
 PRICE_POINTS_SEK = np.array([2.99, 3.99, 4.99, 5.99, 6.99, 7.99, 8.99, 9.99, 11.99, 12.99, 14.99, 16.99, 17.99,
                              19.99, 22.99, 24.99, 27.99, 29.99, 34.99, 39.99, 44.99, 49.99, 59.99, 69.99, 79.99,
                              99.99, 129.99, 149.99, 199.0, 299.0])
@@ -413,7 +414,8 @@ def make_customers(n: int, seed: int, n_days: int, rows_per_customer: float) -> 
     end = np.minimum(n_days - 1, start + length.astype(int))
     z = act.lognormal(0, ACTIVITY_SIGMA, n)
     rows_per_visit = (1 + BASKET_EXTRA_MEAN) * (1 + DUPLICATE_RATE)
-    target_visits = rows_per_customer / rows_per_visit
+    # rows_per_customer is a two-year figure (the real data spans 734 days); shorter ranges get fewer rows
+    target_visits = rows_per_customer * n_days / REAL_N_DAYS / rows_per_visit
     rate = z * target_visits / np.mean(z * (end - start + 1))
     channel2 = act.beta(0.9, 0.9 * (1 - CHANNEL2_SHARE) / CHANNEL2_SHARE, n)
     return Population(frame, segment.astype(np.int16), rate, start, end, channel2)
@@ -490,7 +492,12 @@ class _Simulator:
             np.add.at(load, pop.start, counts / span)
             np.add.at(load, pop.end + 1, -counts / span)
             expected = weights * np.cumsum(load)[:-1]
-            weights = weights * target / np.maximum(expected / expected.mean(), 1e-9) / target.mean()
+            covered = expected > 0  # days on which some customer is active
+            if not covered.any():
+                break
+            ratio = np.ones(self.n_days)
+            ratio[covered] = (target[covered] / target[covered].mean()) / (expected[covered] / expected[covered].mean())
+            weights = weights * ratio
         cum = np.concatenate([[0.0], np.cumsum(weights)])
         span = cum[pop.end + 1] - cum[pop.start]
         cust = np.repeat(np.arange(len(counts)), counts)

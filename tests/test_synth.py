@@ -248,3 +248,16 @@ def test_planted_taste_is_learnable(tmp_path):
     oracle = float(np.mean([len(set(candidates[r]) & bought) / len(bought) for r, bought in zip(top, truth)]))
     print("oracle", oracle)
     assert oracle > 1.15 * baseline
+
+
+def test_short_date_ranges_and_tiny_sizes_work(tmp_path):
+    """Other stages' tests generate a few days for a handful of customers: rows scale with the range."""
+    short = _cfg(n_customers=200, n_articles=30, start_date="2020-09-01", end_date="2020-09-14")
+    stats = synth.generate(short, str(tmp_path / "short"))
+    t = pd.read_csv(tmp_path / "short" / "transactions_train.csv")
+    assert t["t_dat"].min() >= "2020-09-01" and t["t_dat"].max() <= "2020-09-14"
+    assert 200 <= stats["rows"]["transactions"] < 200 * 23.2 / 10
+    one = synth.generate(_cfg(n_customers=1, n_articles=1), str(tmp_path / "one"))
+    assert one["rows"]["customers"] == 1 and one["rows"]["transactions"] >= 1
+    with pytest.raises(ValueError, match="end_date"):
+        synth.generate(_cfg(start_date="2020-09-14", end_date="2020-09-01"), str(tmp_path / "bad"))
