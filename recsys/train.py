@@ -41,6 +41,7 @@ from torch.nn import functional as TF
 
 from recsys import metrics
 from recsys.config import Config, ModelConfig
+from recsys.features import read_snapshot
 from recsys.loader import ExampleLoader, make_loader
 from recsys.model import Encoder, FeatureSpec, FeatureTable, TwoTower, tower_config
 from recsys.tables import (
@@ -174,24 +175,10 @@ class TrainingData:
                    counts, validation, customer_pdf, article_pdf)
 
 
-def read_snapshot(lake: Lakehouse, table: str, as_of: str | None) -> DataFrame:
-    """One `as_of` partition of a snapshot table (the latest when None), via the feature store's helper."""
-    try:
-        from recsys.features import read_snapshot as features_read_snapshot
-    except ImportError:  # the feature store not installed: same contract, read directly
-        df = lake.read(table)
-        as_of = as_of or str(df.agg(F.max("as_of")).first()[0])
-        return df.filter(F.col("as_of") == F.lit(as_of).cast("date"))
-    return features_read_snapshot(lake, table, as_of=as_of)
-
-
 def _snapshot_date(lake: Lakehouse, as_of: str | None) -> str:
     if as_of:
         return str(date.fromisoformat(str(as_of)))
-    latest = lake.read(CUSTOMER_FEATURES).agg(F.max("as_of")).first()[0]
-    if latest is None:
-        raise ValueError(f"table '{CUSTOMER_FEATURES}' is empty: run `recsys features` first")
-    return str(latest)
+    return str(read_snapshot(lake, CUSTOMER_FEATURES).select("as_of").first()[0])
 
 
 def _check_examples(examples: DataFrame, as_of: str) -> None:
@@ -218,7 +205,7 @@ def load_training_data(lake: Lakehouse, as_of: str | None, mc: ModelConfig) -> t
     for name, pdf in ((CUSTOMER_FEATURES, customer_pdf), (ARTICLE_FEATURES, article_pdf)):
         if pdf.empty:
             raise ValueError(f"table '{name}' has no snapshot as_of={as_of}: run `recsys features --as-of {as_of}`")
-    examples = lake.read(TRAINING_EXAMPLES).filter(F.col("as_of") == F.lit(as_of).cast("date"))
+    examples = read_snapshot(lake, TRAINING_EXAMPLES, as_of)
     _check_examples(examples, as_of)
     validation_start = date.fromisoformat(as_of) - timedelta(days=mc.validation_days)
     held_out = F.col("t_dat") >= F.lit(validation_start.isoformat()).cast("date")

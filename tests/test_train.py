@@ -242,5 +242,20 @@ def test_bad_training_rows_are_named(lake, tmp_path, world):
     configure(lake, tmp_path)
     with pytest.raises(ValueError, match=r"training_examples.*1 row\(s\) with null 'weight'"):
         train.run(lake, as_of=AS_OF.isoformat())
-    with pytest.raises(ValueError, match=r"customer_features.*as_of=2020-08-01"):
+    with pytest.raises(ValueError, match=r"customer_features.*2020-08-01"):
         train.run(lake, as_of="2020-08-01")
+
+
+@pytest.mark.slow  # two torchrun processes start (imports dominate): about 2 minutes on 2 busy cores
+def test_torch_distributor_trains_two_local_processes_on_shards(lake, tmp_path, world):
+    configure(lake, tmp_path, epochs=2, loader="memory", distributed_processes=2)
+    mc = lake.config.model
+    data, rows = _in_memory(world)
+    loader = MemoryLoader(rows["customer_idx"], rows["article_idx"], rows["weight"], mc.batch_size, mc.seed)
+    model = TwoTower(data.spec, tower_config(mc))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train.fit_distributed(model, loader, data, mc, checkpoint=tmp_path / "dist.pt")
+    assert [r["examples"] for r in result.history] == [(len(rows) + 1) // 2] * 2  # rank 0: its half
+    assert not torch.equal(before["article_tower.id_embedding.weight"], model.state_dict()["article_tower.id_embedding.weight"])
+    assert result.history[-1]["val_recall_at_12"] > train.popularity_validation(data)["val_popularity_recall_at_12"]
+    assert train.read_checkpoint(tmp_path / "dist.pt")["state"]["epoch"] == 2
