@@ -75,7 +75,7 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     from recsys import train
 
     spark, lake = _spark(config, "train")
-    result = train.run(lake, as_of=args.as_of or None)
+    result = train.run(lake, as_of=args.as_of or config.features.as_of or None)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
