@@ -23,7 +23,7 @@ except ImportError:
 from pyspark.sql import functions as F
 
 from recsys import notebook
-from recsys.publish import with_article_names
+from recsys.recommend import lookup
 from recsys.tables import ARTICLES, RECOMMENDATIONS, TRANSACTIONS
 
 params = notebook.widgets(profile=notebook.default_profile(), overrides="", customer_id="", history="12")
@@ -38,10 +38,7 @@ print(f"customer {customer_id}")
 
 # COMMAND ----------
 
-mine = recommendations.where(F.col("customer_id") == customer_id)
-if mine.isEmpty():
-    raise ValueError(f"customer {customer_id!r} has no row in {lake.location(RECOMMENDATIONS)}")
-notebook.show(with_article_names(mine, articles).orderBy("rank"), n=config.scoring.k)
+notebook.show(lookup(lake, customer_id), n=config.scoring.k)  # a clear error for an unknown customer
 
 # COMMAND ----------
 

@@ -6,6 +6,7 @@ point a notebook at a temporary lake. The notebooks share the suite's Spark sess
 from __future__ import annotations
 
 import datetime as dt
+import re
 import runpy
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 import scoring_data as data
 from recsys import notebook
+from recsys.recommend import SOURCE_GLOBAL, SOURCE_MODEL
 from recsys.tables import RECOMMENDATIONS, RECOMMENDATIONS_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +43,9 @@ def scored_lake(spark, tmp_path_factory):
     lake = data.copy_lake(spark, data.build_seed(spark, root / "seed"), root / "lake",
                           f"paths.checkpoint_dir={root}/checkpoints")
     generated = dt.datetime(2020, 9, 22, 3, 0)
-    rows = [(c, r, data.ARTICLE_IDS[(i + r) % 20], 1.0 - r / 10, "model", "test-1", "run-1", generated)
+    rows = [(c, r, data.ARTICLE_IDS[(i + r) % 20], 1.0 - r / 10, SOURCE_MODEL, "test-1", "run-1", generated)
             for i, c in enumerate(data.WITH_HISTORY[:10]) for r in (1, 2, 3)]
-    rows += [(c, r, data.ARTICLE_IDS[r - 1], 0.5, "popular_global", "test-1", "run-1", generated)
+    rows += [(c, r, data.ARTICLE_IDS[r - 1], 0.5, SOURCE_GLOBAL, "test-1", "run-1", generated)
              for c in data.NEW for r in (1, 2, 3)]
     lake.write(spark.createDataFrame(rows, RECOMMENDATIONS_SCHEMA), RECOMMENDATIONS)
     return lake
@@ -81,11 +83,11 @@ def test_lookup_notebook_shows_names_history_and_sources(scored_lake, monkeypatc
     for rank in (1, 2, 3):                              # the list with the articles' names
         assert f"Article {(3 + rank) % 20:02d}" in out
     assert "2020-08-10" in out                         # the customer's August purchase
-    assert "popular_global" in out and "test-1" in out  # lists per source
+    assert SOURCE_GLOBAL in out and "test-1" in out  # lists per source
 
 
 def test_lookup_notebook_names_an_unknown_customer(scored_lake, monkeypatch):
-    with pytest.raises(ValueError, match="'nobody' has no row in"):
+    with pytest.raises(ValueError, match="'nobody' is not in the customers table"):
         run_notebook("03_lookup_recommendations.py", monkeypatch, scored_lake, customer_id="nobody")
 
 
@@ -110,3 +112,18 @@ def test_train_notebook_end_to_end_on_synthetic_data(spark, tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "training on purchases before 2020-09-16" in out
     assert lake.exists(RECOMMENDATIONS) and "map" in out.lower()
+
+
+def local_sql_statements(path: Path) -> list[str]:
+    """Statements of the ```sql blocks (not ```sql databricks) of a document, split at `;` line ends."""
+    blocks = re.findall(r"^```sql\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+    return [stmt.strip() for block in blocks for stmt in re.split(r";\s*$", block, flags=re.M) if stmt.strip()]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/DEPLOY.md"])
+def test_documented_sql_runs_as_written(scored_lake, doc):
+    statements = local_sql_statements(ROOT / doc)
+    assert len(statements) >= 3, f"{doc}: expected the SQL users' examples"
+    for statement in statements:
+        rows = scored_lake.sql(statement).collect()
+        assert rows, f"{doc}: no rows from\n{statement}"
