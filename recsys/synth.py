@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from recsys.config import PROJECT_ROOT, SynthConfig
-from recsys.tables import ARTICLES, CUSTOMERS, RAW_COLUMNS, RAW_FILES, TRANSACTIONS
+from recsys.tables import ARTICLE_INT_COLUMNS, ARTICLES, CUSTOMERS, RAW_COLUMNS, RAW_FILES, TRANSACTIONS
 
 # --- vocabulary (hand-written, H&M-like; not copied from the real files) --------------------------------------
 # index_group_no, name, share of the real catalogue
@@ -79,9 +79,11 @@ COLOURS = [(9, "Black", 5, "Black"), (10, "White", 9, "White"), (11, "Off White"
            (42, "Red", 18, "Red"), (43, "Dark Red", 18, "Red"), (19, "Greenish Khaki", 20, "Khaki green"),
            (62, "Green", 19, "Green"), (63, "Dark Green", 19, "Green"), (61, "Light Green", 19, "Green"),
            (82, "Yellow", 8, "Yellow"), (81, "Light Yellow", 8, "Yellow"), (33, "Orange", 7, "Orange"),
-           (23, "Dark Yellow", 8, "Yellow"), (31, "Light Orange", 7, "Orange"), (17, "Yellowish Brown", 15, "Yellowish Brown"),
-           (16, "Brown", 3, "Brown"), (17 + 100, "Dark Brown", 3, "Brown"), (92, "Dark Purple", 13, "Lilac Purple"),
-           (91, "Light Purple", 13, "Lilac Purple"), (93, "Purple", 13, "Lilac Purple"), (80, "Dark Turquoise", 14, "Turquoise"),
+           (23, "Dark Yellow", 8, "Yellow"), (31, "Light Orange", 7, "Orange"),
+           (17, "Yellowish Brown", 15, "Yellowish Brown"),
+           (16, "Brown", 3, "Brown"), (117, "Dark Brown", 3, "Brown"), (92, "Dark Purple", 13, "Lilac Purple"),
+           (91, "Light Purple", 13, "Lilac Purple"), (93, "Purple", 13, "Lilac Purple"),
+           (80, "Dark Turquoise", 14, "Turquoise"),
            (3, "Silver", 10, "Metal"), (5, "Gold", 10, "Metal"), (1, "Other", 1, "undefined")]
 COLOUR_WEIGHTS = np.array([22, 9, 4, 4, 3, 3, 8, 4, 4, 4, 3, 2, 3, 3, 1, 3, 1, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1,
                            1, 1, 1, 1, 1, 1], dtype=float)
@@ -199,7 +201,7 @@ def make_articles(n: int, seed: int) -> pd.DataFrame:
     """A generated catalogue of `n` articles in canonical form (25 Kaggle columns, article_id 10 characters)."""
     rng = _rngs(seed)["catalogue"]
     # Products (several colour variants each: real 2.23 articles per product code) in launch order.
-    sizes = 1 + rng.geometric(0.55, size=n) - 1
+    sizes = rng.geometric(0.55, size=n)
     sizes = np.minimum(sizes + (rng.random(n) < 0.35) * rng.integers(1, 4, n), 12)
     n_products = int(np.searchsorted(np.cumsum(sizes), n) + 1)
     sizes = sizes[:n_products]
@@ -242,9 +244,11 @@ def make_articles(n: int, seed: int) -> pd.DataFrame:
         garment_no, garment_name = PRODUCT_GROUPS[pg][3]
         c = COLOURS[colour[i]]
         sec = SECTION_WORDS[section[p]]
+        name = f"{NAME_WORDS[p_name[p]]} {type_name.split('/')[0].lower()}"
+        if variant[i] > 1 and i % 3 == 0:
+            name += f" ({variant[i]})"
         rows.append((
-            f"{codes[p] * 1000 + variant[i]:010d}", int(codes[p]),
-            f"{NAME_WORDS[p_name[p]]} {type_name.split('/')[0].lower()}" + (f" ({variant[i]})" if variant[i] > 1 and i % 3 == 0 else ""),
+            f"{codes[p] * 1000 + variant[i]:010d}", int(codes[p]), name,
             type_no, type_name, PRODUCT_GROUPS[pg][0], GRAPHICS[p_graphic[p]][0], GRAPHICS[p_graphic[p]][1],
             c[0], c[1], COLOUR_VALUES[value[i]][0], COLOUR_VALUES[value[i]][1], c[2], c[3],
             int(dept_no[dept[p]]), f"{type_name.split('/')[0]} {sec.split()[0]}",
@@ -280,10 +284,9 @@ def read_articles(path: str) -> pd.DataFrame:
     bad = ~frame["article_id"].str.fullmatch(r"\d{10}")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ValueError(f"{path}: row {row + 2}: field article_id {frame['article_id'].iloc[row]!r} is not an integer id")
-    for col in ("product_code", "product_type_no", "graphical_appearance_no", "colour_group_code",
-                "perceived_colour_value_id", "perceived_colour_master_id", "department_no", "index_group_no",
-                "section_no", "garment_group_no"):
+        value = frame["article_id"].iloc[row]
+        raise ValueError(f"{path}: row {row + 2}: field article_id {value!r} is not an integer id")
+    for col in [c for c in RAW_COLUMNS[ARTICLES] if c in ARTICLE_INT_COLUMNS]:
         values = pd.to_numeric(frame[col], errors="coerce")
         if values.isna().any():
             row = int(np.flatnonzero(values.isna().to_numpy())[0])
@@ -388,8 +391,9 @@ def make_customers(n: int, seed: int, n_days: int, rows_per_customer: float) -> 
     active = np.where(fn, rng.random(n) < 0.97, rng.random(n) < 0.003)
     club = np.array(["ACTIVE", "PRE-CREATE", "LEFT CLUB", ""], dtype=object)[
         _choice(rng, [0.9232, 0.0716, 0.0004, 0.0048], n)]
-    news = np.where(fn, np.array(["Regularly", "Monthly", "NONE"], dtype=object)[_choice(rng, [0.965, 0.002, 0.033], n)],
-                    np.array(["NONE", "", "Regularly", "None"], dtype=object)[_choice(rng, [0.963, 0.023, 0.013, 0.001], n)])
+    subscribed = np.array(["Regularly", "Monthly", "NONE"], dtype=object)[_choice(rng, [0.965, 0.002, 0.033], n)]
+    others = np.array(["NONE", "", "Regularly", "None"], dtype=object)[_choice(rng, [0.963, 0.023, 0.013, 0.001], n)]
+    news = np.where(fn, subscribed, others)
     n_postal = max(1, n // 3)
     postal_ids = _hex_ids("postal", seed, n_postal)
     postal = postal_ids[np.minimum(rng.zipf(1.6, n) - 1, n_postal - 1)]
@@ -638,14 +642,18 @@ def generate(synth_cfg: SynthConfig, out_dir: str) -> dict:
     """Write articles.csv, customers.csv and transactions_train.csv to `out_dir`; deterministic for the seed."""
     t0 = time.perf_counter()
     if synth_cfg.n_customers < 1 or (synth_cfg.n_articles < 1 and not synth_cfg.articles_path):
-        raise ValueError(f"synth: n_customers ({synth_cfg.n_customers}) and n_articles ({synth_cfg.n_articles}) must be >= 1")
+        raise ValueError(f"synth: n_customers ({synth_cfg.n_customers}) and n_articles "
+                         f"({synth_cfg.n_articles}) must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = date.fromisoformat(synth_cfg.start_date)
     n_days = _n_days(synth_cfg)
     seed = synth_cfg.seed
 
-    frame = read_articles(synth_cfg.articles_path) if synth_cfg.articles_path else make_articles(synth_cfg.n_articles, seed)
+    if synth_cfg.articles_path:
+        frame = read_articles(synth_cfg.articles_path)
+    else:
+        frame = make_articles(synth_cfg.n_articles, seed)
     cat = build_catalogue(frame, seed, n_days)
     pop = make_customers(synth_cfg.n_customers, seed, n_days, synth_cfg.rows_per_customer)
     paths = {name: out / RAW_FILES[name] for name in (ARTICLES, CUSTOMERS, TRANSACTIONS)}
