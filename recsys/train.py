@@ -4,6 +4,8 @@ The trainer keeps both feature tables in memory, indexed by customer_idx / artic
 narrow (customer_idx, article_idx, weight) rows of `training_examples` through a loader (Petastorm by default).
 The last `model.validation_days` before the snapshot are held out: every epoch is scored on them with the
 project's Recall@12 / MAP@12, the best epoch wins, and training stops when validation stops improving.
+(The held-out days are inside the feature snapshot's window, so validation is optimistic for the aggregate
+features; it is a model-selection signal, the honest test is `recsys evaluate` on the week after as_of.)
 
 The loss and the negative sampler are separate pieces: `SampledSoftmaxLoss` takes embeddings plus the log of
 each candidate's sampling rate (log-Q correction, Yi et al. 2019), a `NegativeSampler` supplies the extra
