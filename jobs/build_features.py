@@ -1,8 +1,11 @@
-"""spark-submit entry point: point-in-time customer/article feature snapshots, popularity and id maps.
+"""spark-submit entry point for the pipeline stage `features`.
 
-Same options as `recsys features` (--profile, --conf, --set, and the sub-command's own flags); see docs/DEPLOY.md.
+Feature snapshots at the test week's start and at the publish date, popularity, id maps.
+
+Runs `recsys pipeline --steps features` with this job's arguments (--profile, --conf, --set, --as-of, --force).
+See docs/DEPLOY.md.
 """
 from recsys.jobs_entry import run
 
 if __name__ == "__main__":
-    run("features")
+    run("pipeline", "--steps", "features")

@@ -1,8 +1,11 @@
-"""spark-submit entry point: score the challenger against the baselines and promote it to champion if it passes the gate.
+"""spark-submit entry point for the pipeline stage `evaluate`.
 
-Same options as `recsys evaluate` (--profile, --conf, --set, and the sub-command's own flags); see docs/DEPLOY.md.
+Challenger, champion and baselines on the test week, then the gate that promotes the champion.
+
+Runs `recsys pipeline --steps evaluate` with this job's arguments (--profile, --conf, --set, --as-of, --force).
+See docs/DEPLOY.md.
 """
 from recsys.jobs_entry import run
 
 if __name__ == "__main__":
-    run("evaluate")
+    run("pipeline", "--steps", "evaluate")

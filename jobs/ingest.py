@@ -1,8 +1,11 @@
-"""spark-submit entry point: raw Kaggle CSVs -> validated Delta tables (articles, customers, transactions) + quarantine.
+"""spark-submit entry point for the pipeline stage `ingest`.
 
-Same options as `recsys ingest` (--profile, --conf, --set, and the sub-command's own flags); see docs/DEPLOY.md.
+Raw Kaggle CSVs (paths.raw_dir) -> validated Delta tables + quarantine.
+
+Runs `recsys pipeline --steps ingest` with this job's arguments (--profile, --conf, --set, --as-of, --force).
+See docs/DEPLOY.md.
 """
 from recsys.jobs_entry import run
 
 if __name__ == "__main__":
-    run("ingest")
+    run("pipeline", "--steps", "ingest")

@@ -1,6 +1,7 @@
-"""spark-submit entry point: one new day end to end (ingest --since, features, train, evaluate/gate, score, publish).
+"""spark-submit entry point: one new day end to end (ingest --since DATE, features, train, evaluate/gate, score).
 
-Same options as `recsys nightly` (--profile, --conf, --set, and the sub-command's own flags); see docs/DEPLOY.md.
+Runs `recsys nightly` with this job's arguments (--date DATE required; --profile, --conf, --set). A failing stage
+exits non-zero and leaves the published recommendations as they were. See docs/DEPLOY.md.
 """
 from recsys.jobs_entry import run
 

@@ -1,8 +1,11 @@
-"""spark-submit entry point: top-K recommendations for every customer from the champion -> recommendations.
+"""spark-submit entry point for the pipeline stage `score`.
 
-Same options as `recsys score` (--profile, --conf, --set, and the sub-command's own flags); see docs/DEPLOY.md.
+Top-K recommendations for every customer from the champion, published in one Delta commit.
+
+Runs `recsys pipeline --steps score` with this job's arguments (--profile, --conf, --set, --as-of, --force).
+See docs/DEPLOY.md.
 """
 from recsys.jobs_entry import run
 
 if __name__ == "__main__":
-    run("score")
+    run("pipeline", "--steps", "score")

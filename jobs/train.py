@@ -1,8 +1,11 @@
-"""spark-submit entry point: train the two-tower model, log it to MLflow and register it as the challenger.
+"""spark-submit entry point for the pipeline stage `train`.
 
-Same options as `recsys train` (--profile, --conf, --set, and the sub-command's own flags); see docs/DEPLOY.md.
+Train the two-tower model on purchases before the test week; MLflow run, registry alias challenger.
+
+Runs `recsys pipeline --steps train` with this job's arguments (--profile, --conf, --set, --as-of, --force).
+See docs/DEPLOY.md.
 """
 from recsys.jobs_entry import run
 
 if __name__ == "__main__":
-    run("train")
+    run("pipeline", "--steps", "train")

@@ -142,6 +142,7 @@ class EvaluationConfig:
 class MlflowConfig:
     experiment: str = "recsys"
     registered_model: str = "recsys-two-tower"
+    registry_uri: str = ""               # empty: the tracking URI; "databricks-uc" on Databricks (Unity Catalog)
 
 
 @dataclass
@@ -167,6 +168,11 @@ class Config:
         if self.paths.mlflow_tracking_uri:
             return self.paths.mlflow_tracking_uri
         return "sqlite:///" + str(self.path(self.paths.data_dir) / "mlflow.db")
+
+    @property
+    def registry_uri(self) -> str:
+        """Where models are registered: locally the tracking database, on Databricks Unity Catalog."""
+        return self.mlflow.registry_uri or self.tracking_uri
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,11 +20,12 @@ import yaml
 
 from recsys.cli import COMMANDS, build_parser
 from recsys.config import load_config
+from recsys.pipeline import STAGES as PIPELINE_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "databricks.yml"
 SCHEMA = ROOT / ".." / "shared" / "databricks" / "bundle-schema.json"
-STAGES = ["ingest", "features", "train", "evaluate", "score"]
+STAGES = list(PIPELINE_STAGES)
 RUNTIME = "15.4.x-cpu-ml-scala2.12"
 REFERENCE = re.compile(r"\$\{([^}]+)\}")
 
@@ -228,14 +229,14 @@ def test_wheel_task_parameters_are_accepted_by_the_cli(target):
     for name, job, task in job_tasks(bundle):
         params = resolve(task["python_wheel_task"]["parameters"], context, f"{name}.{task['task_key']}")
         args = build_parser().parse_args(params)  # SystemExit here is an unknown option or command
-        assert args.command in COMMANDS
-        commands.append(args.command)
+        assert args.command == "pipeline" and args.command in COMMANDS
+        commands.append(args.steps)
         config = load_config(args.profile, args.set, args.conf)
         assert config.paths.catalog == f"{values['catalog']}.{values['schema']}"
-        assert config.tracking_uri == "databricks"
+        assert config.tracking_uri == "databricks" and config.registry_uri == "databricks-uc"
         if any(s.startswith("mlflow.registered_model=") for s in args.set):
             assert config.mlflow.registered_model == f"{model['catalog_name']}.{model['schema_name']}.{model['name']}"
-        if args.command == "score":
+        if args.steps == "score":
             assert config.scoring.k == int(values["k"])
     assert commands == STAGES
 
@@ -245,5 +246,4 @@ def test_cluster_points_the_package_at_the_synced_conf_folder():
     (job,) = bundle["resources"]["jobs"].values()
     env = job["job_clusters"][0]["new_cluster"]["spark_env_vars"]
     assert env["RECSYS_CONF_DIR"].endswith("/conf") and (ROOT / "conf" / "databricks.yaml").exists()
-    assert env["MLFLOW_REGISTRY_URI"] == "databricks-uc"
     assert "conf/**" not in bundle.get("sync", {}).get("exclude", [])

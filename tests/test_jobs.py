@@ -16,21 +16,22 @@ import pyspark
 import pytest
 
 from recsys import jars
-from recsys.cli import COMMANDS
+from recsys.cli import COMMANDS, build_parser
 from recsys.jobs_entry import JOB_COMMANDS, main
+from recsys.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 
 
-def job_command(path: Path) -> str:
-    """The sub-command a job file hands to `recsys.jobs_entry.run(...)`, read from its source."""
+def job_command(path: Path) -> tuple[str, ...]:
+    """The `recsys` arguments a job file hands to `recsys.jobs_entry.run(...)`, read from its source."""
     calls = [
         node for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run"
     ]
-    assert len(calls) == 1 and isinstance(calls[0].args[0], ast.Constant), f"{path.name}: expected one run('<cmd>')"
-    return calls[0].args[0].value
+    assert len(calls) == 1 and all(isinstance(a, ast.Constant) for a in calls[0].args), f"{path.name}: run('...')"
+    return tuple(a.value for a in calls[0].args)
 
 
 def spark_submit(job: str, args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -52,11 +53,17 @@ def spark_submit(job: str, args: list[str], tmp_path: Path, timeout: int = 300) 
 def test_every_job_file_runs_a_registered_cli_command():
     files = {path.stem: job_command(path) for path in sorted(JOBS.glob("*.py"))}
     assert files == JOB_COMMANDS
-    assert set(files.values()) <= set(COMMANDS)
+    parser = build_parser()
+    stages = []
+    for job, command in JOB_COMMANDS.items():
+        args = parser.parse_args([*command, "--date", "2020-09-23"] if job == "nightly" else list(command))
+        assert args.command in COMMANDS
+        stages += [args.steps] if args.command == "pipeline" else []
+    assert stages == list(STAGES)  # one job per pipeline stage, in DAG order (dict order of JOB_COMMANDS)
 
 
 def test_job_entry_passes_arguments_to_the_cli(capsys):
-    assert main("ingest", ["--profile", "no-such-profile"]) == 2
+    assert main(JOB_COMMANDS["train"], ["--profile", "no-such-profile"]) == 2
     assert "unknown profile 'no-such-profile'" in capsys.readouterr().err
 
 
@@ -86,12 +93,12 @@ def test_ingest_job_through_spark_submit_on_tiny_data(tmp_path, spark):
     stats = synth.generate(SynthConfig(n_articles=30, n_customers=40, start_date="2020-09-01",
                                        end_date="2020-09-22", seed=3), str(raw))
     result = spark_submit("ingest", [
-        "--profile", "tiny", "--raw", str(raw),
+        "--profile", "tiny", "--set", f"paths.raw_dir={raw}",
         "--set", f"paths.data_dir={tmp_path}", "--set", f"paths.tables_dir={tmp_path}/delta",
         "--set", "spark.shuffle_partitions=1",
     ], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "transactions_train.csv" in result.stdout
+    assert "transactions_train.csv" in result.stdout and "[  ingest] done" in result.stdout
 
     lake = Lakehouse(spark, load_config("tiny", [f"paths.tables_dir={tmp_path}/delta"]))
     assert lake.read(TRANSACTIONS).count() == stats["rows"]["transactions"]
