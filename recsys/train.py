@@ -405,8 +405,9 @@ def _step(trainer, batch, data: TrainingData, sampler: NegativeSampler, in_batch
     positives, negatives = items[: len(article_idx)], items[len(article_idx):]
     corrections = {}
     if mc.log_q_correction:
-        corrections = {"positive_log_q": in_batch.log_q(article_idx, len(article_idx)),
-                       "negative_log_q": sampler.log_q(negative_idx, len(negative_idx))}
+        corrections["positive_log_q"] = in_batch.log_q(article_idx, len(article_idx))
+        if len(negative_idx):
+            corrections["negative_log_q"] = sampler.log_q(negative_idx, len(negative_idx))
     return loss_fn(weight, user=user, positives=positives, customer_idx=customer_idx, article_idx=article_idx,
                    negatives=negatives, negative_idx=negative_idx, **corrections)
 
@@ -430,7 +431,10 @@ def fit_distributed(model: TwoTower, loader: ExampleLoader, data: TrainingData, 
 def _distributed_worker(model, loader, data, mc, checkpoint, extra):
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if resolve_device(mc.device).type == "cuda" else "gloo")
+    cuda = resolve_device(mc.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         torch.set_num_threads(1)
