@@ -225,20 +225,22 @@ def test_wheel_task_parameters_are_accepted_by_the_cli(target):
     context = target_context(bundle, target, {"alert_email": "oncall@example.com"} if target == "prod" else None)
     values = resolve(context["var"], context, f"target {target} variables")
     model = resolve(context["resources"]["registered_models"]["two_tower"], context, "registered model")
-    commands = []
+    steps, options = [], set()
     for name, job, task in job_tasks(bundle):
         params = resolve(task["python_wheel_task"]["parameters"], context, f"{name}.{task['task_key']}")
         args = build_parser().parse_args(params)  # SystemExit here is an unknown option or command
         assert args.command == "pipeline" and args.command in COMMANDS
-        commands.append(args.steps)
+        steps.append(args.steps)
+        options.add(tuple(p for p in params if p != args.steps))
         config = load_config(args.profile, args.set, args.conf)
+        assert config.profile == "databricks"
         assert config.paths.catalog == f"{values['catalog']}.{values['schema']}"
+        assert config.paths.raw_dir.startswith(f"/Volumes/{values['catalog']}/{values['schema']}/")
         assert config.tracking_uri == "databricks" and config.registry_uri == "databricks-uc"
-        if any(s.startswith("mlflow.registered_model=") for s in args.set):
-            assert config.mlflow.registered_model == f"{model['catalog_name']}.{model['schema_name']}.{model['name']}"
-        if args.steps == "score":
-            assert config.scoring.k == int(values["k"])
-    assert commands == STAGES
+        assert config.mlflow.registered_model == f"{model['catalog_name']}.{model['schema_name']}.{model['name']}"
+        assert config.scoring.k == int(values["k"])
+    assert steps == STAGES
+    assert len(options) == 1, "every stage must get the same options (tables, volume, model, K)"
 
 
 def test_cluster_points_the_package_at_the_synced_conf_folder():
