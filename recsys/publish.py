@@ -1,0 +1,213 @@
+"""Publishing the `recommendations` table: validated, atomic, traceable, reversible.
+
+A scoring run first writes its lists to `recommendations_staging` (the expensive computation happens once),
+checks them there (every customer exactly K distinct articles, ranks 1..K, 10-character ids), and only then
+overwrites `recommendations` in one Delta commit. Readers therefore see the previous version or the new one,
+never a mix, and a run that fails anywhere before that commit leaves the last good version in place.
+
+Each publish commit carries Delta `userMetadata` (run_id, model_version, action) and the rows carry
+`run_id` / `model_version`, so `DESCRIBE HISTORY recommendations` says which model produced which version,
+and `rollback` can go back to the previously published run. Rows are range-partitioned and sorted by
+`customer_id` before writing: each file holds a narrow customer_id range, so a lookup of one customer reads one
+file thanks to Delta's min/max data skipping (what OPTIMIZE ZORDER BY customer_id gives for one column,
+without a second commit).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import uuid
+from typing import Any, Iterator
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from recsys.tables import (
+    ARTICLES, CUSTOMERS, RECOMMENDATIONS, RECOMMENDATIONS_NAMED, RECOMMENDATIONS_SCHEMA, RECOMMENDATIONS_STAGING,
+    Lakehouse,
+)
+
+USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
+NAME_COLUMNS = ("prod_name", "product_type_name", "colour_group_name", "index_group_name")
+PUBLISH, ROLLBACK = "publish", "rollback"
+
+
+def new_run_id() -> str:
+    """Sortable and unique: UTC time plus a random suffix."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def conform(df: DataFrame, model_version: str, run_id: str, generated_at: dt.datetime | None = None) -> DataFrame:
+    """customer_id, rank, article_id, score, source (+ anything) -> exactly the `recommendations` schema."""
+    missing = [c for c in ("customer_id", "rank", "article_id", "score", "source") if c not in df.columns]
+    if missing:
+        raise ValueError(f"recommendations are missing column(s) {missing}; got {df.columns}")
+    stamp = generated_at or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    extra = {"model_version": F.lit(model_version), "run_id": F.lit(run_id), "generated_at": F.lit(stamp)}
+    return df.select(*[
+        (F.col(f.name) if f.name in df.columns and f.name not in extra else extra[f.name]).cast(f.dataType).alias(f.name)
+        for f in RECOMMENDATIONS_SCHEMA.fields
+    ])
+
+
+def check_lists(recs: DataFrame, customers: DataFrame, k: int) -> dict[str, int]:
+    """Count the customers whose list breaks the contract; all zeros means the table may be published.
+
+    Contract: every customer in `customers` has exactly `k` rows with ranks 1..k, `k` distinct articles,
+    10-character article ids, and no list belongs to a customer outside `customers`.
+    """
+    per_customer = recs.groupBy("customer_id").agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.countDistinct("article_id").alias("articles"),
+        F.countDistinct("rank").alias("ranks"),
+        F.min("rank").alias("min_rank"),
+        F.max("rank").alias("max_rank"),
+        F.sum((F.length("article_id") != 10).cast("int")).alias("bad_ids"),
+    )
+    wanted = customers.select("customer_id").distinct().withColumn("wanted", F.lit(True))
+    joined = wanted.join(per_customer, "customer_id", "full_outer")
+    bad_list = (
+        (F.col("rows") != k) | (F.col("articles") != k) | (F.col("ranks") != k)
+        | (F.col("min_rank") != 1) | (F.col("max_rank") != k) | (F.col("bad_ids") > 0)
+    )
+    row = joined.agg(
+        F.count(F.when(F.col("wanted"), 1)).alias("customers"),
+        F.count(F.when(F.col("wanted") & F.col("rows").isNull(), 1)).alias("without_list"),
+        F.count(F.when(F.col("wanted").isNull(), 1)).alias("unknown_customers"),
+        F.count(F.when(F.col("rows").isNotNull() & bad_list, 1)).alias("bad_lists"),
+        F.min(F.when(F.col("rows").isNull() | F.col("wanted").isNull() | bad_list, F.col("customer_id"))).alias("example"),
+        F.coalesce(F.sum("rows"), F.lit(0)).alias("rows"),
+    ).first()
+    return row.asDict()
+
+
+def validate(recs: DataFrame, customers: DataFrame, k: int) -> dict[str, int]:
+    """`check_lists`, raising a ValueError that names one offending customer when anything is wrong."""
+    report = check_lists(recs, customers, k)
+    problems = {key: report[key] for key in ("without_list", "unknown_customers", "bad_lists") if report[key]}
+    if problems:
+        raise ValueError(
+            f"recommendations not published: {problems} (expected exactly {k} distinct articles for each of "
+            f"{report['customers']} customers; e.g. customer_id {report['example']})"
+        )
+    return report
+
+
+def with_article_names(recs: DataFrame, articles: DataFrame) -> DataFrame:
+    """Recommendations plus the article's name, type, colour and index group, for people reading them."""
+    names = articles.select("article_id", *NAME_COLUMNS).dropDuplicates(["article_id"])
+    return recs.join(F.broadcast(names), "article_id", "left").select(
+        "customer_id", "rank", "article_id", *NAME_COLUMNS, "score", "source", "model_version", "run_id",
+        "generated_at",
+    )
+
+
+@contextlib.contextmanager
+def commit_metadata(spark: SparkSession, **fields: Any) -> Iterator[None]:
+    """Every Delta commit inside the block records `fields` as JSON userMetadata (shown by DESCRIBE HISTORY)."""
+    previous = spark.conf.get(USER_METADATA_CONF, None)
+    spark.conf.set(USER_METADATA_CONF, json.dumps(fields, sort_keys=True, default=str))
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(USER_METADATA_CONF)
+        else:
+            spark.conf.set(USER_METADATA_CONF, previous)
+
+
+def _layout(df: DataFrame, partitions: int) -> DataFrame:
+    """Narrow customer_id ranges per file, sorted inside: point lookups skip all other files."""
+    return df.repartitionByRange(max(1, partitions), "customer_id").sortWithinPartitions("customer_id", "rank")
+
+
+def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | None = None,
+            k: int | None = None) -> dict[str, Any]:
+    """Stage, validate, then atomically replace `recommendations` (and the named companion table).
+
+    `recs` needs customer_id, rank, article_id, score, source. Any failure, in the computation of `recs`,
+    the validation or either write, leaves both published tables at their previous version.
+    """
+    config = lake.config
+    k = k or config.scoring.k
+    run_id = run_id or new_run_id()
+    staged_df = conform(recs, model_version, run_id)
+    lake.write(staged_df, RECOMMENDATIONS_STAGING)  # the whole computation runs here, once
+    staged = lake.read(RECOMMENDATIONS_STAGING)
+    report = validate(staged, lake.read(CUSTOMERS), k)
+    articles = lake.read(ARTICLES)
+    partitions = config.scoring.partitions
+    with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
+        with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version):
+            lake.write(_layout(staged, partitions), RECOMMENDATIONS)
+            lake.write(with_article_names(staged, articles), RECOMMENDATIONS_NAMED)
+    return {
+        "table": lake.location(RECOMMENDATIONS),
+        "version": lake.version(RECOMMENDATIONS),
+        "run_id": run_id,
+        "model_version": model_version,
+        "customers": report["customers"],
+        "rows": report["rows"],
+        "k": k,
+        "sources": {r["source"]: r["n"] for r in staged.groupBy("source").agg(F.count(F.lit(1)).alias("n")).collect()},
+    }
+
+
+def history(lake: Lakehouse, name: str = RECOMMENDATIONS) -> list[dict[str, Any]]:
+    """Oldest first: version, timestamp, operation and the parsed userMetadata of every commit of `name`."""
+    rows = lake.history(name).select("version", "timestamp", "operation", "userMetadata").orderBy("version").collect()
+    out = []
+    for r in rows:
+        try:
+            meta = json.loads(r["userMetadata"]) if r["userMetadata"] else {}
+        except (TypeError, ValueError):
+            meta = {"note": r["userMetadata"]}
+        out.append({"version": int(r["version"]), "timestamp": r["timestamp"], "operation": r["operation"], **meta})
+    return out
+
+
+def current_run(lake: Lakehouse) -> dict[str, str]:
+    """run_id and model_version of the rows readers see now (read from the data, so restores count)."""
+    row = lake.read(RECOMMENDATIONS).select("run_id", "model_version").limit(1).first()
+    if row is None:
+        raise ValueError(f"table '{RECOMMENDATIONS}' is empty: nothing is published")
+    return {"run_id": row["run_id"], "model_version": row["model_version"]}
+
+
+def rollback_target(commits: list[dict[str, Any]], current_run_id: str) -> dict[str, Any]:
+    """The publish to go back to: the last one before the current run's, skipping runs already rolled back."""
+    publishes = [c for c in commits if c.get("action") == PUBLISH and c.get("run_id")]
+    position = max((i for i, c in enumerate(publishes) if c["run_id"] == current_run_id), default=None)
+    if position is None:
+        raise ValueError(f"the published run {current_run_id!r} has no publish commit in the table history")
+    withdrawn = {c.get("from_run_id") for c in commits if c.get("action") == ROLLBACK} | {current_run_id}
+    earlier = [c for c in publishes[:position] if c["run_id"] not in withdrawn]
+    if not earlier:
+        raise ValueError(f"no earlier published version of '{RECOMMENDATIONS}' to roll back to")
+    return earlier[-1]
+
+
+def rollback(lake: Lakehouse) -> dict[str, Any]:
+    """Back to the previously published run, as one new commit of each table (history keeps everything)."""
+    current = current_run(lake)
+    target = rollback_target(history(lake), current["run_id"])
+    named = {c["run_id"]: c["version"] for c in history(lake, RECOMMENDATIONS_NAMED)
+             if c.get("action") == PUBLISH and c.get("run_id")} if lake.exists(RECOMMENDATIONS_NAMED) else {}
+    with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
+        with commit_metadata(lake.spark, action=ROLLBACK, run_id=target["run_id"],
+                             model_version=target.get("model_version"), from_run_id=current["run_id"]):
+            lake.restore(RECOMMENDATIONS, target["version"])
+            if target["run_id"] in named:
+                lake.restore(RECOMMENDATIONS_NAMED, named[target["run_id"]])
+            else:  # the companion table is derived: rebuild it from the restored rows
+                lake.write(with_article_names(lake.read(RECOMMENDATIONS), lake.read(ARTICLES)),
+                           RECOMMENDATIONS_NAMED)
+    return {
+        "table": lake.location(RECOMMENDATIONS),
+        "version": lake.version(RECOMMENDATIONS),
+        "restored_version": target["version"],
+        "run_id": target["run_id"],
+        "model_version": target.get("model_version"),
+        "rolled_back_run_id": current["run_id"],
+    }

@@ -1,0 +1,217 @@
+"""Batch scoring: every customer's top-K articles from the two-tower model, published as `recommendations`.
+
+Steps: the item tower embeds the candidate articles on the driver (about 100 k rows) and FAISS indexes them;
+the encoder and the index go to the executors once, as one broadcast, and each Python worker deserialises them
+once and keeps them for all its batches; `mapInPandas` embeds customers batch by batch (user tower) and
+searches the index. Customers without history, or short of K candidates after filtering, are completed from
+popularity (age bucket, then global) by `recommend.complete_lists`, and `publish.publish` validates and swaps
+the table atomically.
+
+Threads: Spark runs one task per core, so each task gets `scoring.threads_per_task` FAISS/torch threads
+(1 on a 2-core machine with local[2]); more would oversubscribe the cores.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from recsys.index import ArticleIndex, build_from_config, save_with_model, set_threads
+from recsys.popularity import UNKNOWN
+from recsys.publish import conform, new_run_id, publish
+from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, customer_segments, popularity_lists
+from recsys.split import as_date, before
+from recsys.tables import ARTICLE_FEATURES, CUSTOMER_FEATURES, CUSTOMERS, TRANSACTIONS, Lakehouse
+
+ALIASES = ("champion", "challenger")  # the default model: the gate's pick, else the latest trained one
+
+# Per Python worker: the deserialised (encoder, index) of the current scoring run, keyed by a run token.
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def resolve_model(config, model_uri: str | None = None) -> tuple[str, str | None]:
+    """(model URI, MLflow run id of that model or None). Default: registry alias `champion`, else `challenger`."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    name = config.mlflow.registered_model
+    if model_uri:
+        run_id = None
+        if model_uri.startswith("runs:/"):
+            run_id = model_uri[len("runs:/"):].split("/", 1)[0]
+        elif model_uri.startswith(f"models:/{name}@"):
+            run_id = client.get_model_version_by_alias(name, model_uri.split("@", 1)[1]).run_id
+        return model_uri, run_id
+    for alias in ALIASES:
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001 - MLflow raises a generic error for an unknown alias/model
+            continue
+        return f"models:/{name}@{alias}", version.run_id
+    raise ValueError(
+        f"no model to score with: registered model {name!r} has neither alias {' nor '.join(ALIASES)} at "
+        f"{config.tracking_uri}; run `recsys train` first or pass --model-uri"
+    )
+
+
+def candidate_articles(article_features: DataFrame, transactions: DataFrame, as_of: dt.date, weeks: int) -> DataFrame:
+    """Articles to index: all of them (weeks = 0), or only those sold in the last `weeks` weeks (still selling)."""
+    if weeks <= 0:
+        return article_features
+    recent = before(transactions, as_of, weeks * 7).select("article_id").distinct()
+    return article_features.join(recent, "article_id", "left_semi")
+
+
+def scored_customers(customer_features: DataFrame, min_history: int) -> DataFrame:
+    """The customers the model scores: those with at least `min_history` purchases (others get popularity)."""
+    rows = customer_features.filter(F.col("has_history") == 1)
+    if "num_purchases_all" in customer_features.columns and min_history > 1:
+        rows = rows.filter(F.col("num_purchases_all") >= min_history)
+    return rows
+
+
+def _top_rows(customer_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> pd.DataFrame:
+    """[n, k] search results -> long rows customer_id, article_id, score, pos (empty slots dropped)."""
+    n, k = ids.shape
+    out = pd.DataFrame({
+        "customer_id": np.repeat(customer_ids.astype(object), k),
+        "article_id": ids.reshape(-1),
+        "score": scores.reshape(-1).astype(np.float64),
+        "pos": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+    })
+    return out[out["article_id"].notna()]
+
+
+def _search_fn(payload, token: str, n: int, threads: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The mapInPandas body: embed a batch of customers, search the index, emit the top `n` rows."""
+
+    def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from pyspark import cloudpickle
+
+        if token not in _WORKER_STATE:  # once per Python worker and run, not per batch
+            _WORKER_STATE.clear()
+            _WORKER_STATE[token] = cloudpickle.loads(payload.value)
+        encoder, index = _WORKER_STATE[token]
+        set_threads(threads)
+        for pdf in batches:
+            if len(pdf) == 0:
+                continue
+            vectors = encoder.encode_customers(pdf)
+            scores, ids = index.search(vectors, n)
+            yield _top_rows(pdf["customer_id"].to_numpy(), scores, ids)
+
+    return search
+
+
+def model_candidates(customer_features: DataFrame, encoder: Any, index: ArticleIndex, n: int,
+                     threads: int = 1, partitions: int | None = None) -> DataFrame:
+    """customer_id, article_id, score, pos: the `n` nearest articles of each customer (lazy; Spark job).
+
+    The encoder and the index are shipped as one broadcast of cloudpickled bytes, so any picklable encoder
+    works (including test doubles defined outside the package).
+    """
+    from pyspark import cloudpickle
+
+    spark = customer_features.sparkSession
+    payload = spark.sparkContext.broadcast(cloudpickle.dumps((encoder, index)))
+    token = uuid.uuid4().hex
+    rows = customer_features.repartition(partitions) if partitions else customer_features
+    return rows.mapInPandas(_search_fn(payload, token, n, threads), CANDIDATE_COLUMNS)
+
+
+def purchased(transactions: DataFrame, as_of: dt.date) -> DataFrame:
+    """customer_id, article_id pairs bought before `as_of` (to exclude when asked)."""
+    return before(transactions, as_of).select("customer_id", "article_id").distinct()
+
+
+def _model_version(encoder: Any) -> str:
+    return str(getattr(encoder, "model_version", "") or "unversioned")
+
+
+def _lists(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None, customers: DataFrame | None,
+           mlflow_run_id: str | None = None) -> tuple[DataFrame, dict[str, Any], Callable[[], None]]:
+    """(lazy lists customer_id, rank, article_id, score, source; facts about the run; cleanup)."""
+    from recsys.features import read_snapshot
+
+    config = lake.config
+    scoring = config.scoring
+    k = scoring.k
+    customer_features = read_snapshot(lake, CUSTOMER_FEATURES, as_of)
+    snapshot = as_date(customer_features.select("as_of").first()[0], "as_of")
+    article_features = read_snapshot(lake, ARTICLE_FEATURES, snapshot)
+    transactions = lake.read(TRANSACTIONS)
+    model_version = _model_version(encoder)
+
+    articles_pdf = candidate_articles(article_features, transactions, snapshot, scoring.candidate_weeks).toPandas()
+    if articles_pdf.empty:
+        raise ValueError(f"no candidate articles to index as of {snapshot} (scoring.candidate_weeks="
+                         f"{scoring.candidate_weeks})")
+    vectors = encoder.encode_articles(articles_pdf)
+    index = build_from_config(vectors, articles_pdf["article_id"].tolist(), scoring,
+                              model_version=model_version, as_of=snapshot.isoformat())
+    index_dir = Path(config.path(config.paths.artifacts_dir)) / "index" / model_version.replace("/", "_")
+    index_location = save_with_model(index, index_dir, run_id=mlflow_run_id, tracking_uri=config.tracking_uri)
+
+    segments = customer_segments(lake.read(CUSTOMERS))
+    if customers is not None:  # a subset (e.g. an evaluation week's buyers); unknown ids get the 'unknown' bucket
+        segments = (
+            customers.select("customer_id").distinct().join(segments, "customer_id", "left")
+            .select("customer_id", F.coalesce("age_bucket", F.lit(UNKNOWN)).alias("age_bucket"))
+        )
+        customer_features = customer_features.join(segments.select("customer_id"), "customer_id", "left_semi")
+    n = k if not scoring.exclude_purchased else max(k, scoring.candidates)
+    candidates = model_candidates(
+        scored_customers(customer_features, scoring.min_history), encoder, index, n,
+        threads=scoring.threads_per_task, partitions=scoring.partitions,
+    )
+    exclude = purchased(transactions, snapshot) if scoring.exclude_purchased else None
+    popular = popularity_lists(lake, snapshot, k).cache()
+    recs = complete_lists(candidates, segments, popular, k, exclude)
+    facts = {
+        "as_of": snapshot.isoformat(),
+        "index": {"type": index.index_type, "articles": index.size, "dim": index.dim, **index_location},
+        "exclude_purchased": scoring.exclude_purchased,
+    }
+    return recs, facts, popular.unpersist
+
+
+def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
+              customers: DataFrame | None = None) -> DataFrame:
+    """The model's lists in the `recommendations` schema, not published (evaluation, notebooks).
+
+    Features and popularity as of `as_of` (default: the latest snapshot), for `customers` (a DataFrame with
+    customer_id; default: everyone in `customers`). Lazy: the caller decides when it is computed.
+    """
+    recs, _, _ = _lists(lake, encoder, as_of, customers)
+    return conform(recs, _model_version(encoder), run_id="")
+
+
+def run(lake: Lakehouse, model_uri: str | None = None, encoder: Any = None,
+        as_of: dt.date | str | None = None) -> dict[str, Any]:
+    """Score every customer with the model (default: `champion`, else `challenger`) and publish the lists.
+
+    `encoder` may be given directly (tests, notebooks); otherwise it is loaded from `model_uri`.
+    """
+    config = lake.config
+    started = time.perf_counter()
+    mlflow_run_id = None
+    if encoder is None:
+        from recsys.model import load_encoder
+
+        model_uri, mlflow_run_id = resolve_model(config, model_uri)
+        encoder = load_encoder(model_uri)
+    recs, facts, cleanup = _lists(lake, encoder, as_of, None, mlflow_run_id)
+    try:
+        summary = publish(lake, recs, model_version=_model_version(encoder), run_id=new_run_id(), k=config.scoring.k)
+    finally:
+        cleanup()
+    return {**summary, "model_uri": model_uri, **facts, "seconds": round(time.perf_counter() - started, 1)}
