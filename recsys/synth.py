@@ -951,6 +951,9 @@ def format_report(report: dict) -> str:
     lines = [f"synthetic data: {report['dir']}  ({report['n_articles']:,} articles, {report['n_customers']:,} "
              f"customers; week {report['week'][0]} .. {report['week'][1]}, {report['week_rows']:,} rows; "
              f"two-year counts over {report['history_customers']:,} customers)",
+             f"week rows per catalogue article: {report['week_rows'] / max(report['n_articles'], 1):.2f} (real "
+             f"{240_311 / REAL_N_ARTICLES:.2f}); far below that, the popularity and recency statistics reflect "
+             f"sparse sampling rather than the generator",
              f"{'statistic':<66} {'this data':>10} {'DATA.md':>10} {'real files':>10} {'dev':>7}  check"]
     section = None
     for r in report["rows"]:
