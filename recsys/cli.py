@@ -137,7 +137,8 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
 
     spark, lake = _spark(config, "evaluate")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    report = evaluate.run(lake, test_start=args.test_start or config.split.test_start or None, models=models)
+    report = evaluate.run(lake, test_start=args.test_start or config.split.test_start or None, models=models,
+                          gate_challenger=args.gate)
     print(evaluate.format_report(report))
     return 0
 
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MAP@12 of the model against baselines")
     p.add_argument("--test-start", "--test-week", dest="test_start", default=None, help="first day of the test week")
     p.add_argument("--models", default=None, help="comma-separated: baselines (e.g. als,repurchase) and/or challenger,champion")
+    p.add_argument("--gate", action="store_true", help="then promote the challenger to champion if it is not worse")
 
     p = sub.add_parser("pipeline", parents=[common], help="every stage in order (the nightly job)")
     p.add_argument("--steps", default=None, help="comma-separated subset, e.g. features,train,score")

@@ -31,6 +31,7 @@ from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_
 log = logging.getLogger(__name__)
 
 ALL = "all"
+RUN_COLUMNS = ["model", "version", "test_week", "segment", "metric", "value"]
 HEADLINE = ("map", "recall", "ndcg", "precision", "hit_rate", "coverage", "popularity_bias")
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -226,20 +227,26 @@ def load_week(lake: Lakehouse, test_start: dt.date | str, test_days: int | None 
 
 
 def evaluate_week(
-    week: Week, recommenders: Mapping[str, DataFrame], config: Config, versions: Mapping[str, str] | None = None
+    week: Week, recommenders: Mapping[str, DataFrame], config: Config, versions: Mapping[str, str] | None = None,
+    curves: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(metrics: model, version, test_week, segment, metric, value; curves: model, k, recall) for every model."""
     ks = sorted(set(config.evaluation.ks) | {config.evaluation.k})
-    metrics, curves = [], []
+    metrics, curve_frames = [], []
     for name, recs in recommenders.items():
         version = (versions or {}).get(name) or _version_of(recs)
         scores = evaluate_recommendations(recs, week.test, ks, week.segments, week.catalogue, week.train)
         metrics.append(scores.assign(model=name, version=version, test_week=week.test_start))
-        curves.append(recall_curve(recs, week.test, config.evaluation.curve_max_k).assign(model=name, test_week=week.test_start))
+        if curves:
+            curve = recall_curve(recs, week.test, config.evaluation.curve_max_k)
+            curve_frames.append(curve.assign(model=name, test_week=week.test_start))
         log.info("evaluated %s on %s: map@%d = %.5f", name, week.test_start, config.evaluation.k,
                  _value(metrics[-1], ALL, M.metric_name("map", config.evaluation.k)))
-    columns = ["model", "version", "test_week", "segment", "metric", "value"]
-    return pd.concat(metrics)[columns].reset_index(drop=True), pd.concat(curves).reset_index(drop=True)
+    curve_columns = ["k", "recall", "model", "test_week"]
+    return (
+        pd.concat(metrics)[RUN_COLUMNS].reset_index(drop=True),
+        pd.concat(curve_frames).reset_index(drop=True) if curve_frames else pd.DataFrame(columns=curve_columns),
+    )
 
 
 def _version_of(recs: DataFrame) -> str:
@@ -296,18 +303,24 @@ def evaluate_all(
     run_ids: Mapping[str, str] | None = None,
     write: bool = True,
     report_path: str | Path | None = None,
-    backtest: pd.DataFrame | None = None,
+    history: pd.DataFrame | None = None,
     html_report: bool = True,
+    week: Week | None = None,
 ) -> dict[str, Any]:
     """Evaluate every recommender on the week from `test_start`; write `evaluation_runs`, the report, MLflow.
 
-    `run_ids`: model name -> MLflow run to log its metrics to. Returns the report (see `format_report`).
+    `run_ids`: model name -> MLflow run to log its metrics to. `history`: earlier weeks' metrics (from
+    `backtest_metrics`); with it the report carries the back-test spread over those weeks and this one.
+    `week`: the already loaded test week, if the caller has it. Returns the report (see `format_report`).
     """
-    week = load_week(lake, test_start)
+    week = week if week is not None and week.test_start == as_date(test_start) else load_week(lake, test_start)
     metrics, curves = evaluate_week(week, recommenders, lake.config, versions)
     if write:
         write_runs(lake, metrics)
-    report = build_report(lake.config, week.test_start, metrics, curves, backtest)
+    spread = None
+    if history is not None and len(history):
+        spread = spread_of(pd.concat([history, metrics[metrics["model"].isin(set(history["model"]))]], ignore_index=True))
+    report = build_report(lake.config, week.test_start, metrics, curves, spread)
     if html_report:
         report["report_path"] = str(write_html_report(report, report_path or default_report_path(lake.config)))
     for name, run_id in (run_ids or {}).items():
@@ -317,6 +330,35 @@ def evaluate_all(
     return report
 
 
+def backtest_metrics(
+    lake: Lakehouse,
+    recommenders_for: Callable[[Week], Mapping[str, DataFrame]],
+    starts: list[dt.date],
+    write: bool = True,
+) -> pd.DataFrame:
+    """Metrics on each week from `starts`, the recommenders re-fitted on each week's own past."""
+    frames = []
+    for start in starts:
+        week = load_week(lake, start)
+        metrics, _ = evaluate_week(week, recommenders_for(week), lake.config, curves=False)
+        if write:
+            write_runs(lake, metrics)
+        frames.append(metrics)
+        week.test.unpersist()
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)
+
+
+def spread_of(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Across test weeks: model, segment, metric, mean, std, min, max, weeks."""
+    spread = (
+        metrics.groupby(["model", "segment", "metric"])["value"]
+        .agg(mean="mean", std="std", min="min", max="max", weeks="count")
+        .reset_index()
+    )
+    spread["std"] = spread["std"].fillna(0.0)
+    return spread
+
+
 def backtest(
     lake: Lakehouse,
     recommenders_for: Callable[[Week], Mapping[str, DataFrame]],
@@ -324,25 +366,9 @@ def backtest(
     weeks: int,
     write: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evaluate on `weeks` consecutive weeks ending at `last_test_start`, recommenders re-fitted on each week's past.
-
-    Returns (every week's metrics, the spread: model, segment, metric, mean, std, min, max, weeks).
-    """
-    frames = []
-    for start in backtest_starts(last_test_start, weeks, lake.config.split.test_days):
-        week = load_week(lake, start)
-        metrics, _ = evaluate_week(week, recommenders_for(week), lake.config)
-        if write:
-            write_runs(lake, metrics)
-        frames.append(metrics)
-    every = pd.concat(frames, ignore_index=True)
-    spread = (
-        every.groupby(["model", "segment", "metric"])["value"]
-        .agg(mean="mean", std="std", min="min", max="max", weeks="count")
-        .reset_index()
-    )
-    spread["std"] = spread["std"].fillna(0.0)
-    return every, spread
+    """Evaluate on `weeks` consecutive weeks ending at `last_test_start`: (every week's metrics, the spread)."""
+    every = backtest_metrics(lake, recommenders_for, backtest_starts(last_test_start, weeks, lake.config.split.test_days), write)
+    return every, spread_of(every)
 
 
 def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Callable[[Week], dict[str, DataFrame]]:
@@ -407,10 +433,12 @@ def run_ids_of(config: Config, versions: Mapping[str, str]) -> dict[str, str]:
     return {n: client.get_model_version(config.mlflow.registered_model, v).run_id for n, v in versions.items()}
 
 
-def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[str] | None = None) -> dict[str, Any]:
+def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[str] | None = None,
+        gate_challenger: bool = False) -> dict[str, Any]:
     """`recsys evaluate`: the baselines and the registry's challenger/champion on the test week (default: the
     last `split.test_days` of data), back-tested over `split.backtest_weeks` weeks; writes `evaluation_runs`,
-    logs to the models' MLflow runs and writes the HTML report. `models` picks names (baselines, aliases)."""
+    logs to the models' MLflow runs and writes the HTML report. `models` picks names (baselines, aliases).
+    `gate_challenger`: then apply the champion/challenger gate to the evaluated challenger."""
     from recsys.baselines import BASELINES
 
     config = lake.config
@@ -421,9 +449,9 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; known: {sorted(BASELINES) + [CHALLENGER, CHAMPION]}")
     make_baselines = baseline_recommenders(lake, None if models is None else [m for m in models if m in BASELINES])
-    spread = None
-    if config.split.backtest_weeks > 1:
-        _, spread = backtest(lake, make_baselines, start, config.split.backtest_weeks)
+    # Earlier weeks for the spread (baselines only: a model would need re-training per week).
+    earlier = backtest_starts(start, config.split.backtest_weeks, config.split.test_days)[:-1]
+    history = backtest_metrics(lake, make_baselines, earlier)
     week = load_week(lake, start)
     recommenders = dict(make_baselines(week))
     notes: list[str] = []
@@ -436,8 +464,21 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
     if not recommenders:
         raise ValueError("nothing to evaluate: no baseline selected and no model in the registry")
     run_ids = run_ids_of(config, versions) if versions else {}
-    report = evaluate_all(lake, recommenders, start, versions=versions, run_ids=run_ids, backtest=spread)
+    report = evaluate_all(lake, recommenders, start, versions=versions, run_ids=run_ids, history=history, week=week)
     report["notes"] = notes
+    if gate_challenger:
+        if CHALLENGER not in versions:
+            raise ValueError("--gate: no challenger was evaluated (none in the registry, or left out by --models)")
+        overall = report["metrics"][report["metrics"]["segment"] == ALL]
+        scores = {m: dict(zip(g["metric"], g["value"].astype(float))) for m, g in overall.groupby("model")}
+        champion = registry_versions(config).get(CHAMPION)
+        if champion is not None and champion != versions[CHALLENGER] and CHAMPION not in scores:
+            raise ValueError("--gate: the champion must be evaluated on the same week; add champion to --models")
+        champion_scores = scores[CHALLENGER] if champion == versions[CHALLENGER] else scores.get(CHAMPION)
+        report["gate"] = promote_if_better(config, versions[CHALLENGER], scores[CHALLENGER], champion_scores).as_dict()
+        report["notes"].append(f"gate: version {versions[CHALLENGER]} "
+                               f"{'promoted to champion' if report['gate']['promote'] else 'stays challenger'} "
+                               f"({report['gate']['reason']})")
     return report
 
 
