@@ -34,7 +34,7 @@ def job_command(path: Path) -> tuple[str, ...]:
     return tuple(a.value for a in calls[0].args)
 
 
-def spark_submit(job: str, args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def spark_submit(job: str, args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """The command line of docs/DEPLOY.md: local master, the Delta JARs from the project cache via --jars."""
     command = [
         str(Path(pyspark.__file__).parent / "bin" / "spark-submit"),
