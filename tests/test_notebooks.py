@@ -22,8 +22,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 CELL = "# COMMAND ----------"
 
 
-def run_notebook(name: str, monkeypatch, lake, **widgets: str) -> None:
-    """Execute notebooks/<name> as a script, its `profile`/`overrides` widgets aimed at `lake`'s folders."""
+def run_notebook(name: str, monkeypatch, lake, **widgets: str) -> dict:
+    """Execute notebooks/<name> as a script, its `profile`/`overrides` widgets aimed at `lake`'s folders;
+    returns the notebook's variables."""
     config = lake.config
     overrides = [
         f"paths.tables_dir={config.paths.tables_dir}", f"paths.data_dir={config.paths.data_dir}",
@@ -32,7 +33,7 @@ def run_notebook(name: str, monkeypatch, lake, **widgets: str) -> None:
     values = {"profile": "tiny", "overrides": ";".join(overrides), **widgets}
     for key, value in values.items():
         monkeypatch.setenv(notebook.ENV_PREFIX + key.upper(), value)
-    runpy.run_path(str(ROOT / "notebooks" / name), run_name="__main__")
+    return runpy.run_path(str(ROOT / "notebooks" / name), run_name="__main__")
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,10 @@ def test_lookup_notebook_names_an_unknown_customer(scored_lake, monkeypatch):
 @pytest.mark.slow
 def test_train_notebook_end_to_end_on_synthetic_data(spark, tmp_path, monkeypatch, capsys):
     from recsys import ingest, synth
+    from recsys.evaluate import CHALLENGER
     from recsys.config import SynthConfig, load_config
-    from recsys.tables import Lakehouse
+    from recsys.split import default_test_start
+    from recsys.tables import TRANSACTIONS, Lakehouse
 
     synth.generate(SynthConfig(n_articles=120, n_customers=300, start_date="2020-06-01", end_date="2020-09-22",
                                seed=5), str(tmp_path / "raw"))
@@ -105,13 +108,16 @@ def test_train_notebook_end_to_end_on_synthetic_data(spark, tmp_path, monkeypatc
     ])
     lake = Lakehouse(spark, config)
     ingest.run(lake, str(tmp_path / "raw"))
-    run_notebook("02_train.py", monkeypatch, lake, overrides=";".join([
+    values = run_notebook("02_train.py", monkeypatch, lake, overrides=";".join([
         f"paths.tables_dir={tmp_path}/delta", f"paths.data_dir={tmp_path}", f"paths.artifacts_dir={tmp_path}/art",
         f"paths.checkpoint_dir={tmp_path}/ckpt", "model.epochs=1", "model.loader=memory",
     ]))
     out = capsys.readouterr().out
-    assert "training on purchases before 2020-09-16" in out
-    assert "challenger" in out and "map" in out.lower()
+    test_start = default_test_start(lake.read(TRANSACTIONS), config.split.test_days).isoformat()
+    assert values["test_start"] == test_start and f"training on purchases before {test_start}" in out
+    assert values["trained"]["as_of"] == test_start and values["trained"]["model_version"]
+    assert CHALLENGER in set(values["report"]["table"]["model"])  # the new model, next to the baselines
+    assert f"Evaluation on {test_start}" in out
     assert not lake.exists(RECOMMENDATIONS)  # the notebook publishes nothing
 
 
