@@ -87,6 +87,13 @@ def test_parse_records_handles_quotes_multiline_and_stray_quotes():
     assert got[2][1] == '2,"two\nlines",z' and got[4][1] == '3,bad"quote,z'
 
 
+def test_header_is_read_without_bom_and_line_break(tmp_path):
+    path = tmp_path / "customers.csv"
+    path.write_bytes("\ufeffcustomer_id,FN\r\nx,1\r\n".encode())
+    assert ingest.read_header(None, str(path)) == ["customer_id", "FN"]
+    assert ingest.read_header(None, str(tmp_path / "absent.csv")) is None
+
+
 def test_spark_line_parser_agrees_with_the_python_one(spark):
     lines = ['a,b,c', '"a,1","b ""q""",', ',,', 'x"y,1,2', '"open,1,2', '', '"",x,"z"']
     df = spark.createDataFrame(list(enumerate(lines, 2)), "line_number long, raw_line string")
@@ -246,9 +253,9 @@ def test_header_mismatch_stops_before_anything_is_written(lake, clean_raw):
     path = clean_raw / "transactions_train.csv"
     path.write_text(path.read_text().replace("price,sales_channel_id", "sales_channel_id,price", 1))
     with pytest.raises(ingest.IngestError) as error:
-        ingest.run(lake, str(clean_raw), today=TODAY)
+        ingest.run(lake, clean_raw.as_uri(), today=TODAY)  # a URI: the header is read by Spark
     message = str(error.value)
-    assert str(path) in message
+    assert path.as_uri() in message
     assert "expected columns: t_dat, customer_id, article_id, price, sales_channel_id" in message
     assert "found: t_dat, customer_id, article_id, sales_channel_id, price" in message
     assert lake.existing() == []
@@ -343,7 +350,8 @@ def real(spark, tmp_path_factory):
     articles = articles[keep].assign(article_id=lambda a: a.article_id.astype("int64"))
     articles.to_csv(raw / "articles.csv", index=False)  # Kaggle formatting: no leading zero, quoted text
     lake = make_lake(spark, folder)
-    return lake, raw, ingest.run(lake, str(raw), today=TODAY), truth, articles
+    report = ingest.run(lake, raw.as_uri(), today=TODAY)  # a URI: the catalogue is read by Spark
+    return lake, raw, report, truth, articles
 
 
 def test_real_heads_ingest_completely_with_canonical_ids(real):
