@@ -1,7 +1,7 @@
 """Ingest at full H&M size: the three raw CSVs of a folder -> validated Delta tables, timed.
 
-Records wall time, peak memory (this process plus its children: the Spark JVM and Python workers, sampled
-every half second), rows/s over all files, the per-file counts of the ingest report and the machine's load
+Records wall time, CPU seconds and peak memory (this process plus its children: the Spark JVM and Python
+workers, sampled every half second), rows/s over all files, the per-file counts of the ingest report and the machine's load
 (the numbers mean little on a machine that other jobs share). With `--nightly`, also times a `--since` run
 that replaces the last day, as the nightly job does.
 
@@ -28,42 +28,55 @@ sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "ingest_full.json"
 
 
-class PeakMemory:
-    """Peak resident memory of this process and all its descendants, sampled in a thread."""
+class ProcessTree:
+    """Peak resident memory and CPU seconds of this process and all its descendants, sampled in a thread.
+
+    CPU seconds say what the work costs even when other jobs share the machine (wall time does not).
+    """
 
     def __init__(self, every_s: float = 0.5):
         self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._cpu: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._sample()
+        self._cpu_start = dict(self._cpu)
 
-    def _sample(self) -> int:
+    def _sample(self) -> None:
         me = psutil.Process()
         total = 0
         for proc in [me, *me.children(recursive=True)]:
             try:
                 total += proc.memory_info().rss
+                times = proc.cpu_times()
+                self._cpu[proc.pid] = times.user + times.system
             except psutil.Error:
                 pass
-        return total
+        self.peak = max(self.peak, total)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu.items())
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._sample()
             self._stop.wait(self.every_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> "ProcessTree":
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 def timed_ingest(lake, raw_dir: str, since: str | None) -> dict:
     from recsys import ingest
 
     load_before = os.getloadavg()
-    with PeakMemory() as memory:
+    with ProcessTree() as tree:
         started = time.perf_counter()
         report = ingest.run(lake, raw_dir, since=since)
         seconds = time.perf_counter() - started
@@ -74,7 +87,9 @@ def timed_ingest(lake, raw_dir: str, since: str | None) -> dict:
         "seconds": round(seconds, 1),
         "rows_read": rows,
         "rows_per_s": round(rows / seconds),
-        "peak_rss_gib": round(memory.peak / 2**30, 2),
+        "cpu_s": round(tree.cpu_s, 1),
+        "cpu_s_per_million_rows": round(tree.cpu_s / rows * 1e6, 1),
+        "peak_rss_gib": round(tree.peak / 2**30, 2),
         "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
         "files": [
             {"file": f.source_file, "read": f.rows_read, "written": f.rows_written,

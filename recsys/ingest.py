@@ -162,7 +162,8 @@ def local_file(path: str) -> Path | None:
 def read_text(spark: SparkSession, path: str) -> str:
     local = local_file(path)
     if local is not None:
-        return local.read_text(encoding="utf-8")
+        with local.open(encoding="utf-8", newline="") as file:  # line breaks as they are, like Spark
+            return file.read()
     rows = spark.read.text(path, wholetext=True).collect()
     return rows[0][0] if rows else ""
 
@@ -173,6 +174,8 @@ def read_records_local(spark: SparkSession, path: str, n_fields: int) -> tuple[D
     Returns the data records (header excluded) and their count.
     """
     records = parse_records(read_text(spark, path), n_fields)[1:]
+    if not records:
+        return spark.createDataFrame([], RECORDS_SCHEMA), 0
     pdf = pd.DataFrame(records, columns=RECORDS_SCHEMA.fieldNames())
     return spark.createDataFrame(pdf, RECORDS_SCHEMA), len(records)
 
