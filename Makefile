@@ -30,8 +30,14 @@ test-all: setup
 demo: setup
 	$(PY) -m recsys.cli --profile $(PROFILE) demo
 
+# Full-scale benchmarks (about an hour on 2 cores); each writes benchmarks/results/*.json, see docs/BENCHMARKS.md.
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/synth_full.py
+	$(PY) benchmarks/ingest_full.py data/full/raw --nightly
+	$(PY) benchmarks/features_full.py data/full/bench-ingest
+	$(PY) benchmarks/train_throughput.py --scale small
+	$(PY) benchmarks/score_full.py
+	$(PY) benchmarks/real_week.py --model
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log
