@@ -64,6 +64,7 @@ import logging
 import time
 from typing import Iterable
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -85,7 +86,7 @@ from recsys.tables import (
 
 __all__ = [
     "age_bucket", "article_codes", "article_features", "category_values", "customer_features", "customer_profile",
-    "known_ids", "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns", "training_examples",
+    "default_as_of", "known_ids", "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns", "training_examples",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,15 +158,12 @@ def new_ids(existing: DataFrame | None, candidates: DataFrame, key: str, idx: st
     order = Window.partitionBy(*groups).orderBy(key) if groups else Window.orderBy(key)
     if existing is None:
         numbered = fresh.withColumn("_start", F.lit(0))
-    elif groups:
-        fresh = fresh.join(existing.select(*groups, key), [*groups, key], "left_anti")
-        start = existing.groupBy(*groups).agg(F.max(idx).alias("_start"))
-        numbered = fresh.join(start, groups, "left").withColumn("_start", F.coalesce("_start", F.lit(0)))
     else:
-        fresh = fresh.join(existing.select(key), key, "left_anti")
-        numbered = fresh.withColumn("_start", F.lit(int(existing.agg(F.max(idx)).first()[0] or 0)))
+        fresh = fresh.join(existing.select(*groups, key), [*groups, key], "left_anti")
+        start = existing.groupBy(*groups).agg(F.max(idx).alias("_start"))  # one row per group (or one row)
+        numbered = fresh.join(start, groups, "left") if groups else fresh.crossJoin(start)
     return numbered.select(
-        *groups, key, (F.col("_start") + F.row_number().over(order)).cast("int").alias(idx)
+        *groups, key, (F.coalesce("_start", F.lit(0)) + F.row_number().over(order)).cast("int").alias(idx)
     )
 
 
@@ -370,6 +368,11 @@ def training_examples(
 
 
 # --- the job around them --------------------------------------------------------------------------------
+def default_as_of(transactions: DataFrame) -> dt.date:
+    """The day after the last transaction: the snapshot that sees every purchase (what scoring uses)."""
+    return last_date(transactions) + dt.timedelta(days=1)
+
+
 def read_snapshot(lake: Lakehouse, table: str, as_of: dt.date | str | None = None) -> DataFrame:
     """One snapshot of a feature-store table: the one for `as_of`, or the latest when None."""
     df = lake.read(table)
@@ -432,15 +435,30 @@ def _extend_index(lake: Lakehouse, table: str, candidates: DataFrame, key: str, 
 def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
     """`recsys features`: extend the id maps, then write every snapshot table for `as_of` (default: the day
     after the last transaction) in one all-or-nothing step. Returns rows and seconds per table."""
-    cfg = lake.config.features
     transactions = _require(
         lake.read(TRANSACTIONS), ["t_dat", "customer_id", "article_id", "price", "sales_channel_id"], TRANSACTIONS
     )
-    cutoff = as_date(as_of, "as_of") if as_of else last_date(transactions) + dt.timedelta(days=1)
+    cutoff = as_date(as_of, "as_of") if as_of else default_as_of(transactions)
     if "t_month" in transactions.columns:  # partition pruning: months after the cut-off are never read
         transactions = transactions.where(F.col("t_month") <= F.lit(cutoff.strftime("%Y-%m")))
-    transactions = transactions.select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
-    articles, customers = lake.read(ARTICLES), lake.read(CUSTOMERS)
+    # Every feature set scans these: read the Delta tables once (only the rows and columns used) and keep them.
+    transactions = before(
+        transactions.select("t_dat", "customer_id", "article_id", "price", "sales_channel_id"), cutoff
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    articles = lake.read(ARTICLES)
+    articles = _require(articles, ["article_id", "index_group_name", *ARTICLE_CATEGORIES.values()], ARTICLES).select(
+        "article_id", "index_group_name", *ARTICLE_CATEGORIES.values()
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    customers = lake.read(CUSTOMERS).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        return _build(lake, cutoff, transactions, customers, articles)
+    finally:
+        for frame in (transactions, customers, articles):
+            frame.unpersist()
+
+
+def _build(lake: Lakehouse, cutoff: dt.date, transactions: DataFrame, customers: DataFrame, articles: DataFrame) -> dict:
+    cfg = lake.config.features
     summary: dict = {"as_of": cutoff.isoformat(), "tables": {}}
 
     def timed(table: str, write) -> None:
@@ -456,7 +474,8 @@ def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
             lake, ARTICLE_INDEX, known_ids(articles, transactions, cutoff, "article_id"), "article_id", "article_idx")})
         timed(CATEGORY_INDEX, lambda: {"added": _extend_index(
             lake, CATEGORY_INDEX, category_values(articles), "value", "code", group="feature")})
-        customer_index, article_index = lake.read(CUSTOMER_INDEX), lake.read(ARTICLE_INDEX)
+        customer_index = lake.read(CUSTOMER_INDEX).persist(StorageLevel.MEMORY_AND_DISK)
+        article_index = lake.read(ARTICLE_INDEX).persist(StorageLevel.MEMORY_AND_DISK)
         codes = lake.read(CATEGORY_INDEX)  # a few hundred rows: held on the driver, read by every feature set
         category_index = lake.spark.createDataFrame(codes.collect(), codes.schema)
         snapshots = {
@@ -477,4 +496,6 @@ def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
                 return {"rows": _write_snapshot(lake, build(), table, cutoff)}
 
             timed(table, write)
+    customer_index.unpersist()
+    article_index.unpersist()
     return summary

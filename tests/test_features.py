@@ -249,45 +249,36 @@ def _ids(lake, table, key, idx) -> dict[str, int]:
 
 def test_job_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames, lake):
     customers, articles, everything, _, _, _ = frames
-    # 1. Only the past is loaded: the default cut-off is the day after the last transaction.
+    assert features.default_as_of(everything) == D("2020-10-01")  # the day after the last transaction
+    # 1. Only the past is loaded; a first snapshot as of 2020-09-15.
+    first = D("2020-09-15")
     _load(lake, customers, articles, spark.createDataFrame(PAST, TX_SCHEMA))
-    summary = features.run(lake)
-    assert summary["as_of"] == "2020-09-23"
+    summary = features.run(lake, as_of=first)
     rows = {table: info.get("rows") for table, info in summary["tables"].items()}
-    assert rows[CUSTOMER_FEATURES] == 3 and rows[ARTICLE_FEATURES] == 3 and rows[TRAINING_EXAMPLES] == 5
-    assert rows[POPULARITY] > 0 and summary["tables"][CUSTOMER_INDEX]["added"] == 4  # 3 customers + ghost
+    assert summary["as_of"] == "2020-09-15" and rows[CUSTOMER_FEATURES] == 3 and rows[ARTICLE_FEATURES] == 3
+    assert rows[TRAINING_EXAMPLES] == 3 and rows[POPULARITY] > 0  # 08-30, 09-01, 09-10: strictly before 09-15
+    assert summary["tables"][CUSTOMER_INDEX]["added"] == 4  # c_many, c_none, c_one + ghost (a buyer on 09-10)
     first_version = lake.version(CUSTOMER_FEATURES)
     customer_ids = _ids(lake, CUSTOMER_INDEX, "customer_id", "customer_idx")
     article_ids = _ids(lake, ARTICLE_INDEX, "article_id", "article_idx")
-    assert sorted(customer_ids.values()) == [1, 2, 3, 4]
 
-    # 2. The future arrives; re-running the same cut-off replaces its snapshot with identical rows.
-    _load(lake, customers, articles, everything)
-    features.run(lake, as_of=AS_OF)
-    assert_df_equality(
-        features.read_snapshot(lake, CUSTOMER_FEATURES, AS_OF), lake.read(CUSTOMER_FEATURES, version=first_version),
-        ignore_row_order=True,
-    )
-    assert _ids(lake, CUSTOMER_INDEX, "customer_id", "customer_idx") == customer_ids  # 'stranger' buys after D
-
-    # 3. New customers (ids that sort first), a new article in a new product group, a later cut-off.
+    # 2. The future arrives, with a new customer (an id that sorts first) and an article in a new product group.
     newcomer = spark.createDataFrame([("a_new", None, None, None, None, 30, None)], CUSTOMERS_DDL)
     bag = spark.createDataFrame(
         [("0000000000", 66, "Accessories", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1019)], ARTICLES_DDL
     )
     _load(lake, customers.unionByName(newcomer), articles.unionByName(bag), everything)
-    later = D("2020-10-01")
-    features.run(lake, as_of=later)
+    features.run(lake, as_of=AS_OF)
     now_customers = _ids(lake, CUSTOMER_INDEX, "customer_id", "customer_idx")
     now_articles = _ids(lake, ARTICLE_INDEX, "article_id", "article_idx")
     assert {k: now_customers[k] for k in customer_ids} == customer_ids  # an existing id never moves
     assert {k: now_articles[k] for k in article_ids} == article_ids
-    assert now_customers["a_new"] == 5 and now_customers["stranger"] == 6  # appended in id order
+    assert now_customers == {**customer_ids, "a_new": 5}  # appended; 'stranger' first buys after the cut-off
     assert now_articles["0000000000"] == 4
 
     latest = features.read_snapshot(lake, CUSTOMER_FEATURES)
-    older = features.read_snapshot(lake, CUSTOMER_FEATURES, AS_OF)
-    assert {r.as_of for r in latest.select("as_of").distinct().collect()} == {later} and latest.count() == 4
+    older = features.read_snapshot(lake, CUSTOMER_FEATURES, first)
+    assert {r.as_of for r in latest.select("as_of").distinct().collect()} == {AS_OF} and latest.count() == 4
     # The new product group added a share column: the older snapshot reads it as 0.0, its other values unchanged.
     codes = {(r.feature, r.value): r.code for r in lake.read(CATEGORY_INDEX).collect()}
     new_share = f"num_share_product_group_{codes[('cat_product_group', 'Accessories')]}"
@@ -296,8 +287,14 @@ def test_job_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames
     assert_df_equality(
         older.where(F.col(new_share) == 0.0).select(*before_change.columns), before_change, ignore_row_order=True
     )
-    assert lake.sql(f"SELECT count(*) AS n FROM customer_features WHERE as_of = DATE'{later}'").first().n == 4
-    with pytest.raises(ValueError, match=r"no snapshot as of 2019-01-01 \(snapshots: 2020-09-23, 2020-10-01\)"):
+    assert lake.sql(f"SELECT count(*) AS n FROM customer_features WHERE as_of = DATE'{AS_OF}'").first().n == 4
+
+    # 3. Re-writing a snapshot replaces that as_of only (replaceWhere), the other stays as it was.
+    replacement = latest.where(F.col("customer_id") == "c_one")
+    assert features._write_snapshot(lake, replacement, CUSTOMER_FEATURES, AS_OF) == 1
+    assert features.read_snapshot(lake, CUSTOMER_FEATURES).count() == 1
+    assert features.read_snapshot(lake, CUSTOMER_FEATURES, first).count() == 3
+    with pytest.raises(ValueError, match=r"no snapshot as of 2019-01-01 \(snapshots: 2020-09-15, 2020-09-23\)"):
         features.read_snapshot(lake, ARTICLE_FEATURES, "2019-01-01")
     with pytest.raises(ValueError, match="as_of: 'soon'"):
         features.run(lake, as_of="soon")
