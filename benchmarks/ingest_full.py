@@ -1,8 +1,8 @@
 """Ingest at full H&M size: the three raw CSVs of a folder -> validated Delta tables, timed.
 
 Records wall time, CPU seconds and peak memory (this process plus its children: the Spark JVM and Python
-workers, sampled every half second), rows/s over all files, the per-file counts of the ingest report and the machine's load
-(the numbers mean little on a machine that other jobs share). With `--nightly`, also times a `--since` run
+workers, sampled every half second), rows/s over all files, the per-file counts of the ingest report and the
+machine's load (wall times mean little on a machine that other jobs share). With `--nightly`, also times a `--since` run
 that replaces the last day, as the nightly job does.
 
 Usage: python benchmarks/ingest_full.py RAW_DIR [--profile full] [--tables-dir DIR] [--nightly] [--set K=V]
