@@ -194,13 +194,13 @@ def test_resume_after_interruption_reaches_the_same_weights(lake, tmp_path, worl
 
 
 def test_early_stopping_keeps_the_best_epoch(lake, tmp_path, world):
-    configure(lake, tmp_path, epochs=30, patience=1, loader="memory", learning_rate=0.05)
+    configure(lake, tmp_path, epochs=12, patience=1, loader="memory", learning_rate=0.05)
     mc = lake.config.model
     data, rows = _in_memory(world)
     loader = MemoryLoader(rows["customer_idx"], rows["article_idx"], rows["weight"], mc.batch_size, mc.seed)
     model = TwoTower(data.spec, tower_config(mc))
     result = train.fit(model, loader, data, mc)
-    assert result.stopped_early and len(result.history) < 30
+    assert result.stopped_early and len(result.history) < 12
     maps = [r["val_map_at_12"] for r in result.history]
     assert result.best_metric == max(maps) and maps[result.best_epoch] == max(maps)
     assert train.validate(model, data)["val_map_at_12"] == pytest.approx(max(maps))  # best weights restored
