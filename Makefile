@@ -13,7 +13,7 @@ setup: $(VENV)/.installed .cache/jars/.resolved
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv==0.9.30
-	$(UV) pip install --python $(PY) -q -c constraints.txt -e '.[dev]'
+	$(UV) pip install --python $(PY) -q -c constraints.txt -e '.[spark,dev]'
 	touch $@
 
 # Delta JARs from Maven Central, once, into a project-owned cache; Spark then starts offline.

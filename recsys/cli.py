@@ -148,7 +148,7 @@ def _pipeline(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
 
     result = pipeline.run(config, steps=args.steps.split(",") if args.steps else None, as_of=args.as_of,
-                          force=args.force, from_stage=args.from_stage)
+                          force=args.force, from_stage=args.from_stage, since=args.since)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", default=None, help="resume from this stage")
     p.add_argument("--as-of", dest="as_of", default=None, help="publish snapshot date (default: day after the data)")
     p.add_argument("--force", action="store_true", help="recompute stages whose inputs did not change")
+    p.add_argument("--since", default=None, help="ingest only the purchases from this date on (incremental)")
 
     p = sub.add_parser("nightly", parents=[common], help="add day DATE's purchases, refresh, retrain, gate, score, publish")
     p.add_argument("--date", required=True, help="the new day, YYYY-MM-DD")

@@ -89,14 +89,9 @@ def _versions(lake: Lakehouse, *names: str) -> list[int | None]:
 
 
 def _registry_version(config: Config, alias: str) -> str | None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from recsys.evaluate import registry_versions
 
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
-    try:
-        return str(client.get_model_version_by_alias(config.mlflow.registered_model, alias).version)
-    except MlflowException:
-        return None
+    return registry_versions(config).get(alias)
 
 
 # --- the stages ---------------------------------------------------------------------------------------------
