@@ -86,7 +86,8 @@ from recsys.tables import (
 
 __all__ = [
     "age_bucket", "article_codes", "article_features", "category_values", "customer_features", "customer_profile",
-    "default_as_of", "known_ids", "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns", "training_examples",
+    "default_as_of", "known_ids", "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns",
+    "training_examples",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ ARTICLE_CATEGORIES = {
     "cat_garment_group": "garment_group_no",
 }
 # the customer's taste: share of purchases per group of these article categoricals
-TASTE_GROUPS = {"index_group": "cat_index_group", "product_group": "cat_product_group", "garment_group": "cat_garment_group"}
+TASTE_GROUPS = {
+    "index_group": "cat_index_group", "product_group": "cat_product_group", "garment_group": "cat_garment_group",
+}
 CLUB_STATUSES = ("ACTIVE", "PRE-CREATE", "LEFT CLUB")
 NEWS_FREQUENCIES = ("NONE", "REGULARLY", "MONTHLY")  # matched upper-cased: Kaggle has both 'NONE' and 'None'
 FLAGS = ("1", "0")
@@ -147,7 +150,9 @@ def _windows(windows_weeks: Iterable[int]) -> list[int]:
 
 
 # --- stable ids and codes -------------------------------------------------------------------------------
-def new_ids(existing: DataFrame | None, candidates: DataFrame, key: str, idx: str, group: str | None = None) -> DataFrame:
+def new_ids(
+    existing: DataFrame | None, candidates: DataFrame, key: str, idx: str, group: str | None = None
+) -> DataFrame:
     """Rows to APPEND to an id map: candidates not yet in `existing`, numbered max+1.. in key order.
 
     Existing numbers are never touched, so a model trained on yesterday's map reads the right rows today.
@@ -222,10 +227,9 @@ def _history(transactions: DataFrame, as_of: dt.date) -> DataFrame:
 
 def customer_profile(customers: DataFrame) -> DataFrame:
     """One row per customer with the profile codes; a duplicated customer row keeps the larger value per field."""
-    _require(customers, ["customer_id", "FN", "Active", "club_member_status", "fashion_news_frequency", "age"], CUSTOMERS)
-    one = customers.groupBy("customer_id").agg(
-        *[F.max(c).alias(c) for c in ("FN", "Active", "club_member_status", "fashion_news_frequency", "age")]
-    )
+    profile = ["customer_id", "FN", "Active", "club_member_status", "fashion_news_frequency", "age"]
+    _require(customers, profile, CUSTOMERS)
+    one = customers.groupBy("customer_id").agg(*[F.max(c).alias(c) for c in profile[1:]])
     bucket = age_bucket("age")
     return one.select(
         "customer_id",
@@ -420,7 +424,10 @@ def _rows_written(lake: Lakehouse, table: str) -> int:
     return int(metrics.get("numOutputRows", 0))
 
 
-def _extend_index(lake: Lakehouse, table: str, candidates: DataFrame, key: str, idx: str, group: str | None = None) -> int:
+def _extend_index(
+    lake: Lakehouse, table: str, candidates: DataFrame, key: str, idx: str, group: str | None = None
+) -> int:
+    """Append the candidates that have no id yet; returns how many were added (no empty commits)."""
     existing = lake.read(table) if lake.exists(table) else None
     fresh = new_ids(existing, candidates, key, idx, group).persist()
     try:
@@ -457,7 +464,9 @@ def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
             frame.unpersist()
 
 
-def _build(lake: Lakehouse, cutoff: dt.date, transactions: DataFrame, customers: DataFrame, articles: DataFrame) -> dict:
+def _build(
+    lake: Lakehouse, cutoff: dt.date, transactions: DataFrame, customers: DataFrame, articles: DataFrame
+) -> dict:
     cfg = lake.config.features
     summary: dict = {"as_of": cutoff.isoformat(), "tables": {}}
 
@@ -469,7 +478,8 @@ def _build(lake: Lakehouse, cutoff: dt.date, transactions: DataFrame, customers:
     tables = (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX, *SNAPSHOT_TABLES)
     with lake.transaction(*tables):
         timed(CUSTOMER_INDEX, lambda: {"added": _extend_index(
-            lake, CUSTOMER_INDEX, known_ids(customers, transactions, cutoff, "customer_id"), "customer_id", "customer_idx")})
+            lake, CUSTOMER_INDEX, known_ids(customers, transactions, cutoff, "customer_id"), "customer_id",
+            "customer_idx")})
         timed(ARTICLE_INDEX, lambda: {"added": _extend_index(
             lake, ARTICLE_INDEX, known_ids(articles, transactions, cutoff, "article_id"), "article_id", "article_idx")})
         timed(CATEGORY_INDEX, lambda: {"added": _extend_index(
