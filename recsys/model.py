@@ -262,14 +262,21 @@ class Encoder:
                    model_version=data.get("model_version", ""), as_of=data.get("as_of", ""))
 
 
-def load_encoder(model_uri: str) -> Encoder:
+def load_encoder(model_uri: str, tracking_uri: str | None = None) -> Encoder:
     """`models:/name@alias`, `models:/name/3`, `runs:/<run_id>/model` or a local model folder -> Encoder.
 
     Reads the MLflow pyfunc model logged by `recsys.train`; `model_version` becomes the registry version when
-    the URI names the registry, else `run:<run_id>`. The caller sets the tracking URI (see `train.configure_mlflow`).
+    the URI names the registry, else `run:<run_id>`. `tracking_uri` (pass `config.tracking_uri`) is set as the
+    tracking and registry URI; None keeps whatever the process set (e.g. `train.configure_mlflow`).
     """
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
     loaded = mlflow.pyfunc.load_model(model_uri)
     encoder = loaded.unwrap_python_model().encoder
     if model_uri.startswith("models:/"):

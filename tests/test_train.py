@@ -122,7 +122,7 @@ def test_two_tower_beats_popularity_on_a_week_it_never_saw(lake, tmp_path, world
     assert result["as_of"] == AS_OF.isoformat() and result["model_version"] == "1"
     printed = capsys.readouterr().out
     assert result["run_id"] in printed and "mlflow ui --backend-store-uri sqlite:///" in printed
-    encoder = load_encoder(result["model_uri"])
+    encoder = load_encoder(result["model_uri"], tracking_uri=lake.config.tracking_uri)
     assert encoder.model_version == "1" and encoder.as_of == AS_OF.isoformat()
 
     truth = metrics.purchases_by_customer(world["test"].itertuples(index=False))
