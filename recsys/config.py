@@ -174,6 +174,12 @@ class Config:
         """Where models are registered: locally the tracking database, on Databricks Unity Catalog."""
         return self.mlflow.registry_uri or self.tracking_uri
 
+    def mlflow_client(self):
+        """The one way to reach this project's tracking server and model registry."""
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -279,9 +279,8 @@ def log_to_mlflow(config: Config, run_id: str, metrics: pd.DataFrame, curve: pd.
     import time
 
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    client = config.mlflow_client()
     now = int(time.time() * 1000)
     entries = []
     for row in metrics.itertuples():
@@ -387,9 +386,8 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
 def registry_versions(config: Config) -> dict[str, str]:
     """alias -> version for the `challenger` and `champion` of the registered model (missing aliases left out)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    client = config.mlflow_client()
     out = {}
     for alias in (CHALLENGER, CHAMPION):
         try:
@@ -411,15 +409,14 @@ def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame
         return {}, {}, [f"models skipped: no MLflow registry at {config.tracking_uri} ({exc})"]
     if not versions:
         return {}, {}, [f"models skipped: {config.mlflow.registered_model!r} has no challenger/champion yet"]
-    if not hasattr(score, "recommend"):
-        return {}, {}, ["models skipped: recsys.score.recommend is not available"]
     from recsys.model import load_encoder
 
     recs, labels = {}, {}
     for alias, version in versions.items():
         if alias == CHAMPION and version == versions.get(CHALLENGER):
             continue  # one model under two aliases: evaluate it once
-        encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{version}")
+        encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{version}", config.tracking_uri,
+                               config.registry_uri)
         recs[alias] = score.recommend(lake, encoder, as_of=week.test_start, customers=week.target)
         labels[alias] = version
     return recs, labels, []
@@ -427,9 +424,8 @@ def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame
 
 def run_ids_of(config: Config, versions: Mapping[str, str]) -> dict[str, str]:
     """name -> the MLflow run that produced that registry version."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    client = config.mlflow_client()
     return {n: client.get_model_version(config.mlflow.registered_model, v).run_id for n, v in versions.items()}
 
 
@@ -668,9 +664,8 @@ def promote_if_better(config: Config, challenger_version: str | int, challenger_
                       champion_metrics: Mapping[str, float] | None) -> GateDecision:
     """Apply `gate`; on promote set the registry alias `champion` on the challenger version. The decision and
     the numbers go to the model version's tags and to the challenger's MLflow run."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    client = config.mlflow_client()
     name = config.mlflow.registered_model
     decision = gate(config, challenger_metrics, champion_metrics)
     decision.version = str(challenger_version)

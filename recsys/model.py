@@ -262,12 +262,12 @@ class Encoder:
                    model_version=data.get("model_version", ""), as_of=data.get("as_of", ""))
 
 
-def load_encoder(model_uri: str, tracking_uri: str | None = None) -> Encoder:
+def load_encoder(model_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> Encoder:
     """`models:/name@alias`, `models:/name/3`, `runs:/<run_id>/model` or a local model folder -> Encoder.
 
     Reads the MLflow pyfunc model logged by `recsys.train`; `model_version` becomes the registry version when
-    the URI names the registry, else `run:<run_id>`. `tracking_uri` (pass `config.tracking_uri`) is set as the
-    tracking and registry URI; None keeps whatever the process set (e.g. `train.configure_mlflow`).
+    the URI names the registry, else `run:<run_id>`. Pass `config.tracking_uri` and `config.registry_uri` (the
+    registry defaults to the tracking URI); None keeps whatever the process set (e.g. `train.configure_mlflow`).
     """
     import os
 
@@ -276,7 +276,7 @@ def load_encoder(model_uri: str, tracking_uri: str | None = None) -> Encoder:
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri or tracking_uri)
     loaded = mlflow.pyfunc.load_model(model_uri)
     encoder = loaded.unwrap_python_model().encoder
     if model_uri.startswith("models:/"):

@@ -39,10 +39,9 @@ _WORKER_STATE: dict[str, Any] = {}
 def resolve_model(config, model_uri: str | None = None) -> tuple[str, str | None]:
     """(model URI, MLflow run id of that model or None). Default: registry alias `champion`, else `challenger`."""
     import mlflow
-    from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(config.tracking_uri)
-    client = MlflowClient(tracking_uri=config.tracking_uri)
+    client = config.mlflow_client()
     name = config.mlflow.registered_model
     if model_uri:
         run_id = None
@@ -208,7 +207,7 @@ def run(lake: Lakehouse, model_uri: str | None = None, encoder: Any = None,
         from recsys.model import load_encoder
 
         model_uri, mlflow_run_id = resolve_model(config, model_uri)
-        encoder = load_encoder(model_uri)
+        encoder = load_encoder(model_uri, config.tracking_uri, config.registry_uri)
     recs, facts, cleanup = _lists(lake, encoder, as_of, None, mlflow_run_id)
     try:
         summary = publish(lake, recs, model_version=_model_version(encoder), run_id=new_run_id(), k=config.scoring.k)

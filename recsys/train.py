@@ -463,7 +463,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
 def configure_mlflow(config: Config) -> str:
     """Tracking and registry at config.tracking_uri, artifacts under data_dir; returns the experiment id."""
     mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_registry_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.registry_uri)
     name = config.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
