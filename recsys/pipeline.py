@@ -295,6 +295,15 @@ def demo(config: Config) -> int:
         print(recommend.format_list(recommend.lookup(lake, customer_id)))
     print(f"\ntables (Delta) under {config.path(config.paths.tables_dir)}: {', '.join(lake.existing())}")
     print(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri}")
+    if lake.exists("evaluation_runs"):
+        print("\nevaluation (MAP@12 and Recall@12 on the held-out week, from the `evaluation_runs` table):")
+        print(lake.sql(
+            "SELECT model, version, test_week, "
+            "round(max(CASE WHEN metric = 'map_at_12' THEN value END), 4) AS map_at_12, "
+            "round(max(CASE WHEN metric = 'recall_at_12' THEN value END), 4) AS recall_at_12 "
+            "FROM evaluation_runs WHERE segment = 'all' "
+            "AND test_week = (SELECT max(test_week) FROM evaluation_runs) "
+            "GROUP BY model, version, test_week ORDER BY map_at_12 DESC").toPandas().to_string(index=False))
     report = summary.get("evaluate", {}).get("report")
     if report:
         print(f"evaluation report: {report}")

@@ -205,7 +205,6 @@ def test_gate_sets_champion_alias_in_a_real_registry(tmp_path):
     assert len(history) == 100 and {h.step: h.value for h in history}[12] == pytest.approx(0.12)
 
 
-@pytest.mark.slow  # end to end through `run` (three week evaluations); `make test-all` runs it
 def test_run_back_tests_baselines_and_reports_the_spread(week_lake, spark, tmp_path):
     from recsys.tables import Lakehouse
 

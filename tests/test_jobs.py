@@ -83,7 +83,6 @@ def test_spark_submit_reports_a_config_error_without_a_session(tmp_path):
     assert "config error: --set model.epochs=many: 'model.epochs' must be an integer" in result.stdout
 
 
-@pytest.mark.slow
 def test_ingest_job_through_spark_submit_on_tiny_data(tmp_path, spark):
     from recsys import synth
     from recsys.config import SynthConfig, load_config

@@ -92,7 +92,6 @@ def test_lookup_notebook_names_an_unknown_customer(scored_lake, monkeypatch):
         run_notebook("03_lookup_recommendations.py", monkeypatch, scored_lake, customer_id="nobody")
 
 
-@pytest.mark.slow
 def test_train_notebook_end_to_end_on_synthetic_data(spark, tmp_path, monkeypatch, capsys):
     from recsys import ingest, synth
     from recsys.evaluate import CHALLENGER

@@ -246,7 +246,6 @@ def test_bad_training_rows_are_named(lake, tmp_path, world):
         train.run(lake, as_of="2020-08-01")
 
 
-@pytest.mark.slow  # two torchrun processes start (imports dominate): about 2 minutes on 2 busy cores
 def test_torch_distributor_trains_two_local_processes_on_shards(lake, tmp_path, world):
     configure(lake, tmp_path, epochs=2, loader="memory", distributed_processes=2)
     mc = lake.config.model
