@@ -1,7 +1,7 @@
 """jobs/: thin spark-submit entry points, checked in-process and through the real `spark-submit` of the venv.
 
-The spark-submit run on tiny data starts its own JVM next to the suite's session; on the shared 2-core
-machine it takes 60-110 s, so it is marked slow (`make test-all` runs it).
+The spark-submit run on tiny data starts its own JVM next to the suite's session (about 20 s on a quiet
+2-core machine) and is part of the default run.
 """
 from __future__ import annotations
 
