@@ -29,14 +29,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULT = ROOT / "benchmarks" / "results" / "features_full.json"
 
-from ingest_full import PeakMemory  # noqa: E402  (one memory sampler for every benchmark)
+from ingest_full import ProcessTree  # noqa: E402  (one memory sampler for every benchmark)
 
 
 def timed_run(lake, as_of: str | None) -> dict:
     from recsys import features
 
     load_before = os.getloadavg()
-    with PeakMemory() as memory:
+    with ProcessTree() as memory:
         started = time.perf_counter()
         summary = features.run(lake, as_of=as_of)
         seconds = time.perf_counter() - started
