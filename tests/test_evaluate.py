@@ -162,19 +162,20 @@ def test_gate_rule():
 
 def test_gate_sets_champion_alias_in_a_real_registry(tmp_path):
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    config = load_config("tiny", [f"paths.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow.registered_model=gate-test"])
+    from recsys.train import configure_mlflow
+
+    # configure_mlflow puts the artifacts under data_dir: nothing lands in ./mlruns of the working directory
+    config = load_config("tiny", [f"paths.data_dir={tmp_path}", "mlflow.registered_model=gate-test",
+                                  "mlflow.experiment=gate"])
 
     class Constant(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input):
             return model_input
 
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_registry_uri(config.tracking_uri)
     try:
-        mlflow.set_experiment("gate")
+        configure_mlflow(config)
         run_ids = []
         for _ in range(3):
             with mlflow.start_run() as active:
@@ -183,7 +184,7 @@ def test_gate_sets_champion_alias_in_a_real_registry(tmp_path):
                 run_ids.append(active.info.run_id)
     finally:
         mlflow.set_tracking_uri(previous)
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    client = config.mlflow_client()
 
     first = E.promote_if_better(config, "1", {"map_at_12": 0.02}, None)
     assert first.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "1"
