@@ -68,6 +68,8 @@ class FeaturesConfig:
     windows_weeks: list[int] = field(default_factory=lambda: [1, 4, 12])
     decay_half_life_days: float = 14.0
     training_window_weeks: int = 12
+    training_snapshot_days: int = 7      # a training example sees the customer as of its period's first day
+    history_length: int = 20             # last articles bought, kept per customer for the customer tower
     popularity_window_days: int = 7
     popularity_top_n: int = 100
 

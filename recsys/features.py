@@ -68,7 +68,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from recsys.popularity import AGE_BUCKETS, age_bucket, decay_weight, popularity
+from recsys.popularity import AGE_BUCKETS, UNKNOWN, age_bucket, decay_weight, popularity
 from recsys.split import as_date, before, days_before, last_date
 from recsys.tables import (
     ARTICLE_FEATURES,
@@ -79,6 +79,8 @@ from recsys.tables import (
     CUSTOMER_INDEX,
     CUSTOMERS,
     POPULARITY,
+    SEQ_ARTICLES,
+    SEQ_DAYS,
     TRAINING_EXAMPLES,
     TRANSACTIONS,
     Lakehouse,
@@ -94,6 +96,7 @@ log = logging.getLogger(__name__)
 
 # cat_ column in article_features -> the `articles` column whose value it encodes
 ARTICLE_CATEGORIES = {
+    "cat_product_code": "product_code",  # colours and sizes of one product share it (the history pooling uses it)
     "cat_product_type": "product_type_no",
     "cat_product_group": "product_group_name",
     "cat_graphical_appearance": "graphical_appearance_no",
@@ -106,6 +109,7 @@ ARTICLE_CATEGORIES = {
     "cat_section": "section_no",
     "cat_garment_group": "garment_group_no",
 }
+LITERAL_MAP_MAX = 2000  # category vocabularies up to this size are applied as literal maps, larger ones joined
 # the customer's taste: share of purchases per group of these article categoricals
 TASTE_GROUPS = {
     "index_group": "cat_index_group", "product_group": "cat_product_group", "garment_group": "cat_garment_group",
@@ -194,10 +198,17 @@ def new_category_codes(existing: DataFrame | None, articles: DataFrame) -> DataF
 
 
 def article_codes(articles: DataFrame, category_index: DataFrame) -> DataFrame:
-    """article_id + one cat_* int per article categorical (the category_index code; 0 for a missing value)."""
+    """article_id + one cat_* int per article categorical (the category_index code; 0 for a missing value).
+
+    Small vocabularies (a few hundred codes) become literal maps, which beat joins; large ones (product_code,
+    ~47,000 values) a broadcast join.
+    """
     _require(articles, ["article_id", *ARTICLE_CATEGORIES.values()], ARTICLES)
+    sizes = {r["feature"]: int(r["n"]) for r in category_index.groupBy("feature").count().withColumnRenamed(
+        "count", "n").collect()}
+    small = [f for f in ARTICLE_CATEGORIES if sizes.get(f, 0) <= LITERAL_MAP_MAX]
     codes: dict[str, dict[str, int]] = {}
-    for row in category_index.collect():  # a few hundred rows: a literal map beats eleven joins
+    for row in category_index.where(F.col("feature").isin(small)).collect():
         codes.setdefault(row["feature"], {})[row["value"]] = int(row["code"])
 
     def lookup(feature: str) -> Column:
@@ -207,7 +218,14 @@ def article_codes(articles: DataFrame, category_index: DataFrame) -> DataFrame:
         pairs = [x for value, code in sorted(mapping.items()) for x in (F.lit(value), F.lit(code))]
         return F.create_map(*pairs)[F.col(ARTICLE_CATEGORIES[feature]).cast("string")]
 
-    return _finish(articles.select("article_id", *[lookup(f).alias(f) for f in ARTICLE_CATEGORIES]))
+    out = articles.select("article_id", *[F.col(ARTICLE_CATEGORIES[f]).cast("string").alias(f"_{f}")
+                                          for f in ARTICLE_CATEGORIES if f not in small],
+                          *[lookup(f).alias(f) for f in small])
+    for feature in (f for f in ARTICLE_CATEGORIES if f not in small):
+        mapping = category_index.where(F.col("feature") == feature).select(
+            F.col("value").alias(f"_{feature}"), F.col("code").alias(feature))
+        out = out.join(F.broadcast(mapping), f"_{feature}", "left").drop(f"_{feature}")
+    return _finish(out.select("article_id", *ARTICLE_CATEGORIES))
 
 
 def taste_columns(category_index: DataFrame) -> dict[str, list[int]]:
@@ -249,17 +267,38 @@ def customer_features(
     articles: DataFrame,
     customer_index: DataFrame,
     category_index: DataFrame,
-    as_of: dt.date | str,
+    as_of: dt.date | str | None = None,
     windows_weeks: Iterable[int] = (1, 4, 12),
+    history_length: int = 20,
+    article_index: DataFrame | None = None,
+    keys: DataFrame | None = None,
 ) -> DataFrame:
-    """Profile plus purchase signals as of `as_of`; every customer of `customers` gets a row (see the table above)."""
-    cutoff = as_date(as_of, "as_of")
+    """Profile plus purchase signals and recent history, every customer of `customers` as of `as_of`.
+
+    With `keys` (customer_id, as_of) the same features are computed for exactly those pairs instead, each from the
+    purchases strictly before its own `as_of`: the point-in-time state a training example sees (the customer as
+    the scorer will see them, never including the purchase being predicted).
+    """
     weeks = _windows(windows_weeks)
+    if history_length < 0:
+        raise ValueError(f"features.history_length must be >= 0, got {history_length}")
     taste = taste_columns(category_index)
     codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values())
-    history = _history(transactions, cutoff).join(F.broadcast(codes), "article_id", "left")
+    if keys is None:
+        cutoff = as_date(as_of, "as_of")
+        history = before(transactions, cutoff).withColumn("as_of", F.lit(cutoff))
+        base = customer_profile(customers).withColumn("as_of", F.lit(cutoff))
+    else:
+        keys = _require(keys, ["customer_id", "as_of"], "keys").select(
+            "customer_id", F.col("as_of").cast("date").alias("as_of")).distinct()
+        history = transactions.join(keys, "customer_id").filter(F.col("t_dat") < F.col("as_of"))
+        base = keys.join(customer_profile(customers), "customer_id", "left").withColumn(
+            "age_bucket", F.coalesce("age_bucket", F.lit(UNKNOWN)))
+    history = history.withColumn("days_before", F.datediff("as_of", "t_dat")).join(
+        F.broadcast(codes), "article_id", "left")
+    key = ["customer_id", "as_of"]
     rows = F.count(F.lit(1))
-    stats = history.groupBy("customer_id").agg(
+    stats = history.groupBy(*key).agg(
         *[F.sum(F.when(F.col("days_before") <= 7 * w, 1).otherwise(0)).alias(f"num_purchases_{w}w") for w in weeks],
         rows.alias("num_purchases_all"),
         F.min("days_before").alias("num_days_since_last"),
@@ -272,29 +311,50 @@ def customer_features(
             for code in taste[group]
         ],
     )
-    # distinct articles and repeat purchases: an article bought on two or more different days
-    repeats = (
-        history.groupBy("customer_id", "article_id").agg(F.countDistinct("t_dat").alias("days"))
-        .groupBy("customer_id")
-        .agg(
-            F.count(F.lit(1)).alias("num_distinct_articles"),
-            (F.sum((F.col("days") > 1).cast("double")) / F.count(F.lit(1))).alias("num_repeat_ratio"),
-        )
+    # per article: repeat purchases (bought on two or more days) and the most recent day, for the history sequence
+    per_article = history.groupBy(*key, "article_id").agg(
+        F.countDistinct("t_dat").alias("days"), F.min("days_before").alias("last"))
+    if article_index is not None:
+        per_article = per_article.join(F.broadcast(article_index.select("article_id", "article_idx")), "article_id",
+                                       "left")
+    else:
+        per_article = per_article.withColumn("article_idx", F.lit(0))
+    recent = F.slice(F.array_sort(F.collect_list(F.struct(
+        F.col("last"), F.coalesce("article_idx", F.lit(0)).alias("idx")))), 1, max(history_length, 1))
+    repeats = per_article.groupBy(*key).agg(
+        F.count(F.lit(1)).alias("num_distinct_articles"),
+        (F.sum((F.col("days") > 1).cast("double")) / F.count(F.lit(1))).alias("num_repeat_ratio"),
+        recent.alias("_recent"),
     )
     return _finish(
-        customer_profile(customers)
-        .join(stats, "customer_id", "left")
-        .join(repeats, "customer_id", "left")
+        base
+        .join(stats, key, "left")
+        .join(repeats, key, "left")
         .join(customer_index, "customer_id", "left")
         .select(
             "customer_id",
             F.coalesce("customer_idx", F.lit(0)).cast("int").alias("customer_idx"),
-            F.lit(cutoff).alias("as_of"),
+            "as_of",
             F.col("num_purchases_all").isNotNull().cast("int").alias("has_history"),
             "age", "age_bucket", "cat_age_bucket", "cat_club_status", "cat_news_frequency", "cat_fn", "cat_active",
             *sorted(c for c in stats.columns + repeats.columns if c.startswith("num_")),
+            *_sequence(F.col("_recent"), history_length),
         )
     )
+
+
+def _sequence(recent: Column, length: int) -> list[Column]:
+    """The last `length` articles bought (most recent first; ties by article_idx) as two fixed-length int arrays,
+    zero-padded: `seq_article_idx` (0 = padding or an article without an id) and `seq_days_before`."""
+    if length == 0:
+        return []
+    pad = F.array_repeat(F.lit(0), length)
+
+    def padded(field: str, name: str) -> Column:
+        values = F.coalesce(F.transform(recent, lambda r: r[field].cast("int")), F.array().cast("array<int>"))
+        return F.slice(F.concat(values, pad), 1, length).alias(name)
+
+    return [padded("idx", SEQ_ARTICLES), padded("last", SEQ_DAYS)]
 
 
 def article_features(
@@ -345,17 +405,24 @@ def training_examples(
     as_of: dt.date | str,
     window_weeks: int,
     half_life_days: float,
+    snapshot_days: int = 7,
 ) -> DataFrame:
-    """Positive (customer, article, day) pairs of the `window_weeks` weeks before `as_of`, with ids and decay weight.
+    """Positive (customer, article, day) pairs of the `window_weeks` weeks before `as_of`, with ids, decay weight and
+    `feature_as_of`: the day whose customer state the example may see.
 
-    Several units of one article on one day are one interaction. Pairs whose ids are not mapped are dropped
+    `feature_as_of` is the first day of the example's `snapshot_days`-long period counted back from `as_of` (7: the
+    week's first day, as the scorer sees a customer at the start of the week it predicts; 1: the example's own
+    day). Several units of one article on one day are one interaction. Pairs whose ids are not mapped are dropped
     (they cannot happen after `run` has extended the id maps).
     """
     if window_weeks < 1:
         raise ValueError(f"features.training_window_weeks must be at least 1, got {window_weeks}")
+    if snapshot_days < 1:
+        raise ValueError(f"features.training_snapshot_days must be at least 1, got {snapshot_days}")
     cutoff = as_date(as_of, "as_of")
     pairs = before(transactions, cutoff, 7 * window_weeks).select("customer_id", "article_id", "t_dat").distinct()
     days = days_before(cutoff)
+    periods = F.ceil(days / F.lit(snapshot_days)).cast("int")
     return (
         pairs.join(customer_index, "customer_id").join(F.broadcast(article_index), "article_id")
         .select(
@@ -367,8 +434,19 @@ def training_examples(
             "t_dat",
             decay_weight(days, half_life_days).alias("weight"),
             days.cast("int").alias("days_before"),
+            F.date_sub(F.lit(cutoff), periods * snapshot_days).alias("feature_as_of"),
         )
     )
+
+
+def with_customer_state(examples: DataFrame, state: DataFrame) -> DataFrame:
+    """Each example joined to the customer's features as of its own `feature_as_of` (never a later state).
+
+    `state`: `customer_features` computed with keys = the examples' (customer_id, feature_as_of).
+    """
+    columns = [c for c in state.columns if c.startswith(("cat_", "num_", "seq_"))]
+    state = state.select("customer_id", F.col("as_of").alias("feature_as_of"), *columns)
+    return examples.join(state, ["customer_id", "feature_as_of"], "left").select(examples.columns + columns)
 
 
 # --- the job around them --------------------------------------------------------------------------------
@@ -409,9 +487,15 @@ def _write_snapshot(lake: Lakehouse, df: DataFrame, table: str, as_of: dt.date) 
         return _rows_written(lake, table)
     columns = old.columns + [c for c in df.columns if c not in old.columns]
 
+    def filler(column: str) -> Column:
+        if column.startswith("num_"):
+            return F.lit(0.0)
+        if column.startswith("seq_"):
+            return F.array().cast("array<int>")
+        return F.lit(0).cast("int")
+
     def align(frame: DataFrame) -> DataFrame:
-        filler = {c: (F.lit(0.0) if c.startswith("num_") else F.lit(0).cast("int")) for c in columns}
-        return frame.select(*[F.col(c) if c in frame.columns else filler[c].alias(c) for c in columns])
+        return frame.select(*[F.col(c) if c in frame.columns else filler(c).alias(c) for c in columns])
 
     log.warning("%s: columns changed, rewriting every snapshot on %d columns", table, len(columns))
     lake.write(align(old.where(F.col("as_of") != F.lit(as_of))).unionByName(align(df)), table)
@@ -439,9 +523,11 @@ def _extend_index(
     return added
 
 
-def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
+def run(lake: Lakehouse, as_of: str | dt.date | None = None, training: bool = True) -> dict:
     """`recsys features`: extend the id maps, then write every snapshot table for `as_of` (default: the day
-    after the last transaction) in one all-or-nothing step. Returns rows and seconds per table."""
+    after the last transaction) in one all-or-nothing step. Returns rows and seconds per table.
+
+    `training=False` leaves out `training_examples` (a snapshot only scored from, never trained on)."""
     transactions = _require(
         lake.read(TRANSACTIONS), ["t_dat", "customer_id", "article_id", "price", "sales_channel_id"], TRANSACTIONS
     )
@@ -458,14 +544,15 @@ def run(lake: Lakehouse, as_of: str | dt.date | None = None) -> dict:
     ).persist(StorageLevel.MEMORY_AND_DISK)
     customers = lake.read(CUSTOMERS).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        return _build(lake, cutoff, transactions, customers, articles)
+        return _build(lake, cutoff, transactions, customers, articles, training)
     finally:
         for frame in (transactions, customers, articles):
             frame.unpersist()
 
 
 def _build(
-    lake: Lakehouse, cutoff: dt.date, transactions: DataFrame, customers: DataFrame, articles: DataFrame
+    lake: Lakehouse, cutoff: dt.date, transactions: DataFrame, customers: DataFrame, articles: DataFrame,
+    training: bool = True,
 ) -> dict:
     cfg = lake.config.features
     summary: dict = {"as_of": cutoff.isoformat(), "tables": {}}
@@ -475,7 +562,8 @@ def _build(
         info = write()
         summary["tables"][table] = {**info, "seconds": round(time.perf_counter() - start, 2)}
 
-    tables = (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX, *SNAPSHOT_TABLES)
+    snapshot_tables = SNAPSHOT_TABLES if training else tuple(t for t in SNAPSHOT_TABLES if t != TRAINING_EXAMPLES)
+    tables = (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX, *snapshot_tables)
     with lake.transaction(*tables):
         timed(CUSTOMER_INDEX, lambda: {"added": _extend_index(
             lake, CUSTOMER_INDEX, known_ids(customers, transactions, cutoff, "customer_id"), "customer_id",
@@ -488,20 +576,27 @@ def _build(
         article_index = lake.read(ARTICLE_INDEX).persist(StorageLevel.MEMORY_AND_DISK)
         codes = lake.read(CATEGORY_INDEX)  # a few hundred rows: held on the driver, read by every feature set
         category_index = lake.spark.createDataFrame(codes.collect(), codes.schema)
+        def state(as_of=None, keys=None) -> DataFrame:
+            return customer_features(customers, transactions, articles, customer_index, category_index, as_of,
+                                     cfg.windows_weeks, cfg.history_length, article_index, keys)
+
+        def examples() -> DataFrame:
+            pairs = training_examples(transactions, customer_index, article_index, cutoff, cfg.training_window_weeks,
+                                      cfg.decay_half_life_days, cfg.training_snapshot_days)
+            keys = pairs.select("customer_id", F.col("feature_as_of").alias("as_of")).distinct()
+            return with_customer_state(pairs, state(keys=keys))
+
         snapshots = {
-            CUSTOMER_FEATURES: lambda: customer_features(
-                customers, transactions, articles, customer_index, category_index, cutoff, cfg.windows_weeks),
+            CUSTOMER_FEATURES: lambda: state(cutoff),
             ARTICLE_FEATURES: lambda: article_features(
                 articles, transactions, article_index, category_index, cutoff, cfg.windows_weeks,
                 cfg.decay_half_life_days),
             POPULARITY: lambda: popularity(
                 transactions, customers, articles, cutoff, cfg.popularity_window_days, cfg.popularity_top_n,
                 cfg.decay_half_life_days),
-            TRAINING_EXAMPLES: lambda: training_examples(
-                transactions, customer_index, article_index, cutoff, cfg.training_window_weeks,
-                cfg.decay_half_life_days),
+            TRAINING_EXAMPLES: examples,
         }
-        for table, build in snapshots.items():
+        for table, build in ((t, snapshots[t]) for t in snapshot_tables):
             def write(table=table, build=build) -> dict:
                 return {"rows": _write_snapshot(lake, build(), table, cutoff)}
 

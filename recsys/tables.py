@@ -35,6 +35,10 @@ RECOMMENDATIONS_NAMED = "recommendations_named"      # recommendations joined wi
 EVALUATION = "evaluation"
 EVALUATION_RUNS = "evaluation_runs"  # one row per (model, version, test week, segment, metric)
 
+# customer_features / training_examples: the customer's last purchases, most recent first, zero-padded
+SEQ_ARTICLES = "seq_article_idx"   # array<int> of article_idx (0 = padding)
+SEQ_DAYS = "seq_days_before"       # array<int>: days from that purchase to the snapshot's as_of
+
 ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,

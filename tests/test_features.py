@@ -35,7 +35,7 @@ CUSTOMERS_DDL = (
     "age int, postal_code string"
 )
 ARTICLES_DDL = (
-    "article_id string, product_type_no int, product_group_name string, graphical_appearance_no int, "
+    "article_id string, product_code int, product_type_no int, product_group_name string, graphical_appearance_no int, "
     "colour_group_code int, perceived_colour_value_id int, perceived_colour_master_id int, department_no int, "
     "index_code string, index_group_no int, index_group_name string, section_no int, garment_group_no int"
 )
@@ -75,9 +75,9 @@ def frames(spark):
     )
     articles = spark.createDataFrame(
         [
-            (A, 253, "Garment Upper body", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1002),
-            (B, 94, "Shoes", 1010016, 10, 3, 5, 3608, "F", 2, "Menswear", 21, 1020),
-            (C, 253, "Garment Upper body", None, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1002),
+            (A, 108775, 253, "Garment Upper body", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1002),
+            (B, 94001, 94, "Shoes", 1010016, 10, 3, 5, 3608, "F", 2, "Menswear", 21, 1020),
+            (C, 108775, 253, "Garment Upper body", None, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1002),
         ],
         ARTICLES_DDL,
     )
@@ -100,10 +100,10 @@ def test_stable_codes_are_dense_per_feature_in_value_order(spark, frames):
     codes = features.article_codes(articles, category_index)
     expected = spark.createDataFrame(
         [
-            # article pt pg ga cg pcv pcm dep idx ig sec gg
-            (A, 1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1),
-            (B, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2, 2),
-            (C, 1, 1, 0, 2, 2, 1, 1, 1, 1, 1, 1),  # graphical appearance missing -> 0
+            # article prod pt pg ga cg pcv pcm dep idx ig sec gg
+            (A, 1, 1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1),  # product codes in string order: '108775' < '94001'
+            (B, 2, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2, 2),
+            (C, 1, 1, 1, 0, 2, 2, 1, 1, 1, 1, 1, 1),  # graphical appearance missing -> 0; A's product
         ],
         ["article_id", *features.ARTICLE_CATEGORIES],
     ).select("article_id", *[F.col(c).cast("int").alias(c) for c in features.ARTICLE_CATEGORIES])
@@ -180,17 +180,55 @@ def test_training_examples_window_dedup_and_weight(spark, frames):
     result = features.training_examples(transactions, ghost_index, article_index, AS_OF, window_weeks=2, half_life_days=1.0)
     expected = spark.createDataFrame(
         [
-            # as_of  customer  article cidx aidx t_dat             weight days
-            (AS_OF, "c_many", A, 1, 1, D("2020-09-20"), 0.25, 3),  # two units on one day: one example
-            (AS_OF, "c_one", A, 3, 1, D("2020-09-22"), 1.0, 1),
-            (AS_OF, "ghost", B, 4, 2, D("2020-09-10"), 0.5**12, 13),
+            # as_of  customer  article cidx aidx t_dat             weight days  sees the customer as of
+            (AS_OF, "c_many", A, 1, 1, D("2020-09-20"), 0.25, 3, D("2020-09-16")),  # two units: one example
+            (AS_OF, "c_one", A, 3, 1, D("2020-09-22"), 1.0, 1, D("2020-09-16")),
+            (AS_OF, "ghost", B, 4, 2, D("2020-09-10"), 0.5**12, 13, D("2020-09-09")),
         ],
         "as_of date, customer_id string, article_id string, customer_idx int, article_idx int, t_dat date, "
-        "weight double, days_before int",
+        "weight double, days_before int, feature_as_of date",
     )
     assert_approx_df_equality(result, expected, 1e-12, ignore_row_order=True, ignore_nullable=True)
     with pytest.raises(ValueError, match="training_window_weeks"):
         features.training_examples(transactions, ghost_index, article_index, AS_OF, 0, 1.0)
+    daily = features.training_examples(transactions, ghost_index, article_index, AS_OF, 2, 1.0, snapshot_days=1)
+    assert {(r.customer_id, r.feature_as_of) for r in daily.collect()} == {
+        ("c_many", D("2020-09-20")), ("c_one", D("2020-09-22")), ("ghost", D("2020-09-10"))}  # its own day
+
+
+def test_history_sequence_most_recent_first_zero_padded(spark, frames):
+    customers, articles, transactions, category_index, customer_index, article_index = frames
+    result = features.customer_features(customers, transactions, articles, customer_index, category_index, AS_OF,
+                                        history_length=3, article_index=article_index)
+    got = {r.customer_id: (r.seq_article_idx, r.seq_days_before) for r in result.collect()}
+    assert got == {
+        "c_many": ([1, 2, 0], [3, 22, 0]),  # A last bought 09-20 (3 days before), B 09-01; one entry per article
+        "c_one": ([1, 0, 0], [1, 0, 0]),
+        "c_none": ([0, 0, 0], [0, 0, 0]),   # no history: all padding
+    }
+
+
+def test_training_example_never_sees_its_own_purchase(spark, frames):
+    """Point-in-time: the customer state joined to an example is computed strictly before the example's period,
+    so no feature of an example counts the purchase it is trained to predict (or anything after it)."""
+    customers, articles, transactions, category_index, customer_index, article_index = frames
+    examples = features.training_examples(transactions, customer_index, article_index, AS_OF, 4, 14.0)
+    keys = examples.select("customer_id", F.col("feature_as_of").alias("as_of")).distinct()
+    state = features.customer_features(customers, transactions, articles, customer_index, category_index,
+                                       windows_weeks=[1, 4], history_length=4, article_index=article_index, keys=keys)
+    rows = {(r.customer_id, r.t_dat): r for r in features.with_customer_state(examples, state).collect()}
+    # c_one's only purchase before as_of is the example itself (09-22): its state as of 09-16 has no history.
+    one = rows[("c_one", D("2020-09-22"))]
+    assert (one.num_purchases_all, one.num_days_since_last, one.seq_article_idx) == (0.0, 0.0, [0, 0, 0, 0])
+    assert (one.cat_age_bucket, one.cat_club_status) == (1, 1)  # the profile is still there
+    # c_many's 09-20 example sees 08-30 (A) and 09-01 (B) only: not the two units of 09-20 it predicts.
+    many = rows[("c_many", D("2020-09-20"))]
+    assert many.num_purchases_all == 2.0 and many.num_purchases_1w == 0.0 and many.num_days_since_last == 15.0
+    assert many.seq_article_idx == [2, 1, 0, 0] and many.seq_days_before == [15, 17, 0, 0]
+    # the 09-01 example (feature day 08-26) sees nothing; the 08-30 one is out of the 4-week window
+    assert rows[("c_many", D("2020-09-01"))].num_purchases_all == 0.0
+    for row in rows.values():  # in general: the state never reaches the example's own day
+        assert row.num_days_since_last == 0.0 or row.num_days_since_last >= (row.t_dat - row.feature_as_of).days + 1
 
 
 def test_bad_input_names_table_and_column(spark, frames):
@@ -265,7 +303,7 @@ def test_job_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames
     # 2. The future arrives, with a new customer (an id that sorts first) and an article in a new product group.
     newcomer = spark.createDataFrame([("a_new", None, None, None, None, 30, None)], CUSTOMERS_DDL)
     bag = spark.createDataFrame(
-        [("0000000000", 66, "Accessories", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1019)], ARTICLES_DDL
+        [("0000000000", 5001, 66, "Accessories", 1010016, 9, 4, 5, 1676, "A", 1, "Ladieswear", 16, 1019)], ARTICLES_DDL
     )
     _load(lake, customers.unionByName(newcomer), articles.unionByName(bag), everything)
     features.run(lake, as_of=AS_OF)
