@@ -87,6 +87,8 @@ class ModelConfig:
     id_embedding_dim: int = 32
     attribute_embedding_dim: int = 16
     hidden_dim: int = 128
+    customer_id_embedding: bool = True   # False: the customer tower reads features and history only
+    use_history: bool = True             # pool the customer's last articles (features.history_length) in the tower
     epochs: int = 3
     batch_size: int = 2048
     learning_rate: float = 0.003

@@ -1,21 +1,24 @@
 """Training-example streams behind one small interface, so the trainer never knows who reads the data.
 
-A loader yields batches of the narrow training rows `{"customer_idx": Long[B], "article_idx": Long[B],
-"weight": Float[B]}`, every row exactly once per epoch, optionally one shard of them (one per training process).
-`PetastormLoader` streams a Spark DataFrame (the Delta `training_examples` table) through Petastorm's
-`make_spark_converter` -> `make_torch_dataloader`; `MemoryLoader` holds the rows in numpy (tests, small runs,
-and a deterministic order for exact resume). Another reader (Mosaic Streaming, plain Arrow) only has to
-implement `ExampleLoader`.
+A loader yields batches of training rows as a dict column -> tensor: always `customer_idx`, `article_idx`
+(Long[B]) and `weight` (Float[B]), plus whatever customer-state columns the rows carry (point-in-time `cat_*`,
+`num_*` and the `seq_*` history arrays, Long/Float[B, L]); every row exactly once per epoch, optionally one shard
+of them (one per training process). `PetastormLoader` streams a Spark DataFrame (the Delta `training_examples`
+table) through Petastorm's `make_spark_converter` -> `make_torch_dataloader`, so nothing full-size is collected
+on the driver; `MemoryLoader` holds the rows in numpy (tests, small runs, and a deterministic order for exact
+resume). Another reader (Mosaic Streaming, plain Arrow) only has to implement `ExampleLoader`.
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 COLUMNS = ("customer_idx", "article_idx", "weight")
 Batch = dict[str, torch.Tensor]
@@ -35,51 +38,82 @@ class ExampleLoader(Protocol):
         """Release files or workers."""
 
 
-def _batch(customer_idx, article_idx, weight) -> Batch:
-    return {
-        "customer_idx": torch.as_tensor(customer_idx).long(),
-        "article_idx": torch.as_tensor(article_idx).long(),
-        "weight": torch.as_tensor(weight).float(),
-    }
+def _tensor(values) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+    return tensor.float() if tensor.is_floating_point() else tensor.long()
 
 
-def _check_columns(df: DataFrame) -> None:
-    missing = [c for c in COLUMNS if c not in df.columns]
+def _columns(df: DataFrame, extra: Sequence[str]) -> list[str]:
+    wanted = [*COLUMNS, *[c for c in extra if c not in COLUMNS]]
+    missing = [c for c in wanted if c not in df.columns]
     if missing:
         raise ValueError(f"training examples lack column(s) {', '.join(missing)} (have: {', '.join(df.columns)})")
+    return wanted
+
+
+def _typed(df: DataFrame, columns: Sequence[str]) -> DataFrame:
+    """Narrow, fixed types: ids and codes int, numbers float, histories array<int> (what torch batches need)."""
+    def cast(name: str):
+        kind = df.schema[name].dataType
+        if isinstance(kind, T.ArrayType):
+            return F.col(name).cast("array<int>").alias(name)
+        if name == "weight" or name.startswith("num_"):
+            return F.col(name).cast("float").alias(name)
+        return F.col(name).cast("int").alias(name)
+
+    return df.select(*[cast(c) for c in columns])
 
 
 class MemoryLoader:
     """Rows in memory, reshuffled each epoch from (seed, epoch): the same seed gives the same batches."""
 
-    def __init__(self, customer_idx, article_idx, weight, batch_size: int, seed: int = 0,
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int = 0,
                  shard: int = 0, num_shards: int = 1, shuffle: bool = True):
-        self.customer_idx = np.asarray(customer_idx, dtype=np.int64)
-        self.article_idx = np.asarray(article_idx, dtype=np.int64)
-        self.weight = np.asarray(weight, dtype=np.float32)
-        if not (len(self.customer_idx) == len(self.article_idx) == len(self.weight)):
-            raise ValueError("customer_idx, article_idx and weight must have the same length")
+        lengths = {name: len(values) for name, values in arrays.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"every column must have the same length, got {lengths}")
+        missing = [c for c in COLUMNS if c not in arrays]
+        if missing:
+            raise ValueError(f"training rows lack column(s) {', '.join(missing)}")
+        self.arrays = arrays
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.shard_index, self.shard_count = shard, num_shards
-        self.num_rows = len(range(shard, len(self.weight), num_shards))
+        self.size = lengths["weight"]
+        self.num_rows = len(range(shard, self.size, num_shards))
 
     @classmethod
-    def from_dataframe(cls, df: DataFrame, batch_size: int, seed: int = 0, **kwargs) -> "MemoryLoader":
-        _check_columns(df)
-        pdf = df.select(*COLUMNS).toPandas()
-        return cls(pdf["customer_idx"], pdf["article_idx"], pdf["weight"], batch_size, seed, **kwargs)
+    def of(cls, customer_idx, article_idx, weight, batch_size: int, seed: int = 0, **kwargs) -> "MemoryLoader":
+        """The narrow form: (customer, article, weight) rows only."""
+        arrays = {"customer_idx": np.asarray(customer_idx, dtype=np.int64),
+                  "article_idx": np.asarray(article_idx, dtype=np.int64),
+                  "weight": np.asarray(weight, dtype=np.float32)}
+        return cls(arrays, batch_size, seed, **kwargs)
+
+    @classmethod
+    def from_dataframe(cls, df: DataFrame, batch_size: int, seed: int = 0, columns: Sequence[str] = (),
+                       **kwargs) -> "MemoryLoader":
+        wanted = _columns(df, columns)
+        pdf = _typed(df, wanted).toPandas()
+        arrays = {}
+        for name in wanted:
+            values = pdf[name].to_numpy()
+            if values.dtype == object:  # array columns: one fixed-length row each
+                values = np.stack([np.asarray(v, dtype=np.int64) for v in values]) if len(values) else \
+                    np.zeros((0, 0), dtype=np.int64)
+            arrays[name] = values
+        return cls(arrays, batch_size, seed, **kwargs)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        rows = np.arange(self.shard_index, len(self.weight), self.shard_count)
+        rows = np.arange(self.shard_index, self.size, self.shard_count)
         if self.shuffle:
             rows = np.random.default_rng([self.seed, epoch]).permutation(rows)
         for start in range(0, len(rows), self.batch_size):
             take = rows[start:start + self.batch_size]
-            yield _batch(self.customer_idx[take], self.article_idx[take], self.weight[take])
+            yield {name: _tensor(values[take]) for name, values in self.arrays.items()}
 
     def shard(self, rank: int, world_size: int) -> "MemoryLoader":
-        return MemoryLoader(self.customer_idx, self.article_idx, self.weight, self.batch_size, self.seed,
-                            shard=rank, num_shards=world_size, shuffle=self.shuffle)
+        return MemoryLoader(self.arrays, self.batch_size, self.seed, shard=rank, num_shards=world_size,
+                            shuffle=self.shuffle)
 
     def close(self) -> None:
         pass
@@ -93,15 +127,16 @@ class PetastormLoader:
     """
 
     def __init__(self, df: DataFrame, batch_size: int, cache_dir: str | Path, seed: int = 0,
-                 shard: int = 0, num_shards: int = 1, workers: int = 2, shuffle: bool = True):
+                 shard: int = 0, num_shards: int = 1, workers: int = 2, shuffle: bool = True,
+                 columns: Sequence[str] = ()):
         from petastorm.spark import SparkDatasetConverter, make_spark_converter
 
-        _check_columns(df)
+        wanted = _columns(df, columns)
         cache = Path(cache_dir).resolve()
         cache.mkdir(parents=True, exist_ok=True)
         df.sparkSession.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache.as_uri())
-        narrow = df.select(df.customer_idx.cast("int"), df.article_idx.cast("int"), df.weight.cast("float"))
-        self.converter = make_spark_converter(narrow, parquet_row_group_size_bytes=4 * 1024 * 1024)
+        self.converter = make_spark_converter(_typed(df, wanted), parquet_row_group_size_bytes=4 * 1024 * 1024)
+        self.columns = wanted
         self.batch_size, self.seed, self.shuffle, self.workers = batch_size, seed, shuffle, workers
         self.shard_index, self.shard_count = shard, num_shards
         total = len(self.converter)
@@ -120,7 +155,7 @@ class PetastormLoader:
             options.update(cur_shard=self.shard_index, shard_count=self.shard_count)
         with self.converter.make_torch_dataloader(**options) as dataloader:
             for batch in dataloader:
-                yield _batch(batch["customer_idx"], batch["article_idx"], batch["weight"])
+                yield {name: _tensor(batch[name]) for name in self.columns}
 
     def shard(self, rank: int, world_size: int) -> "PetastormLoader":
         """Petastorm shards by row group; the converter (a Parquet cache path) is shared, not rewritten."""
@@ -136,10 +171,12 @@ class PetastormLoader:
 
 
 def make_loader(kind: str, df: DataFrame, batch_size: int, seed: int, cache_dir: str | Path,
-                shard: int = 0, num_shards: int = 1) -> ExampleLoader:
-    """`model.loader` config value -> a loader over `df` (customer_idx, article_idx, weight)."""
+                shard: int = 0, num_shards: int = 1, columns: Sequence[str] = ()) -> ExampleLoader:
+    """`model.loader` config value -> a loader over `df` (customer_idx, article_idx, weight + `columns`)."""
     if kind == "petastorm":
-        return PetastormLoader(df, batch_size, cache_dir, seed=seed, shard=shard, num_shards=num_shards)
+        return PetastormLoader(df, batch_size, cache_dir, seed=seed, shard=shard, num_shards=num_shards,
+                               columns=columns)
     if kind == "memory":
-        return MemoryLoader.from_dataframe(df, batch_size, seed=seed, shard=shard, num_shards=num_shards)
+        return MemoryLoader.from_dataframe(df, batch_size, seed=seed, shard=shard, num_shards=num_shards,
+                                           columns=columns)
     raise ValueError(f"model.loader: unknown loader {kind!r} (expected 'petastorm' or 'memory')")

@@ -1,16 +1,23 @@
 """The two-tower model: a customer tower and an article tower that meet in one L2-normalised space.
 
-Features are discovered by prefix (`cat_*` int codes, `num_*` doubles) so a new feature in the feature store
-reaches the model without code changes. `FeatureSpec` holds everything learned from the training snapshot
-(vocabulary sizes, numeric means and standard deviations), travels inside the saved model, and turns
-feature rows into tensors the same way at training and at scoring time. Anything unseen (a new customer, a new
-article, a new category code) maps to row 0, the reserved "unknown" row, so scoring never crashes.
+Features are discovered by prefix (`cat_*` int codes, `num_*` doubles, `seq_*` the customer's recent articles),
+so a new feature in the feature store reaches the model without code changes. `FeatureSpec` holds everything
+learned from the training data (vocabulary sizes, numeric means and standard deviations, history length),
+travels inside the saved model, and turns feature rows into tensors the same way at training and at scoring
+time. Anything unseen (a new customer, a new article, a new category code) maps to row 0, the reserved
+"unknown" row, so scoring never crashes.
+
+The customer tower knows what the customer bought: the last articles before the customer's snapshot are pooled
+(a learned recency attention) over embeddings SHARED with the article tower (article id and product code), so
+a customer whose id was never seen in training still gets a personal vector. The article tower reads the id and
+the categorical attributes only: sales counts of a snapshot at the end of the training window would describe
+the very purchases being trained on (popularity is the ranker's job, with point-in-time sales features).
 """
 from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -21,12 +28,14 @@ from torch.nn import functional as F
 CAT_PREFIX = "cat_"
 NUM_PREFIX = "num_"
 NUM_CLIP = 5.0  # standardised numeric features are clipped: one extreme customer must not dominate a batch
+SEQ_ARTICLES, SEQ_DAYS = "seq_article_idx", "seq_days_before"  # as in recsys.tables (no Spark import here)
+PRODUCT_CODE = "cat_product_code"   # the article attribute the customer's history shares with the article tower
 
 
 # --- feature contract ------------------------------------------------------------------------------------
 @dataclass
 class SideSpec:
-    """What one tower knows about its entity's features, learned from the training snapshot."""
+    """What one tower knows about its entity's features, learned from the training data."""
 
     id_column: str                       # customer_idx | article_idx
     num_ids: int                         # embedding rows: ids 1..num_ids-1 are known, 0 is unknown
@@ -35,50 +44,102 @@ class SideSpec:
     num_columns: list[str] = field(default_factory=list)
     num_mean: list[float] = field(default_factory=list)
     num_std: list[float] = field(default_factory=list)
+    seq_length: int = 0                  # recent articles per row (customers); 0: no history input
 
     @classmethod
-    def fit(cls, pdf: pd.DataFrame, id_column: str) -> "SideSpec":
-        """Vocabulary sizes and numeric statistics from the training snapshot's feature rows."""
+    def fit(cls, pdf: pd.DataFrame, id_column: str, numeric: bool = True, history: bool = True) -> "SideSpec":
+        """Vocabulary sizes and numeric statistics from feature rows (`numeric=False`: ignore num_* columns)."""
         if id_column not in pdf.columns:
             raise ValueError(f"feature rows have no '{id_column}' column (columns: {', '.join(pdf.columns)})")
         cats = sorted(c for c in pdf.columns if c.startswith(CAT_PREFIX))
-        nums = sorted(c for c in pdf.columns if c.startswith(NUM_PREFIX))
+        nums = sorted(c for c in pdf.columns if c.startswith(NUM_PREFIX)) if numeric else []
         ids = pd.to_numeric(pdf[id_column], errors="coerce").fillna(0)
         sizes = [int(pd.to_numeric(pdf[c], errors="coerce").fillna(0).clip(lower=0).max() or 0) + 1 for c in cats]
         values = pdf[nums].apply(pd.to_numeric, errors="coerce").astype("float64") if nums else pd.DataFrame()
         mean = values.mean().fillna(0.0).tolist() if nums else []
         std = values.std(ddof=0).fillna(0.0).tolist() if nums else []
+        seq = 0
+        if history and SEQ_ARTICLES in pdf.columns and len(pdf):
+            seq = int(max(len(v) for v in pdf[SEQ_ARTICLES] if v is not None))
+        return cls.of(id_column, int(ids.max() if len(ids) else 0) + 1, dict(zip(cats, sizes)),
+                      dict(zip(nums, zip(mean, std))), seq)
+
+    @classmethod
+    def of(cls, id_column: str, num_ids: int, cat_sizes: Mapping[str, int],
+           num_stats: Mapping[str, tuple[float, float]], seq_length: int = 0) -> "SideSpec":
+        """From statistics computed elsewhere (e.g. one Spark aggregation over the training rows)."""
+        cats, nums = sorted(cat_sizes), sorted(num_stats)
         return cls(
             id_column=id_column,
-            num_ids=int(ids.max() if len(ids) else 0) + 1,
+            num_ids=int(num_ids),
             cat_columns=cats,
-            cat_sizes=sizes,
+            cat_sizes=[max(int(cat_sizes[c]), 1) for c in cats],
             num_columns=nums,
-            num_mean=[float(m) for m in mean],
-            num_std=[float(s) if s > 1e-12 else 1.0 for s in std],
+            num_mean=[float(num_stats[c][0] or 0.0) for c in nums],
+            num_std=[float(num_stats[c][1]) if (num_stats[c][1] or 0.0) > 1e-12 else 1.0 for c in nums],
+            seq_length=int(seq_length),
         )
 
-    def tensors(self, pdf: pd.DataFrame) -> dict[str, torch.Tensor]:
-        """Feature rows -> {"id", "cat", "num"} tensors; unknown ids/codes -> 0, missing numbers -> the mean."""
-        n = len(pdf)
-        ids = self._codes(pdf, self.id_column, self.num_ids, n)
+    @property
+    def columns(self) -> list[str]:
+        """Every input column this side reads, besides the id."""
+        return [*self.cat_columns, *self.num_columns, *([SEQ_ARTICLES, SEQ_DAYS] if self.seq_length else [])]
+
+    def tensors(self, rows: Mapping[str, Any] | pd.DataFrame) -> dict[str, torch.Tensor]:
+        """Feature rows (a DataFrame, or a mapping column -> array, e.g. a loader batch) -> {"id", "cat", "num"
+        [, "seq", "seq_days"]} tensors; unknown ids/codes -> 0, missing numbers -> the mean, a missing or short
+        history -> zero padding."""
+        n = _rows(rows, self.id_column)
+        ids = self._codes(rows, self.id_column, self.num_ids, n)
         cat = np.zeros((n, len(self.cat_columns)), dtype=np.int64)
         for j, (column, size) in enumerate(zip(self.cat_columns, self.cat_sizes)):
-            cat[:, j] = self._codes(pdf, column, size, n)
+            cat[:, j] = self._codes(rows, column, size, n)
         num = np.zeros((n, len(self.num_columns)), dtype=np.float32)
         for j, column in enumerate(self.num_columns):
-            if column in pdf.columns:
-                raw = pd.to_numeric(pdf[column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            if column in rows:
+                raw = pd.to_numeric(pd.Series(np.asarray(rows[column]).reshape(-1)), errors="coerce").to_numpy(
+                    dtype=np.float64, na_value=np.nan)
                 raw = np.where(np.isfinite(raw), raw, self.num_mean[j])
                 num[:, j] = np.clip((raw - self.num_mean[j]) / self.num_std[j], -NUM_CLIP, NUM_CLIP)
-        return {"id": torch.from_numpy(ids), "cat": torch.from_numpy(cat), "num": torch.from_numpy(num)}
+        out = {"id": torch.from_numpy(ids), "cat": torch.from_numpy(cat), "num": torch.from_numpy(num)}
+        if self.seq_length:
+            out["seq"] = torch.from_numpy(_padded(rows, SEQ_ARTICLES, n, self.seq_length))
+            out["seq_days"] = torch.from_numpy(_padded(rows, SEQ_DAYS, n, self.seq_length).astype(np.float32))
+        return out
 
     @staticmethod
-    def _codes(pdf: pd.DataFrame, column: str, size: int, n: int) -> np.ndarray:
-        if column not in pdf.columns:
+    def _codes(rows, column: str, size: int, n: int) -> np.ndarray:
+        if column not in rows:
             return np.zeros(n, dtype=np.int64)
-        codes = pd.to_numeric(pdf[column], errors="coerce").fillna(0).to_numpy(dtype=np.int64)
+        values = pd.to_numeric(pd.Series(np.asarray(rows[column]).reshape(-1)), errors="coerce")
+        codes = values.fillna(0).to_numpy(dtype=np.int64)
         return np.where((codes > 0) & (codes < size), codes, 0)
+
+
+def _rows(rows, id_column: str) -> int:
+    return len(rows) if isinstance(rows, pd.DataFrame) else len(np.asarray(rows[id_column]).reshape(-1))
+
+
+def _padded(rows, column: str, n: int, length: int) -> np.ndarray:
+    """A column of int sequences (lists, arrays, or a 2-d array) -> [n, length] int64, truncated / zero-padded."""
+    out = np.zeros((n, length), dtype=np.int64)
+    if column not in rows:
+        return out
+    values = rows[column]
+    if isinstance(values, pd.Series):
+        values = values.to_numpy()
+    if isinstance(values, torch.Tensor):
+        values = values.numpy()
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        width = min(length, values.shape[1])
+        out[:, :width] = values[:, :width]
+        return out
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        value = np.asarray(value, dtype=np.int64)[:length]
+        out[i, :len(value)] = value
+    return out
 
 
 @dataclass
@@ -88,7 +149,8 @@ class FeatureSpec:
 
     @classmethod
     def fit(cls, customer_features: pd.DataFrame, article_features: pd.DataFrame) -> "FeatureSpec":
-        return cls(SideSpec.fit(customer_features, "customer_idx"), SideSpec.fit(article_features, "article_idx"))
+        return cls(SideSpec.fit(customer_features, "customer_idx"),
+                   SideSpec.fit(article_features, "article_idx", numeric=False))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +163,8 @@ class FeatureSpec:
 class FeatureTable:
     """A whole side's features as dense tensors indexed by idx (row 0 = unknown), kept in memory by the trainer.
 
-    The training stream then only carries (customer_idx, article_idx, weight); a batch's features are a gather.
+    The article side lives here (its attributes do not change with time); a batch's features are a gather. The
+    customer side arrives with each training example instead, as of that example's own day (point-in-time).
     """
 
     def __init__(self, spec: SideSpec, pdf: pd.DataFrame):
@@ -111,8 +174,11 @@ class FeatureTable:
         rows = rows[pd.to_numeric(rows[spec.id_column], errors="coerce").between(1, spec.num_ids - 1)]
         dense = dense.merge(rows, on=spec.id_column, how="left")
         self.tensors = spec.tensors(dense)
-        self.tensors["num"][0] = 0.0  # the unknown row: average numbers, unknown codes
+        self.tensors["num"][0] = 0.0  # the unknown row: average numbers, unknown codes, no history
         self.tensors["cat"][0] = 0
+        for name in ("seq", "seq_days"):
+            if name in self.tensors:
+                self.tensors[name][0] = 0
 
     def to(self, device: torch.device) -> "FeatureTable":
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
@@ -133,45 +199,105 @@ class TowerConfig:
     attribute_dim: int = 16
     hidden_dim: int = 128
     output_dim: int = 64
+    customer_id: bool = True             # False: the customer tower is inductive (features and history only)
+
+
+class HistoryPooling(nn.Module):
+    """The customer's last articles -> one vector: a recency attention over the article tower's OWN embeddings.
+
+    Weights are softmax(position bias - rate * days ago) over the non-padding entries, both learned; the pooled
+    vector is [article id embedding ; product code embedding] of the articles, so what the article tower learns
+    about an article is what the history says about the customer. An empty history pools to zeros.
+    """
+
+    def __init__(self, length: int, article_ids: nn.Embedding, product_codes: nn.Embedding | None,
+                 article_product: torch.Tensor):
+        super().__init__()
+        self.article_ids = article_ids
+        self.product_codes = product_codes
+        self.register_buffer("article_product", article_product.long().clone())
+        self.position = nn.Parameter(torch.zeros(length))
+        self.rate = nn.Parameter(torch.tensor(0.0))
+
+    @property
+    def dim(self) -> int:
+        return self.article_ids.embedding_dim + (self.product_codes.embedding_dim if self.product_codes else 0)
+
+    def forward(self, seq: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
+        seq = torch.where((seq > 0) & (seq < self.article_ids.num_embeddings), seq, torch.zeros_like(seq))
+        valid = seq > 0
+        parts = [self.article_ids(seq)]
+        if self.product_codes is not None:
+            parts.append(self.product_codes(self.article_product[seq]))
+        vectors = torch.cat(parts, dim=-1)
+        logits = self.position[None, : seq.shape[1]] - F.softplus(self.rate) * days / 7.0
+        logits = logits.masked_fill(~valid, float("-inf"))
+        weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a row of padding only: all weights 0
+        return (weights.unsqueeze(-1) * vectors).sum(dim=1)
 
 
 class Tower(nn.Module):
-    """id embedding + one embedding per categorical feature + projected numeric features -> MLP -> unit vector.
+    """[id embedding] + one embedding per categorical feature + projected numeric features [+ pooled history]
+    -> MLP -> unit vector.
 
-    Input contract: {"id": Long[B], "cat": Long[B, n_cat], "num": Float[B, n_num]} as made by `SideSpec.tensors`.
+    Input contract: {"id": Long[B], "cat": Long[B, n_cat], "num": Float[B, n_num]} (+ "seq": Long[B, L],
+    "seq_days": Float[B, L] with a history) as made by `SideSpec.tensors`.
     """
 
-    def __init__(self, spec: SideSpec, config: TowerConfig):
+    def __init__(self, spec: SideSpec, config: TowerConfig, use_id: bool = True,
+                 history: HistoryPooling | None = None):
         super().__init__()
-        self.id_embedding = nn.Embedding(spec.num_ids, config.id_dim)
+        self.id_embedding = nn.Embedding(spec.num_ids, config.id_dim) if use_id else None
         self.cat_embeddings = nn.ModuleList(nn.Embedding(size, config.attribute_dim) for size in spec.cat_sizes)
         n_num = len(spec.num_columns)
         self.num_projection = nn.Linear(n_num, config.attribute_dim) if n_num else None
-        width = config.id_dim + config.attribute_dim * len(spec.cat_sizes) + (config.attribute_dim if n_num else 0)
+        self.history = history
+        width = ((config.id_dim if use_id else 0) + config.attribute_dim * len(spec.cat_sizes)
+                 + (config.attribute_dim if n_num else 0) + (history.dim if history is not None else 0))
         self.mlp = nn.Sequential(
-            nn.Linear(width, config.hidden_dim), nn.ReLU(), nn.Linear(config.hidden_dim, config.output_dim)
+            nn.Linear(max(width, 1), config.hidden_dim), nn.ReLU(), nn.Linear(config.hidden_dim, config.output_dim)
         )
-        nn.init.normal_(self.id_embedding.weight, std=0.05)
+        if self.id_embedding is not None:
+            nn.init.normal_(self.id_embedding.weight, std=0.05)
         for embedding in self.cat_embeddings:
             nn.init.normal_(embedding.weight, std=0.05)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self.id_embedding(batch["id"])]
+        parts = [self.id_embedding(batch["id"])] if self.id_embedding is not None else []
         parts += [emb(batch["cat"][:, j]) for j, emb in enumerate(self.cat_embeddings)]
         if self.num_projection is not None:
             parts.append(self.num_projection(batch["num"]))
+        if self.history is not None:
+            parts.append(self.history(batch["seq"], batch["seq_days"]))
+        if not parts:  # no input at all: one learned vector for everyone
+            parts.append(torch.ones(len(batch["id"]), 1, device=self.mlp[0].weight.device))
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
 
 
 class TwoTower(nn.Module):
-    """Score = dot product of the two unit vectors; training divides it by a temperature (see train.py)."""
+    """Score = dot product of the two unit vectors; training divides it by a temperature (see train.py).
 
-    def __init__(self, spec: FeatureSpec, config: TowerConfig):
+    `article_product`: the product code of every article row (the history pooling's shared product embedding);
+    None builds a zero table of the right size, to be filled by `load_state_dict`.
+    """
+
+    def __init__(self, spec: FeatureSpec, config: TowerConfig, article_product: torch.Tensor | None = None):
         super().__init__()
         self.spec = spec
         self.tower_config = config
-        self.customer_tower = Tower(spec.customer, config)
         self.article_tower = Tower(spec.article, config)
+        history = None
+        if spec.customer.seq_length:
+            product = None
+            if PRODUCT_CODE in spec.article.cat_columns:
+                product = self.article_tower.cat_embeddings[spec.article.cat_columns.index(PRODUCT_CODE)]
+            if article_product is None:
+                article_product = torch.zeros(spec.article.num_ids, dtype=torch.long)
+            if self.article_tower.id_embedding is None:
+                raise ValueError("the history pooling needs the article tower's id embedding")
+            history = HistoryPooling(spec.customer.seq_length, self.article_tower.id_embedding, product,
+                                     article_product)
+        self.customer_tower = Tower(spec.customer, config, use_id=config.customer_id, history=history)
 
     def user_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.customer_tower(batch)
@@ -188,6 +314,13 @@ class TwoTower(nn.Module):
         return user @ item.T
 
 
+def article_products(spec: FeatureSpec, articles: "FeatureTable") -> torch.Tensor:
+    """The product code of every article row, from the in-memory article table (0 where unknown)."""
+    if PRODUCT_CODE not in spec.article.cat_columns:
+        return torch.zeros(spec.article.num_ids, dtype=torch.long)
+    return articles.tensors["cat"][:, spec.article.cat_columns.index(PRODUCT_CODE)].detach().cpu().long()
+
+
 def tower_config(model_config) -> TowerConfig:
     """`recsys.config.ModelConfig` -> the sizes the towers need."""
     return TowerConfig(
@@ -195,6 +328,7 @@ def tower_config(model_config) -> TowerConfig:
         attribute_dim=model_config.attribute_embedding_dim,
         hidden_dim=model_config.hidden_dim,
         output_dim=model_config.embedding_dim,
+        customer_id=model_config.customer_id_embedding,
     )
 
 

@@ -1,11 +1,12 @@
 """Train the two-tower model on one feature snapshot; track it in MLflow and register it as `challenger`.
 
-The trainer keeps both feature tables in memory, indexed by customer_idx / article_idx, and streams only the
-narrow (customer_idx, article_idx, weight) rows of `training_examples` through a loader (Petastorm by default).
-The last `model.validation_days` before the snapshot are held out: every epoch is scored on them with the
-project's Recall@12 / MAP@12, the best epoch wins, and training stops when validation stops improving.
-(The held-out days are inside the feature snapshot's window, so validation is optimistic for the aggregate
-features; it is a model-selection signal, the honest test is `recsys evaluate` on the week after as_of.)
+Train as you serve: every row of `training_examples` carries the customer's state (profile, purchase signals,
+the last articles bought) as of the start of its own period, computed in Spark from the purchases strictly
+before it, and streams through a loader (Petastorm by default) straight from Delta; only the article side (the
+catalogue) is held in memory. The last `model.validation_days` before the snapshot are held out: every epoch is
+scored on them with the project's Recall@12 / MAP@12 (the customers as of their period's start), the best epoch
+wins, and training stops when validation stops improving. It is a model-selection signal; the honest test is
+`recsys evaluate` on the week after as_of.
 
 The loss and the negative sampler are separate pieces: `SampledSoftmaxLoss` takes embeddings plus the log of
 each candidate's sampling rate (log-Q correction, Yi et al. 2019), a `NegativeSampler` supplies the extra
@@ -36,7 +37,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from torch.nn import functional as TF
 
@@ -44,10 +45,10 @@ from recsys import metrics
 from recsys.config import Config, ModelConfig
 from recsys.features import read_snapshot
 from recsys.loader import ExampleLoader, make_loader
-from recsys.model import Encoder, FeatureSpec, FeatureTable, TwoTower, tower_config
-from recsys.tables import (
-    ARTICLE_FEATURES, ARTICLE_INDEX, CUSTOMER_FEATURES, CUSTOMER_INDEX, TRAINING_EXAMPLES, Lakehouse,
+from recsys.model import (
+    SEQ_ARTICLES, Encoder, FeatureSpec, FeatureTable, SideSpec, TwoTower, article_products, tower_config,
 )
+from recsys.tables import ARTICLE_FEATURES, ARTICLE_INDEX, CUSTOMER_INDEX, TRAINING_EXAMPLES, Lakehouse
 
 CHALLENGER = "challenger"
 VALIDATION_K = 12
@@ -148,23 +149,26 @@ class SampledSoftmaxLoss:
 # --- training data ---------------------------------------------------------------------------------------
 @dataclass
 class TrainingData:
-    """Everything the loop needs besides the stream: features in memory, sales counts, validation truth."""
+    """What the loop needs besides the stream: the article side in memory, sales counts, validation truth.
+
+    The customer side is NOT here: every training row carries the customer's state as of its own period
+    (`training_examples`, point-in-time), so nothing the example predicts can reach its features.
+    """
 
     as_of: str
     spec: FeatureSpec
-    customers: FeatureTable
     articles: FeatureTable
     article_counts: np.ndarray                      # training rows per article_idx (log-Q, 'recent' sampler)
     validation: dict[int, list[int]]                # customer_idx -> article_idx bought in the held-out days
-    customer_pdf: pd.DataFrame = field(repr=False, default=None)
+    validation_customers: pd.DataFrame = field(repr=False, default=None)  # their state, one row each
     article_pdf: pd.DataFrame = field(repr=False, default=None)
 
     @classmethod
-    def build(cls, customer_pdf: pd.DataFrame, article_pdf: pd.DataFrame, article_counts: pd.DataFrame,
-              validation_rows: pd.DataFrame, as_of: str) -> "TrainingData":
-        """From pandas: feature rows, training rows per article (article_idx, count), validation rows
-        (customer_idx, article_idx)."""
-        spec = FeatureSpec.fit(customer_pdf, article_pdf)
+    def build(cls, customer_spec: SideSpec, article_pdf: pd.DataFrame, article_counts: pd.DataFrame,
+              validation_rows: pd.DataFrame, validation_customers: pd.DataFrame, as_of: str) -> "TrainingData":
+        """From the customer spec, the article feature rows, training rows per article (article_idx, count),
+        validation purchases (customer_idx, article_idx) and the validation customers' state rows."""
+        spec = FeatureSpec(customer_spec, SideSpec.fit(article_pdf, "article_idx", numeric=False))
         idx = article_counts["article_idx"].to_numpy(dtype=np.int64)
         known = (idx > 0) & (idx < spec.article.num_ids)
         counts = np.bincount(idx[known], weights=article_counts["count"].to_numpy(dtype=np.float64)[known],
@@ -172,14 +176,17 @@ class TrainingData:
         validation: dict[int, list[int]] = {}
         for customer, article in zip(validation_rows["customer_idx"].tolist(), validation_rows["article_idx"].tolist()):
             validation.setdefault(int(customer), []).append(int(article))
-        return cls(as_of, spec, FeatureTable(spec.customer, customer_pdf), FeatureTable(spec.article, article_pdf),
-                   counts, validation, customer_pdf, article_pdf)
+        return cls(as_of, spec, FeatureTable(spec.article, article_pdf), counts, validation,
+                   validation_customers, article_pdf)
+
+    def customer_batch(self, rows) -> dict[str, torch.Tensor]:
+        return self.spec.customer.tensors(rows)
 
 
 def _snapshot_date(lake: Lakehouse, as_of: str | None) -> str:
     if as_of:
         return str(date.fromisoformat(str(as_of)))
-    return str(read_snapshot(lake, CUSTOMER_FEATURES).select("as_of").first()[0])
+    return str(read_snapshot(lake, TRAINING_EXAMPLES).select("as_of").first()[0])
 
 
 def _check_examples(examples: DataFrame, as_of: str) -> None:
@@ -198,29 +205,66 @@ def _check_examples(examples: DataFrame, as_of: str) -> None:
         raise ValueError(f"table '{TRAINING_EXAMPLES}' as_of={as_of}: {row['bad_weight']} row(s) with 'weight' <= 0")
 
 
+def state_columns(examples: DataFrame) -> list[str]:
+    """The customer-state columns a training row carries (point-in-time `cat_*`, `num_*`, `seq_*`)."""
+    return [c for c in examples.columns if c.startswith(("cat_", "num_", "seq_"))]
+
+
+def customer_spec(rows: DataFrame, num_ids: int, use_history: bool = True) -> SideSpec:
+    """Vocabulary sizes and numeric statistics of the customer state, in one Spark aggregation over the training
+    rows (nothing full-size comes to the driver)."""
+    columns = state_columns(rows)
+    cats = [c for c in columns if c.startswith("cat_")]
+    nums = [c for c in columns if c.startswith("num_")]
+    history = use_history and SEQ_ARTICLES in columns
+    aggregates = [F.max(c).alias(f"max_{c}") for c in cats]
+    aggregates += [a for c in nums for a in (F.avg(c).alias(f"avg_{c}"), F.stddev_pop(c).alias(f"std_{c}"))]
+    aggregates += [F.max(F.size(SEQ_ARTICLES)).alias("seq")] if history else []
+    aggregates += [F.max("customer_idx").alias("max_id")]
+    row = rows.agg(*aggregates).first().asDict()
+    return SideSpec.of(
+        "customer_idx", max(int(num_ids), int(row["max_id"] or 0) + 1),
+        {c: int(row[f"max_{c}"] or 0) + 1 for c in cats},
+        {c: (row[f"avg_{c}"], row[f"std_{c}"]) for c in nums},
+        int(row.get("seq") or 0) if history else 0,
+    )
+
+
 def load_training_data(lake: Lakehouse, as_of: str | None, mc: ModelConfig) -> tuple[TrainingData, DataFrame]:
-    """Feature snapshot + examples -> (in-memory data, the Spark DataFrame of training rows to stream)."""
+    """Training rows + article snapshot -> (in-memory data, the Spark DataFrame of training rows to stream)."""
     as_of = _snapshot_date(lake, as_of)
-    customer_pdf = read_snapshot(lake, CUSTOMER_FEATURES, as_of).toPandas()
-    article_pdf = read_snapshot(lake, ARTICLE_FEATURES, as_of).toPandas()
-    for name, pdf in ((CUSTOMER_FEATURES, customer_pdf), (ARTICLE_FEATURES, article_pdf)):
-        if pdf.empty:
-            raise ValueError(f"table '{name}' has no snapshot as_of={as_of}: run `recsys features --as-of {as_of}`")
+    article_pdf = read_snapshot(lake, ARTICLE_FEATURES, as_of).toPandas()  # the catalogue: bounded
+    if article_pdf.empty:
+        raise ValueError(f"table '{ARTICLE_FEATURES}' has no snapshot as_of={as_of}: run `recsys features --as-of {as_of}`")
     examples = read_snapshot(lake, TRAINING_EXAMPLES, as_of)
     _check_examples(examples, as_of)
+    columns = state_columns(examples)
+    if not any(c.startswith(("num_", "seq_")) for c in columns) or "feature_as_of" not in examples.columns:
+        raise ValueError(f"table '{TRAINING_EXAMPLES}' as_of={as_of} has no point-in-time customer state "
+                         f"(feature_as_of, num_*, seq_*): rebuild it with `recsys features --as-of {as_of}`")
     validation_start = date.fromisoformat(as_of) - timedelta(days=mc.validation_days)
     held_out = F.col("t_dat") >= F.lit(validation_start.isoformat()).cast("date")
     train = examples.filter(~held_out) if mc.validation_days > 0 else examples
     if mc.max_train_rows > 0:
         train = train.orderBy(F.col("t_dat").desc(), "customer_idx", "article_idx").limit(mc.max_train_rows)
-    train = train.select("customer_idx", "article_idx", "weight")
+    if not mc.use_history:
+        columns = [c for c in columns if not c.startswith("seq_")]
+    train = train.select("customer_idx", "article_idx", "weight", *columns)
     counts = train.groupBy("article_idx").count().toPandas()
     if counts.empty:
         raise ValueError(f"table '{TRAINING_EXAMPLES}' as_of={as_of}: no rows before the "
                          f"{mc.validation_days} held-out days (lower model.validation_days)")
-    validation = (examples.filter(held_out).select("customer_idx", "article_idx").toPandas()
-                  if mc.validation_days > 0 else pd.DataFrame({"customer_idx": [], "article_idx": []}))
-    data = TrainingData.build(customer_pdf, article_pdf, counts, validation, as_of)
+    known = lake.read(CUSTOMER_INDEX).agg(F.max("customer_idx")).first()[0] if lake.exists(CUSTOMER_INDEX) else 0
+    spec = customer_spec(train, (known or 0) + 1, mc.use_history)
+    empty = pd.DataFrame({"customer_idx": pd.Series([], dtype="int64"), "article_idx": pd.Series([], dtype="int64")})
+    validation, validation_customers = empty, pd.DataFrame({"customer_idx": pd.Series([], dtype="int64")})
+    if mc.validation_days > 0:
+        rows = examples.filter(held_out)
+        validation = rows.select("customer_idx", "article_idx").toPandas()  # one period of buyers: bounded
+        first = Window.partitionBy("customer_idx").orderBy("feature_as_of", "t_dat", "article_idx")
+        validation_customers = (rows.withColumn("_n", F.row_number().over(first)).filter("_n = 1")
+                                .select("customer_idx", *columns).toPandas())
+    data = TrainingData.build(spec, article_pdf, counts, validation, validation_customers, as_of)
     return data, train
 
 
@@ -257,22 +301,23 @@ def article_embeddings(model: TwoTower, articles: FeatureTable, batch_size: int 
     return torch.cat(out)
 
 
-def top_k(model: TwoTower, data: TrainingData, customer_idx: list[int], k: int,
+def top_k(model: TwoTower, data: TrainingData, customers: pd.DataFrame, k: int,
           block: int = 4096) -> dict[int, list[int]]:
-    """Exact top-k article_idx per customer over the whole catalogue (the unknown row excluded)."""
+    """Exact top-k article_idx per customer state row (customer_idx + state columns) over the whole catalogue
+    (the unknown row excluded)."""
     was_training = model.training
     model.eval()
     items = article_embeddings(model, data.articles)
     device = items.device
     result: dict[int, list[int]] = {}
     with torch.no_grad():
-        for start in range(0, len(customer_idx), block):
-            chunk = customer_idx[start:start + block]
-            users = model.user_embedding(data.customers.batch(torch.as_tensor(chunk, device=device)))
-            scores = model.score(users, items)
+        for start in range(0, len(customers), block):
+            chunk = customers.iloc[start:start + block]
+            batch = {name: t.to(device) for name, t in data.customer_batch(chunk).items()}
+            scores = model.score(model.user_embedding(batch), items)
             scores[:, 0] = float("-inf")
             best = scores.topk(min(k, items.shape[0] - 1), dim=1).indices.cpu().tolist()
-            result.update(zip(chunk, best))
+            result.update(zip(chunk["customer_idx"].astype(int).tolist(), best))
     model.train(was_training)
     return result
 
@@ -281,8 +326,7 @@ def validate(model: TwoTower, data: TrainingData, k: int = VALIDATION_K) -> dict
     """Recall@k and MAP@k of the model on the held-out days, with the project's metric definitions."""
     if not data.validation:
         return {}
-    customers = sorted(data.validation)
-    scores = metrics.evaluate(top_k(model, data, customers, k), data.validation, [k])
+    scores = metrics.evaluate(top_k(model, data, data.validation_customers, k), data.validation, [k])
     return {f"val_{metrics.metric_name(name, k)}": scores[metrics.metric_name(name, k)] for name in ("recall", "map")}
 
 
@@ -327,7 +371,6 @@ def fit(model: TwoTower, loader: ExampleLoader, data: TrainingData, mc: ModelCon
     device = resolve_device(mc.device)
     seed_everything(mc.seed)
     model.to(device)
-    data.customers.to(device)
     data.articles.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=mc.learning_rate, weight_decay=mc.weight_decay)
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "history": [],
@@ -396,11 +439,12 @@ class _nothing:
 def _step(trainer, batch, data: TrainingData, sampler: NegativeSampler, in_batch: FrequencySampler,
           loss_fn: SampledSoftmaxLoss, mc: ModelConfig, generator: torch.Generator, device) -> torch.Tensor:
     """One batch: positives and extra negatives through the article tower in one call, then the loss."""
+    customers = {name: t.to(device) for name, t in data.customer_batch(batch).items()}
     customer_idx = batch["customer_idx"].to(device)
     article_idx = batch["article_idx"].to(device)
     weight = batch["weight"].to(device)
     negative_idx = sampler.sample(mc.negatives, generator).to(device) if mc.negatives > 0 else article_idx[:0]
-    user, items = trainer(data.customers.batch(customer_idx), data.articles.batch(torch.cat([article_idx, negative_idx])))
+    user, items = trainer(customers, data.articles.batch(torch.cat([article_idx, negative_idx])))
     positives, negatives = items[: len(article_idx)], items[len(article_idx):]
     corrections = {}
     if mc.log_q_correction:
@@ -479,15 +523,17 @@ def configure_mlflow(config: Config) -> str:
 def _signature(data: TrainingData, encoder: Encoder):
     """Input: every feature column either tower reads (each optional); output: [n, dim] float32."""
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types.schema import Array, DataType
 
-    def spec_for(pdf: pd.DataFrame, column: str) -> ColSpec:
-        kind = "double" if column.startswith("num_") else "long"
-        return ColSpec(kind, column, required=False)
+    def spec_for(column: str) -> ColSpec:
+        if column.startswith("seq_"):
+            return ColSpec(Array(DataType.long), column, required=False)
+        return ColSpec("double" if column.startswith("num_") else "long", column, required=False)
 
     columns = {}
-    for pdf, side in ((data.customer_pdf, data.spec.customer), (data.article_pdf, data.spec.article)):
-        for column in [side.id_column, *side.cat_columns, *side.num_columns]:
-            columns.setdefault(column, spec_for(pdf, column))
+    for side in (data.spec.customer, data.spec.article):
+        for column in [side.id_column, *side.columns]:
+            columns.setdefault(column, spec_for(column))
     return mlflow.models.ModelSignature(
         inputs=Schema(list(columns.values())),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.dim))]),
@@ -559,7 +605,7 @@ def run(lake: Lakehouse, as_of: str | None = None) -> dict[str, Any]:
     experiment_id = configure_mlflow(config)
     checkpoint = checkpoint_path(config, data.as_of)
     saved = read_checkpoint(checkpoint)
-    model = TwoTower(data.spec, tower_config(mc))
+    model = TwoTower(data.spec, tower_config(mc), article_products(data.spec, data.articles))
     with mlflow.start_run(run_id=saved.get("run_id") if saved else None,
                           run_name=None if saved else f"two-tower as_of {data.as_of}") as active:
         run_id = active.info.run_id
@@ -572,7 +618,8 @@ def run(lake: Lakehouse, as_of: str | None = None) -> dict[str, Any]:
             mlflow.set_tags({"feature_as_of": data.as_of, "stage": "train"})
             mlflow.log_metrics(popularity_validation(data))
         loader = make_loader(mc.loader, train_rows, mc.batch_size, mc.seed,
-                             config.path(config.paths.checkpoint_dir) / "petastorm")
+                             config.path(config.paths.checkpoint_dir) / "petastorm",
+                             columns=data.spec.customer.columns)
         try:
             extra = {"run_id": run_id}
             if mc.distributed_processes > 1:

@@ -157,3 +157,51 @@ def test_samplers_never_draw_the_unknown_row_and_follow_their_law():
     drawn = FrequencySampler(np.array([100, 3, 1, 0])).sample(4000, g)
     assert set(drawn.tolist()) <= {1, 2}
     assert 0.7 < float((drawn == 1).float().mean()) < 0.8  # 3:1
+
+
+# --- the customer's history in the customer tower ---------------------------------------------------------
+def _with_history(rows: pd.DataFrame, sequences: list[list[int]]) -> pd.DataFrame:
+    return rows.assign(seq_article_idx=sequences, seq_days_before=[[1] * len(s) for s in sequences])
+
+
+def test_history_gives_an_unseen_customer_a_personal_vector_from_shared_article_embeddings():
+    customers = _with_history(customer_rows(), [[1, 2, 0], [3, 0, 0], [0, 0, 0]])
+    articles = article_rows().assign(cat_product_code=[1, 1, 2, 3])  # articles 1 and 2: one product, two colours
+    spec = FeatureSpec.fit(customers, articles)
+    assert spec.customer.seq_length == 3 and spec.article.num_columns == []  # no leaky sales numbers
+    torch.manual_seed(0)
+    table = FeatureTable(spec.article, articles)
+    from recsys.model import article_products
+
+    model = TwoTower(spec, TowerConfig(id_dim=4, attribute_dim=3, hidden_dim=8, output_dim=6, customer_id=False),
+                     article_products(spec, table)).eval()
+    pooling = model.customer_tower.history
+    assert pooling.article_ids is model.article_tower.id_embedding  # shared, not copied
+    assert model.customer_tower.id_embedding is None
+    assert pooling.article_product.tolist() == [0, 1, 1, 2, 3]
+    strangers = _with_history(customer_rows().assign(customer_idx=[999, 999, 999]), [[1, 0, 0], [3, 0, 0], [0, 0, 0]])
+    encoder = Encoder.from_model(model, as_of="2020-09-22")
+    vectors = encoder.encode_customers(strangers)
+    assert not np.allclose(vectors[0], vectors[1])  # same unknown id, different histories: different vectors
+    # the pooled input is the article tower's own embeddings: changing article 1's embedding moves customer 0 only
+    with torch.no_grad():
+        model.article_tower.id_embedding.weight[1] += 1.0
+    moved = Encoder.from_model(model, as_of="2020-09-22").encode_customers(strangers)
+    assert not np.allclose(moved[0], vectors[0]) and np.allclose(moved[1], vectors[1], atol=1e-6)
+    # a saved model rebuilds the same product table from its state
+    again = pickle.loads(pickle.dumps(encoder))
+    assert np.allclose(again.encode_customers(strangers), vectors, atol=1e-6)
+
+
+def test_history_pooling_weights_recent_articles_and_ignores_padding():
+    from recsys.model import HistoryPooling
+
+    ids = torch.nn.Embedding(4, 2)
+    with torch.no_grad():
+        ids.weight.copy_(torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]))
+    pooling = HistoryPooling(3, ids, None, torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        pooling.rate.fill_(5.0)  # strong recency
+        out = pooling(torch.tensor([[1, 2, 0], [0, 0, 0]]), torch.tensor([[0.0, 70.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.allclose(out[0], torch.tensor([1.0, 0.0]), atol=1e-3)  # the older article barely counts
+    assert torch.equal(out[1], torch.zeros(2))  # padding only: nothing, not the unknown row's embedding

@@ -16,7 +16,7 @@ import torch
 
 from recsys import metrics, train
 from recsys.loader import MemoryLoader, PetastormLoader
-from recsys.model import Encoder, TwoTower, load_encoder, tower_config
+from recsys.model import Encoder, SideSpec, TwoTower, article_products, load_encoder, tower_config
 from recsys.tables import (
     ARTICLE_FEATURES, ARTICLE_INDEX, CUSTOMER_FEATURES, CUSTOMER_INDEX, TRAINING_EXAMPLES,
 )
@@ -24,6 +24,7 @@ from recsys.tables import (
 torch.set_num_threads(2)
 AS_OF = date(2020, 9, 1)
 GROUPS, PER_GROUP, POPULAR = 4, 10, 4
+HISTORY = 5
 
 
 def planted_taste(n_customers: int = 240, purchases: int = 12, test_purchases: int = 3, days: int = 42,
@@ -51,12 +52,16 @@ def planted_taste(n_customers: int = 240, purchases: int = 12, test_purchases: i
     article_id = [f"{a + 108775015:010d}" for a in range(n_articles)]
     history = pd.DataFrame(rows, columns=["c", "a", "t_dat"])
     days_before = history["t_dat"].map(lambda d: (AS_OF - d).days)
-    examples = pd.DataFrame({
-        "as_of": AS_OF, "customer_id": [customer_id[c] for c in history["c"]],
-        "article_id": [article_id[a] for a in history["a"]], "customer_idx": (history["c"] + 1).astype("int32"),
-        "article_idx": (history["a"] + 1).astype("int32"), "t_dat": history["t_dat"],
-        "weight": 0.5 ** ((days_before - 1) / 14.0), "days_before": days_before.astype("int32"),
-    })
+    feature_as_of = [AS_OF - timedelta(days=7 * -(-d // 7)) for d in days_before]  # the start of its week
+
+    def sequence(c: int, cut: date) -> list[int]:
+        """The customer's articles (article_idx) bought before `cut`, most recent first: the history input."""
+        past = history[(history["c"] == c) & (history["t_dat"] < cut)].sort_values("t_dat", ascending=False)
+        return (past["a"].drop_duplicates() + 1).head(HISTORY).tolist()
+
+    def padded(values: list[int]) -> list[int]:
+        return values + [0] * (HISTORY - len(values))
+
     share = pd.crosstab(history["c"], article_group[history["a"]] + 1, normalize="index")
     customers = pd.DataFrame({
         "customer_id": customer_id, "customer_idx": np.arange(1, n_customers + 1, dtype="int32"), "as_of": AS_OF,
@@ -69,7 +74,23 @@ def planted_taste(n_customers: int = 240, purchases: int = 12, test_purchases: i
         "num_purchases_all": history.groupby("c").size().reindex(range(n_customers), fill_value=0).astype(float).values,
         **{f"num_share_index_group_{g}": share.get(g + 1, pd.Series(0.0, index=share.index))
            .reindex(range(n_customers), fill_value=0.0).values for g in range(GROUPS)},
+        "seq_article_idx": [padded(sequence(c, AS_OF)) for c in range(n_customers)],
+        "seq_days_before": [[0] * HISTORY for _ in range(n_customers)],
     })
+    # Point-in-time rows: the profile, and the history as of the start of the example's week (never the example).
+    state = customers.set_index("customer_idx")[[c for c in customers.columns if c.startswith("cat_")]]
+    examples = pd.DataFrame({
+        "as_of": AS_OF, "customer_id": [customer_id[c] for c in history["c"]],
+        "article_id": [article_id[a] for a in history["a"]], "customer_idx": (history["c"] + 1).astype("int32"),
+        "article_idx": (history["a"] + 1).astype("int32"), "t_dat": history["t_dat"],
+        "weight": 0.5 ** ((days_before - 1) / 14.0), "days_before": days_before.astype("int32"),
+        "feature_as_of": feature_as_of,
+    })
+    examples = examples.join(state, on="customer_idx")
+    examples["num_purchases_all"] = [float(((history["c"] == c) & (history["t_dat"] < cut)).sum())
+                                     for c, cut in zip(history["c"], feature_as_of)]
+    examples["seq_article_idx"] = [padded(sequence(c, cut)) for c, cut in zip(history["c"], feature_as_of)]
+    examples["seq_days_before"] = [[0] * HISTORY for _ in range(len(examples))]
     sales = history.groupby("a").size().reindex(range(n_articles), fill_value=0)
     articles = pd.DataFrame({
         "article_id": article_id, "article_idx": np.arange(1, n_articles + 1, dtype="int32"), "as_of": AS_OF,
@@ -156,9 +177,24 @@ def _in_memory(world, validation_days: int = 7):
     ex = world["examples"]
     held = ex["t_dat"] >= AS_OF - timedelta(days=validation_days)
     counts = ex[~held].groupby("article_idx").size().rename("count").reset_index()
-    data = train.TrainingData.build(world["customers"], world["articles"], counts, ex[held], AS_OF.isoformat())
-    rows = ex[~held]
-    return data, rows
+    state = [c for c in ex.columns if c.startswith(("cat_", "num_", "seq_"))]
+    spec = SideSpec.fit(ex[["customer_idx", *state]], "customer_idx")
+    validation_customers = ex[held].sort_values(["feature_as_of", "t_dat"]).drop_duplicates("customer_idx")
+    data = train.TrainingData.build(spec, world["articles"], counts, ex[held], validation_customers[
+        ["customer_idx", *state]], AS_OF.isoformat())
+    return data, ex[~held]
+
+
+def memory_loader(rows: pd.DataFrame, mc) -> MemoryLoader:
+    """The training rows as the trainer streams them: ids, weight and the customer state columns."""
+    arrays = {c: (np.stack(rows[c].map(np.asarray).to_numpy()) if c.startswith("seq_") else rows[c].to_numpy())
+              for c in rows.columns if c in ("customer_idx", "article_idx", "weight") or c.startswith(
+                  ("cat_", "num_", "seq_"))}
+    return MemoryLoader(arrays, mc.batch_size, mc.seed)
+
+
+def two_tower(data, mc) -> TwoTower:
+    return TwoTower(data.spec, tower_config(mc), article_products(data.spec, data.articles))
 
 
 def test_resume_after_interruption_reaches_the_same_weights(lake, tmp_path, world):
@@ -168,8 +204,7 @@ def test_resume_after_interruption_reaches_the_same_weights(lake, tmp_path, worl
 
     def fresh():
         torch.manual_seed(mc.seed)
-        loader = MemoryLoader(rows["customer_idx"], rows["article_idx"], rows["weight"], mc.batch_size, mc.seed)
-        return TwoTower(data.spec, tower_config(mc)), loader
+        return two_tower(data, mc), memory_loader(rows, mc)
 
     model, loader = fresh()
     straight = train.fit(model, loader, data, mc, checkpoint=tmp_path / "a.pt")
@@ -197,8 +232,8 @@ def test_early_stopping_keeps_the_best_epoch(lake, tmp_path, world):
     configure(lake, tmp_path, epochs=12, patience=1, loader="memory", learning_rate=0.05)
     mc = lake.config.model
     data, rows = _in_memory(world)
-    loader = MemoryLoader(rows["customer_idx"], rows["article_idx"], rows["weight"], mc.batch_size, mc.seed)
-    model = TwoTower(data.spec, tower_config(mc))
+    loader = memory_loader(rows, mc)
+    model = two_tower(data, mc)
     result = train.fit(model, loader, data, mc)
     assert result.stopped_early and len(result.history) < 12
     maps = [r["val_map_at_12"] for r in result.history]
@@ -242,7 +277,7 @@ def test_bad_training_rows_are_named(lake, tmp_path, world):
     configure(lake, tmp_path)
     with pytest.raises(ValueError, match=r"training_examples.*1 row\(s\) with null 'weight'"):
         train.run(lake, as_of=AS_OF.isoformat())
-    with pytest.raises(ValueError, match=r"customer_features.*2020-08-01"):
+    with pytest.raises(ValueError, match=r"article_features.*2020-08-01"):
         train.run(lake, as_of="2020-08-01")
 
 
@@ -250,8 +285,8 @@ def test_torch_distributor_trains_two_local_processes_on_shards(lake, tmp_path, 
     configure(lake, tmp_path, epochs=2, loader="memory", distributed_processes=2)
     mc = lake.config.model
     data, rows = _in_memory(world)
-    loader = MemoryLoader(rows["customer_idx"], rows["article_idx"], rows["weight"], mc.batch_size, mc.seed)
-    model = TwoTower(data.spec, tower_config(mc))
+    loader = memory_loader(rows, mc)
+    model = two_tower(data, mc)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train.fit_distributed(model, loader, data, mc, checkpoint=tmp_path / "dist.pt")
     assert [r["examples"] for r in result.history] == [(len(rows) + 1) // 2] * 2  # rank 0: its half
