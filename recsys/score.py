@@ -16,7 +16,7 @@ import datetime as dt
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from recsys.index import ArticleIndex, build_from_config, save_with_model, set_t
 from recsys.popularity import UNKNOWN
 from recsys.publish import conform, new_run_id, publish
 from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, customer_segments, popularity_lists
+from recsys.features import read_snapshot
 from recsys.split import as_date, before
 from recsys.tables import ARTICLE_FEATURES, CUSTOMER_FEATURES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
@@ -90,8 +91,37 @@ def _top_rows(customer_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> 
     return out[out["article_id"].notna()]
 
 
+def _extra_rows(customer_ids: np.ndarray, extras: pd.Series, vectors: np.ndarray, articles: "ArticleVectors"
+                ) -> pd.DataFrame:
+    """The similarity of each customer to articles other sources proposed (pos null: not a model pick)."""
+    counts = extras.map(lambda v: 0 if v is None else len(v)).to_numpy()
+    if counts.sum() == 0:
+        return pd.DataFrame(columns=["customer_id", "article_id", "score", "pos"])
+    owner = np.repeat(np.arange(len(customer_ids)), counts)
+    ids = np.concatenate([np.asarray(v, dtype=object) for v in extras if v is not None and len(v)])
+    rows = articles.rows(ids)
+    known = rows >= 0
+    scores = np.full(len(ids), np.nan)
+    scores[known] = np.einsum("ij,ij->i", vectors[owner[known]], articles.matrix[rows[known]])
+    return pd.DataFrame({"customer_id": customer_ids[owner].astype(object), "article_id": ids, "score": scores,
+                         "pos": pd.array([None] * len(ids), dtype="Int32")})
+
+
+class ArticleVectors:
+    """Article id -> row of the item-tower matrix: the similarity of any (customer, article) pair, not only the
+    index's nearest neighbours (the ranker's `two_tower_similarity` for the other sources' candidates)."""
+
+    def __init__(self, ids: Sequence[str], matrix: np.ndarray):
+        self.ids = pd.Index(list(ids))
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.ids.get_indexer(ids)
+
+
 def _search_fn(payload, token: str, n: int, threads: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The mapInPandas body: embed a batch of customers, search the index, emit the top `n` rows."""
+    """The mapInPandas body: embed a batch of customers, search the index, emit the top `n` rows (and, when the
+    rows carry `extra_articles`, the similarity to each of those, with pos null)."""
 
     def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from pyspark import cloudpickle
@@ -99,31 +129,45 @@ def _search_fn(payload, token: str, n: int, threads: int) -> Callable[[Iterator[
         if token not in _WORKER_STATE:  # once per Python worker and run, not per batch
             _WORKER_STATE.clear()
             _WORKER_STATE[token] = cloudpickle.loads(payload.value)
-        encoder, index = _WORKER_STATE[token]
+        encoder, index, articles = _WORKER_STATE[token]
         set_threads(threads)
         for pdf in batches:
             if len(pdf) == 0:
                 continue
             vectors = encoder.encode_customers(pdf)
-            scores, ids = index.search(vectors, n)
-            yield _top_rows(pdf["customer_id"].to_numpy(), scores, ids)
+            customer_ids = pdf["customer_id"].to_numpy()
+            if n > 0:
+                scores, ids = index.search(vectors, n)
+                yield _top_rows(customer_ids, scores, ids)
+            if articles is not None and "extra_articles" in pdf.columns:
+                extra = _extra_rows(customer_ids, pdf["extra_articles"], vectors, articles)
+                if len(extra):
+                    yield extra
 
     return search
 
 
 def model_candidates(customer_features: DataFrame, encoder: Any, index: ArticleIndex, n: int,
-                     threads: int = 1, partitions: int | None = None) -> DataFrame:
+                     threads: int = 1, partitions: int | None = None, extra: DataFrame | None = None,
+                     articles: ArticleVectors | None = None) -> DataFrame:
     """customer_id, article_id, score, pos: the `n` nearest articles of each customer (lazy; Spark job).
 
-    The encoder and the index are shipped as one broadcast of cloudpickled bytes, so any picklable encoder
-    works (including test doubles defined outside the package).
+    With `extra` (customer_id, article_id pairs) and the article vectors, also each of those pairs' similarity
+    (pos null). The encoder, the index and the vectors are shipped as one broadcast of cloudpickled bytes, so
+    any picklable encoder works (including test doubles defined outside the package).
     """
     from pyspark import cloudpickle
 
     spark = customer_features.sparkSession
-    payload = spark.sparkContext.broadcast(cloudpickle.dumps((encoder, index)))
+    rows = customer_features
+    if extra is not None:
+        if articles is None:
+            raise ValueError("model_candidates: `extra` pairs need the article vectors to score them")
+        lists = extra.groupBy("customer_id").agg(F.collect_set("article_id").alias("extra_articles"))
+        rows = rows.join(lists, "customer_id", "left")
+    payload = spark.sparkContext.broadcast(cloudpickle.dumps((encoder, index, articles)))
     token = uuid.uuid4().hex
-    rows = customer_features.repartition(partitions) if partitions else customer_features
+    rows = rows.repartition(partitions) if partitions else rows
     return rows.mapInPandas(_search_fn(payload, token, n, threads), CANDIDATE_COLUMNS)
 
 
@@ -136,30 +180,41 @@ def _model_version(encoder: Any) -> str:
     return str(getattr(encoder, "model_version", "") or "unversioned")
 
 
-def _lists(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None, customers: DataFrame | None,
-           mlflow_run_id: str | None = None) -> tuple[DataFrame, dict[str, Any], Callable[[], None]]:
-    """(lazy lists customer_id, rank, article_id, score, source; facts about the run; cleanup)."""
-    from recsys.features import read_snapshot
+def check_model_date(encoder: Any, as_of: dt.date, what: str = "scored") -> None:
+    """A model trained on features as of D must never be scored (or evaluated) on a day before D: its training
+    rows would include the purchases it is asked to predict."""
+    trained = getattr(encoder, "as_of", "") or ""
+    if trained and as_of < as_date(trained, "model as_of"):
+        raise ValueError(f"model {_model_version(encoder)} was trained on features as of {trained}; it cannot be "
+                         f"{what} as of {as_of.isoformat()} (before its training data ends): that would leak the "
+                         "purchases it learned from into the evaluation")
 
+
+def retrieval(lake: Lakehouse, encoder: Any, snapshot: dt.date, mlflow_run_id: str | None = None
+              ) -> tuple[ArticleIndex, ArticleVectors, dict[str, Any]]:
+    """The item tower over the candidate articles of `snapshot`: a FAISS index (saved beside the model) and the
+    vectors themselves (for similarities of pairs the index did not return)."""
     config = lake.config
     scoring = config.scoring
-    k = scoring.k
-    customer_features = read_snapshot(lake, CUSTOMER_FEATURES, as_of)
-    snapshot = as_date(customer_features.select("as_of").first()[0], "as_of")
+    model_version = _model_version(encoder)
     article_features = read_snapshot(lake, ARTICLE_FEATURES, snapshot)
     transactions = lake.read(TRANSACTIONS)
-    model_version = _model_version(encoder)
-
     articles_pdf = candidate_articles(article_features, transactions, snapshot, scoring.candidate_weeks).toPandas()
     if articles_pdf.empty:
         raise ValueError(f"no candidate articles to index as of {snapshot} (scoring.candidate_weeks="
                          f"{scoring.candidate_weeks})")
     vectors = encoder.encode_articles(articles_pdf)
-    index = build_from_config(vectors, articles_pdf["article_id"].tolist(), scoring,
-                              model_version=model_version, as_of=snapshot.isoformat())
+    ids = articles_pdf["article_id"].tolist()
+    index = build_from_config(vectors, ids, scoring, model_version=model_version, as_of=snapshot.isoformat())
     index_dir = Path(config.path(config.paths.artifacts_dir)) / "index" / model_version.replace("/", "_")
     index_location = save_with_model(index, index_dir, run_id=mlflow_run_id, tracking_uri=config.tracking_uri)
+    facts = {"index": {"type": index.index_type, "articles": index.size, "dim": index.dim, **index_location}}
+    return index, ArticleVectors(ids, vectors), facts
 
+
+def customer_rows(lake: Lakehouse, snapshot: dt.date, customers: DataFrame | None) -> tuple[DataFrame, DataFrame]:
+    """(the customer_features rows to encode, customer_id + age_bucket of everyone who needs a list)."""
+    customer_features = read_snapshot(lake, CUSTOMER_FEATURES, snapshot)
     segments = customer_segments(lake.read(CUSTOMERS))
     if customers is not None:  # a subset (e.g. an evaluation week's buyers); unknown ids get the 'unknown' bucket
         segments = (
@@ -167,20 +222,35 @@ def _lists(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None, customers
             .select("customer_id", F.coalesce("age_bucket", F.lit(UNKNOWN)).alias("age_bucket"))
         )
         customer_features = customer_features.join(segments.select("customer_id"), "customer_id", "left_semi")
+    return customer_features, segments
+
+
+def snapshot_of(lake: Lakehouse, as_of: dt.date | str | None) -> dt.date:
+    from recsys.features import read_snapshot
+
+    return as_date(read_snapshot(lake, CUSTOMER_FEATURES, as_of).select("as_of").first()[0], "as_of")
+
+
+def _lists(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None, customers: DataFrame | None,
+           mlflow_run_id: str | None = None) -> tuple[DataFrame, dict[str, Any], Callable[[], None]]:
+    """(lazy lists customer_id, rank, article_id, score, source; facts about the run; cleanup)."""
+    config = lake.config
+    scoring = config.scoring
+    k = scoring.k
+    snapshot = snapshot_of(lake, as_of)
+    check_model_date(encoder, snapshot)
+    index, _, facts = retrieval(lake, encoder, snapshot, mlflow_run_id)
+    customer_features, segments = customer_rows(lake, snapshot, customers)
     n = k if not scoring.exclude_purchased else max(k, scoring.candidates)
     candidates = model_candidates(
         scored_customers(customer_features, scoring.min_history), encoder, index, n,
         threads=scoring.threads_per_task, partitions=scoring.partitions,
     )
-    exclude = purchased(transactions, snapshot) if scoring.exclude_purchased else None
+    exclude = purchased(lake.read(TRANSACTIONS), snapshot) if scoring.exclude_purchased else None
     popular = popularity_lists(lake, snapshot, k).cache()
     recs = complete_lists(candidates, segments, popular, k, exclude)
-    facts = {
-        "as_of": snapshot.isoformat(),
-        "index": {"type": index.index_type, "articles": index.size, "dim": index.dim, **index_location},
-        "exclude_purchased": scoring.exclude_purchased,
-    }
-    return recs, facts, popular.unpersist
+    return recs, {"as_of": snapshot.isoformat(), **facts, "exclude_purchased": scoring.exclude_purchased}, \
+        popular.unpersist
 
 
 def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,

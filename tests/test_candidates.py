@@ -50,8 +50,7 @@ def test_repurchase_ranks_recency_then_count_then_article(spark):
             (D("2020-09-22"), "c1", "C"), (D("2020-09-22"), "c1", "C"),  # newest day, two rows: first
             (D("2020-09-22"), "c1", "A"),                               # newest day, one row: ties with D...
             (D("2020-09-22"), "c1", "D"),                               # ... and loses on article_id
-            (D("2020-09-21"), "c1", "B"), (D("2020-09-21"), "c1", "B"), (D("2020-09-21"), "c1", "B"),
-                                                                        # ^ more rows, older day: 4th, cut by n=3
+            *[(D("2020-09-21"), "c1", "B")] * 3,                       # more rows, older day: 4th, cut by n=3
             (D("2020-09-23"), "c1", "E"), (D("2020-09-25"), "c1", "E"),  # on/after as_of: the future, never used
             (D("2020-09-21"), "c2", "B"),                               # 2 days before: weight 0.5
             (D("2020-09-16"), "c2", "A"),                               # 7 days before: in the window, 0.5 ** 6

@@ -1,0 +1,273 @@
+"""The second stage: a gradient-boosted learning-to-rank model over (customer, candidate) rows.
+
+The candidate sources (recsys.candidates) each know one reason to recommend an article; the ranker learns how
+much each reason is worth for this customer and this article, from what they did next. Its rows are built by
+ONE function for training and for scoring (`ranker_features`), from purchases strictly before the rows' as_of:
+
+- training: candidates and features as of T - L, labels = the purchases of T - L .. T - 1 (the label window),
+  so the ranker never sees the week it is evaluated on (T is the evaluation week's first day, or the publish
+  date);
+- scoring: candidates and features as of T, for the customers who need lists.
+
+Features (missing = null, which XGBoost treats as missing): each source's rank and score, the two-tower
+similarity, how often and how long ago the customer bought this article / this product, the article's sales
+over the last 1 / 7 / 28 days and their trend, its age in the catalogue, price against the customer's usual
+price, the customer's share of purchases in the article's index group and product type, the customer's age
+against the article's recent buyers' mean age, and the customer's activity counts.
+
+The model is XGBoost's `rank:ndcg` objective, fitted with `xgboost.spark.SparkXGBRanker` (the cluster runs it;
+locally it is one barrier task); scoring ships the booster to the executors once and predicts with
+`mapInPandas`, so the same code serves a laptop and a Databricks job.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from recsys.split import as_date, before
+
+LABEL = "label"
+# computed by `ranker_features`, in this order (the source columns come first, see `feature_columns`)
+ARTICLE_FEATURES = [
+    "art_sales_1d", "art_sales_7d", "art_sales_28d", "art_trend_1d", "art_trend_7d", "art_buyers_7d",
+    "art_price_28d", "art_days_since_first_sale", "art_buyer_age_28d", "art_index_group", "art_product_type",
+]
+CUSTOMER_FEATURES = [
+    "cust_purchases_7d", "cust_purchases_28d", "cust_purchases_all", "cust_days_since_last", "cust_price_mean",
+    "cust_online_share", "cust_age",
+]
+PAIR_FEATURES = [
+    "pair_purchases", "pair_days_since", "product_purchases", "product_days_since", "share_index_group",
+    "share_product_type", "price_ratio", "age_gap",
+]
+TWO_TOWER_SIMILARITY = "two_tower_similarity"
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def feature_columns(sources: Sequence[str]) -> list[str]:
+    """Every column the model reads, in a fixed order: the sources' ranks and scores, then the rest."""
+    return ([c for s in sources for c in (f"{s}_rank", f"{s}_score")] + ["n_sources", TWO_TOWER_SIMILARITY]
+            + ARTICLE_FEATURES + CUSTOMER_FEATURES + PAIR_FEATURES)
+
+
+# --- features (pure) ------------------------------------------------------------------------------------
+def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFrame, customers: DataFrame,
+                    as_of: dt.date | str) -> DataFrame:
+    """Candidate rows (customer_id, article_id, the sources' columns, [two_tower_similarity]) + the features
+    above, all from the purchases strictly before `as_of`.
+
+    Aggregates over a customer's history are computed for the rows' customers only (a semi-join first), so the
+    cost follows the number of customers ranked, not the size of the customer base.
+    """
+    cutoff = as_date(as_of, "as_of")
+    days = F.datediff(F.lit(cutoff), F.col("t_dat"))
+    past = before(transactions, cutoff).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
+    attributes = articles.select("article_id", "product_code", "index_group_name", "product_type_no").dropDuplicates(
+        ["article_id"])
+    ages = customers.groupBy("customer_id").agg(F.max("age").cast("double").alias("cust_age"))
+
+    recent = before(past, cutoff, 28).withColumn("days", days)
+    article = recent.join(ages, "customer_id", "left").groupBy("article_id").agg(
+        F.sum((F.col("days") <= 1).cast("int")).alias("art_sales_1d"),
+        F.sum((F.col("days") <= 7).cast("int")).alias("art_sales_7d"),
+        F.count(F.lit(1)).alias("art_sales_28d"),
+        F.countDistinct(F.when(F.col("days") <= 7, F.col("customer_id"))).alias("art_buyers_7d"),
+        F.avg("price").alias("art_price_28d"),
+        F.avg("cust_age").alias("art_buyer_age_28d"),
+    ).withColumn("art_trend_1d", F.col("art_sales_1d") / (F.col("art_sales_7d") / 7.0 + 1.0)).withColumn(
+        "art_trend_7d", F.col("art_sales_7d") / (F.col("art_sales_28d") / 4.0 + 1.0))
+    first_sale = past.groupBy("article_id").agg(F.max(days).alias("art_days_since_first_sale"))
+    codes = attributes.select(
+        "article_id", "product_code",
+        F.col("index_group_name").alias("_index_group"),
+        F.col("product_type_no").alias("_product_type"),
+        # stable numeric codes a tree can split on (the raw numbers / a hash of the name)
+        (F.abs(F.xxhash64("index_group_name")) % 1000).cast("double").alias("art_index_group"),
+        F.col("product_type_no").cast("double").alias("art_product_type"),
+    )
+
+    mine = past.join(rows.select("customer_id").distinct(), "customer_id", "left_semi").withColumn("days", days)
+    customer = mine.groupBy("customer_id").agg(
+        F.sum((F.col("days") <= 7).cast("int")).alias("cust_purchases_7d"),
+        F.sum((F.col("days") <= 28).cast("int")).alias("cust_purchases_28d"),
+        F.count(F.lit(1)).alias("cust_purchases_all"),
+        F.min("days").alias("cust_days_since_last"),
+        F.avg("price").alias("cust_price_mean"),
+        F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("cust_online_share"),
+    )
+    mine = mine.join(F.broadcast(codes.select("article_id", "product_code", "_index_group", "_product_type")),
+                     "article_id", "left")
+    pair = mine.groupBy("customer_id", "article_id").agg(
+        F.count(F.lit(1)).alias("pair_purchases"), F.min("days").alias("pair_days_since"))
+    product = mine.groupBy("customer_id", "product_code").agg(
+        F.count(F.lit(1)).alias("product_purchases"), F.min("days").alias("product_days_since"))
+    by_group = mine.groupBy("customer_id", "_index_group").agg(F.count(F.lit(1)).alias("_group_rows"))
+    by_type = mine.groupBy("customer_id", "_product_type").agg(F.count(F.lit(1)).alias("_type_rows"))
+
+    if TWO_TOWER_SIMILARITY not in rows.columns:
+        rows = rows.withColumn(TWO_TOWER_SIMILARITY, F.lit(None).cast("double"))
+    out = (
+        rows.join(F.broadcast(codes), "article_id", "left")
+        .join(article, "article_id", "left")
+        .join(first_sale, "article_id", "left")
+        .join(customer, "customer_id", "left")
+        .join(ages, "customer_id", "left")
+        .join(pair, ["customer_id", "article_id"], "left")
+        .join(product, ["customer_id", "product_code"], "left")
+        .join(by_group, ["customer_id", "_index_group"], "left")
+        .join(by_type, ["customer_id", "_product_type"], "left")
+        .withColumn("share_index_group", F.coalesce("_group_rows", F.lit(0)) / F.col("cust_purchases_all"))
+        .withColumn("share_product_type", F.coalesce("_type_rows", F.lit(0)) / F.col("cust_purchases_all"))
+        .withColumn("price_ratio", F.col("art_price_28d") / F.col("cust_price_mean"))
+        .withColumn("age_gap", F.col("cust_age") - F.col("art_buyer_age_28d"))
+        .fillna(0, ["art_sales_1d", "art_sales_7d", "art_sales_28d", "art_buyers_7d", "art_trend_1d",
+                    "art_trend_7d", "pair_purchases", "product_purchases", "cust_purchases_7d",
+                    "cust_purchases_28d", "cust_purchases_all"])
+    )
+    computed = ARTICLE_FEATURES + CUSTOMER_FEATURES + PAIR_FEATURES
+    keep = [c for c in rows.columns if c not in computed]
+    return out.select(*keep, *[F.col(c).cast("double").alias(c) for c in computed])
+
+
+def with_labels(rows: DataFrame, transactions: DataFrame, start: dt.date | str, days: int) -> DataFrame:
+    """`label` = 1 when the customer bought the article in the `days` days from `start` (the label window)."""
+    if days < 1:
+        raise ValueError(f"ranker.label_days must be at least 1, got {days}")
+    first = as_date(start, "label window start")
+    bought = (
+        transactions.filter((F.col("t_dat") >= F.lit(first)) & (F.col("t_dat") < F.lit(first + dt.timedelta(days))))
+        .select("customer_id", "article_id").distinct().withColumn(LABEL, F.lit(1))
+    )
+    return rows.join(bought, ["customer_id", "article_id"], "left").fillna(0, [LABEL])
+
+
+def training_rows(labelled: DataFrame, negatives_per_customer: int, seed: int) -> DataFrame:
+    """Customers with at least one bought candidate (the others teach a ranking nothing), each with all its
+    positives and at most `negatives_per_customer` random negatives; `qid` groups one customer's rows."""
+    positives = labelled.groupBy("customer_id").agg(F.max(LABEL).alias("_any"))
+    useful = labelled.join(positives.filter("_any = 1").select("customer_id"), "customer_id", "left_semi")
+    order = Window.partitionBy("customer_id", LABEL).orderBy(F.rand(seed))
+    kept = useful.withColumn("_n", F.row_number().over(order)).filter(
+        (F.col(LABEL) == 1) | (F.col("_n") <= negatives_per_customer)).drop("_n")
+    return kept.withColumn("qid", F.xxhash64("customer_id"))
+
+
+# --- the model ------------------------------------------------------------------------------------------
+@dataclass
+class RankerModel:
+    """An XGBoost booster (raw bytes, picklable) and the columns it reads, in order."""
+
+    booster: bytes
+    features: list[str]
+    params: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+
+    def predict_pandas(self, pdf: pd.DataFrame) -> np.ndarray:
+        """Scores for feature rows (missing columns / nulls are missing values)."""
+        booster = self._booster()
+        matrix = np.full((len(pdf), len(self.features)), np.nan, dtype=np.float32)
+        for j, column in enumerate(self.features):
+            if column in pdf.columns:
+                matrix[:, j] = pd.to_numeric(pdf[column], errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
+        return booster.inplace_predict(matrix, missing=np.nan) if len(pdf) else np.zeros(0, dtype=np.float32)
+
+    def _booster(self):
+        import xgboost as xgb
+
+        cached = getattr(self, "_cache", None)
+        if cached is None:
+            cached = xgb.Booster()
+            cached.load_model(bytearray(self.booster))
+            cached.set_param({"nthread": 1})
+            self._cache = cached
+        return cached
+
+    def importances(self) -> pd.DataFrame:
+        """feature, gain, weight (splits): what the model leans on, for people and for MLflow."""
+        booster = self._booster()
+        gain = booster.get_score(importance_type="total_gain")
+        weight = booster.get_score(importance_type="weight")
+        names = {f"f{j}": name for j, name in enumerate(self.features)}
+        rows = [{"feature": names.get(k, k), "gain": gain.get(k, 0.0), "splits": weight.get(k, 0.0)}
+                for k in set(gain) | set(weight)]
+        table = pd.DataFrame(rows, columns=["feature", "gain", "splits"])
+        missing = [f for f in self.features if f not in set(table["feature"])]
+        table = pd.concat([table, pd.DataFrame({"feature": missing, "gain": 0.0, "splits": 0.0})], ignore_index=True)
+        table["gain_share"] = table["gain"] / max(float(table["gain"].sum()), 1e-12)
+        return table.sort_values("gain", ascending=False).reset_index(drop=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def to_json(self) -> str:
+        import base64
+
+        return json.dumps({"booster": base64.b64encode(self.booster).decode("ascii"), "features": self.features,
+                           "params": self.params, "version": self.version})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankerModel":
+        import base64
+
+        data = json.loads(text)
+        return cls(base64.b64decode(data["booster"]), data["features"], data.get("params", {}), data.get("version", ""))
+
+
+def fit(rows: DataFrame, features: Sequence[str], params: dict[str, Any], workers: int = 1) -> RankerModel:
+    """SparkXGBRanker on the training rows (label, qid, features); the booster comes back as bytes."""
+    from xgboost.spark import SparkXGBRanker
+
+    if rows.limit(1).count() == 0:
+        raise ValueError("no ranker training rows: no customer of the label window bought one of their candidates "
+                         "(widen ranker.label_days or the candidate sources)")
+    columns = list(features)
+    data = rows.select(LABEL, "qid", *[F.col(c).cast("float").alias(c) for c in columns])
+    estimator = SparkXGBRanker(features_col=columns, label_col=LABEL, qid_col="qid", num_workers=workers,
+                               missing=float("nan"), **params)
+    model = estimator.fit(data)
+    raw = model.get_booster().save_raw("ubj")
+    return RankerModel(bytes(raw), columns, dict(params))
+
+
+def _predict_fn(payload, token: str, keep: list[str]):
+    def predict(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from pyspark import cloudpickle
+
+        if token not in _WORKER_STATE:
+            _WORKER_STATE.clear()
+            _WORKER_STATE[token] = cloudpickle.loads(payload.value)
+        model = _WORKER_STATE[token]
+        for pdf in batches:
+            if len(pdf):
+                yield pdf[keep].assign(ranker_score=model.predict_pandas(pdf).astype(np.float64))
+
+    return predict
+
+
+def predict(model: RankerModel, rows: DataFrame, keep: Iterable[str] = ("customer_id", "article_id", "source")
+            ) -> DataFrame:
+    """`keep` columns + `ranker_score` for every row (lazy; the booster is broadcast once per run)."""
+    from pyspark import cloudpickle
+
+    keep = list(keep)
+    payload = rows.sparkSession.sparkContext.broadcast(cloudpickle.dumps(model))
+    schema = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in rows.select(*keep).schema.fields)
+    wanted = keep + [c for c in model.features if c in rows.columns and c not in keep]
+    return rows.select(*wanted).mapInPandas(_predict_fn(payload, uuid.uuid4().hex, keep),
+                                             f"{schema}, ranker_score double")
+
+
+def top_k(scored: DataFrame, k: int) -> DataFrame:
+    """customer_id, article_id, ranker_score, source -> the best k per customer: customer_id, article_id, score,
+    pos (1 = best), source."""
+    order = Window.partitionBy("customer_id").orderBy(F.desc("ranker_score"), "article_id")
+    return (scored.withColumn("pos", F.row_number().over(order)).filter(F.col("pos") <= k)
+            .select("customer_id", "article_id", F.col("ranker_score").alias("score"), "pos", "source"))
