@@ -1,19 +1,28 @@
-"""Every model on the real last week of H&M purchases: train on 2020-09-16..19, evaluate on 09-20..22.
+"""The two-stage system, the two-tower alone and every baseline on the real last week of H&M purchases.
 
 Needs ../shared/data/hm-real (the real articles and the real last week; never copied into the project). Builds
 Kaggle-format CSVs from them in a temporary folder (customers derived from the week's ids: their attributes are
-not in that data, so they are empty and every age is 'unknown'), ingests them with `recsys.ingest`, fits the
-baselines (and, with --model, the two-tower model: features + train + score) on the first four days and
-evaluates all of them on the last three through `recsys.evaluate`. Writes benchmarks/results/real_week.json
-and the "Real week" section of docs/BENCHMARKS.md.
+not in that data, so they are empty and every age is 'unknown'), ingests them with `recsys.ingest`, and runs the
+pipeline's own functions with the dates of the four fitting days (09-16..19) and the three test days (09-20..22):
 
-    .venv/bin/python benchmarks/real_week.py [--model] [--keep DIR]
+    two-tower   point-in-time training rows before A = 09-18 (examples see the customer as of their own day)
+    ranker      candidates as of 09-18 (history 09-16..17), labels = the purchases of 09-18..19
+    scoring     candidates and features as of 09-20 (all four days), for the test days' buyers
+    baselines   fitted on 09-16..19
+
+`published` is what the gate would publish: the full system when it beats every baseline's MAP@12 on this week,
+else the best baseline. With --ablation it also measures each candidate source removed in turn, the ranker
+against a plain merge of the sources, and the two-tower with and without the history input / the customer-id
+embedding. Writes benchmarks/results/real_week.json and the "Real week" section of docs/BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/real_week.py [--ablation] [--keep DIR]
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import re
 import shutil
@@ -27,9 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 REAL = ROOT.parent / "shared" / "data" / "hm-real"
 TRAIN_START, TEST_START, TEST_END = dt.date(2020, 9, 16), dt.date(2020, 9, 20), dt.date(2020, 9, 22)
+LABEL_DAYS = 2
 RESULT = ROOT / "benchmarks" / "results" / "real_week.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Real week"
+HEADLINE = ["map_at_12", "recall_at_12", "ndcg_at_12", "precision_at_12", "hit_rate_at_12", "coverage_at_12",
+            "popularity_bias_at_12"]
 
 
 def write_kaggle_csvs(out: Path) -> dict[str, int]:
@@ -53,135 +65,249 @@ def write_kaggle_csvs(out: Path) -> dict[str, int]:
     return {"articles": len(articles), "transactions": len(week), "customers": len(customers)}
 
 
+def settings(work: Path, driver_memory: str) -> list[str]:
+    """The `small` profile with the real week's dates: three test days, a two-day label window, and training
+    rows that see the customer as of their own day (there are only two days before A)."""
+    return [
+        f"paths.data_dir={work}", f"paths.raw_dir={work}/raw", f"paths.tables_dir={work}/delta",
+        f"paths.artifacts_dir={work}/artifacts", f"paths.checkpoint_dir={work}/checkpoints",
+        "split.test_days=3", "split.backtest_weeks=1", f"spark.driver_memory={driver_memory}",
+        f"ranker.label_days={LABEL_DAYS}", "features.training_snapshot_days=1",
+        "model.validation_days=0",  # two training days: no day to spare for early stopping; fixed epochs
+    ]
+
+
+class Bench:
+    """The lake, the test week and the timings of one benchmark run."""
+
+    def __init__(self, work: Path, driver_memory: str):
+        from recsys import evaluate, ingest
+        from recsys.config import load_config
+        from recsys.spark import get_spark
+        from recsys.tables import TRANSACTIONS, Lakehouse
+
+        self.config = load_config("small", settings(work, driver_memory))
+        self.lake = Lakehouse(get_spark(self.config, "recsys-real-week"), self.config)
+        self.timings: dict[str, float] = {}
+        self.rows = write_kaggle_csvs(work / "raw")
+        if not self.lake.exists(TRANSACTIONS):  # a kept folder is ingested once
+            with self.timed("ingest_s"):
+                ingest.run(self.lake, str(work / "raw"), today=dt.date(2020, 9, 23))
+        self.week = evaluate.load_week(self.lake, TEST_START)
+        self.train_as_of = TEST_START - dt.timedelta(days=LABEL_DAYS)
+
+    def timed(self, key: str):
+        bench = self
+
+        class Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                bench.timings[key] = round(bench.timings.get(key, 0.0) + time.perf_counter() - self.start, 1)
+
+        return Timer()
+
+    def features(self) -> None:
+        from recsys import features
+
+        with self.timed("features_s"):
+            features.run(self.lake, as_of=self.train_as_of)
+            features.run(self.lake, as_of=TEST_START, training=False)
+
+    def two_tower(self, **model) -> tuple[object, str]:
+        """Train a two-tower model as of A (model settings overridden by `model`); (encoder, version)."""
+        from recsys import train
+        from recsys.model import load_encoder
+
+        saved = {k: getattr(self.config.model, k) for k in model}
+        for key, value in model.items():
+            setattr(self.config.model, key, value)
+        try:
+            result = train.run(self.lake, as_of=self.train_as_of.isoformat())
+        finally:
+            for key, value in saved.items():
+                setattr(self.config.model, key, value)
+        encoder = load_encoder(f"models:/{self.config.mlflow.registered_model}/{result['model_version']}",
+                               self.config.tracking_uri, self.config.registry_uri)
+        return encoder, str(result["model_version"])
+
+    def two_tower_lists(self, encoder):
+        from recsys import score
+
+        return score.recommend(self.lake, encoder, as_of=TEST_START, customers=self.week.target)
+
+    def system(self, encoder, sources: list[str] | None = None):
+        """(fit, lists) of the ranker on `sources` (default: the configured ones)."""
+        from recsys import two_stage
+
+        saved = list(self.config.candidates.sources)
+        if sources is not None:
+            self.config.candidates.sources = sources
+        try:
+            fit = two_stage.fit_ranker(self.lake, encoder, TEST_START)
+            lists = two_stage.recommend(self.lake, encoder, fit.model, as_of=TEST_START, customers=self.week.target)
+            lists = lists.cache()
+            lists.count()
+        finally:
+            self.config.candidates.sources = saved
+        return fit, lists
+
+    def merged(self, encoder):
+        from recsys import two_stage
+
+        return two_stage.merged(self.lake, encoder, as_of=TEST_START, customers=self.week.target)
+
+    def scores(self, recommenders: dict) -> "object":
+        """Metrics of each recommender on the test days: pandas rows model -> headline metrics ('all')."""
+        from recsys import evaluate
+
+        metrics, _ = evaluate.evaluate_week(self.week, recommenders, self.config, curves=False)
+        overall = metrics[metrics["segment"] == evaluate.ALL]
+        return overall.pivot_table(index="model", columns="metric", values="value")
+
+    def baselines(self) -> dict:
+        from recsys import baselines
+        from recsys.tables import ARTICLES, CUSTOMERS
+
+        out = {}
+        for name in self.config.evaluation.baselines:  # one at a time, so each timing is that baseline's own
+            with self.timed(f"fit_{name}_s"):
+                (recs,) = baselines.recommend(self.config, self.week.train, self.lake.read(CUSTOMERS),
+                                              self.lake.read(ARTICLES), self.week.target, TEST_START, [name]).values()
+                out[name] = recs.cache()
+                out[name].count()
+        return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="store_true", help="also train and score the two-tower model")
-    parser.add_argument("--keep", default=None, help="work folder to keep and reuse (default: a temporary one, removed)")
-    parser.add_argument("--driver-memory", default="4g", help="Spark driver memory (the machine is shared)")
+    parser.add_argument("--ablation", action="store_true", help="also each source removed, merge vs ranker, "
+                                                                 "two-tower inputs")
+    parser.add_argument("--keep", default=None, help="work folder to keep and reuse (default: a temporary one)")
+    parser.add_argument("--driver-memory", default="6g", help="Spark driver memory")
     args = parser.parse_args()
     if not REAL.is_dir():
         print(f"skipped: {REAL} not present")
         return 0
-
-
-    from recsys import baselines, evaluate, ingest
-    from recsys.config import load_config
-    from recsys.spark import get_spark
-    from recsys.tables import ARTICLES, CUSTOMERS, TRANSACTIONS, Lakehouse
+    from recsys import evaluate, two_stage
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="real-week-"))
     started = time.perf_counter()
-    timings: dict[str, float] = {}
     try:
-        config = load_config("small", [
-            f"paths.data_dir={work}", f"paths.raw_dir={work}/raw", f"paths.tables_dir={work}/delta",
-            f"paths.artifacts_dir={work}/artifacts", f"paths.checkpoint_dir={work}/checkpoints",
-            "split.test_days=3", "split.backtest_weeks=1", f"spark.driver_memory={args.driver_memory}",
-            "model.validation_days=1",  # four training days: hold out one for the trainer's early stopping
-        ])
-        rows = write_kaggle_csvs(work / "raw")
-        spark = get_spark(config, "recsys-real-week")
-        lake = Lakehouse(spark, config)
-        if not (args.keep and lake.exists(TRANSACTIONS)):  # a kept folder is ingested once
-            t = time.perf_counter()
-            ingest.run(lake, str(work / "raw"), today=dt.date(2020, 9, 23))
-            timings["ingest_s"] = round(time.perf_counter() - t, 1)
-
-        week = evaluate.load_week(lake, TEST_START)
-        t = time.perf_counter()
-        recommenders = {}
-        for name in config.evaluation.baselines:  # one at a time, so each timing is that baseline's fit + lists
-            tb = time.perf_counter()
-            (recs,) = baselines.recommend(config, week.train, lake.read(CUSTOMERS), lake.read(ARTICLES), week.target,
-                                          TEST_START, [name]).values()
-            recommenders[name] = recs.cache()
-            recommenders[name].count()
-            timings[f"fit_{name}_s"] = round(time.perf_counter() - tb, 1)
-        versions: dict[str, str] = {}
-        notes = ["customers' attributes are not in the real week's data: every age is 'unknown', so "
-                 "popularity_age_bucket is the decayed last-week popularity of all buyers",
-                 f"lists are {config.evaluation.k} long, so the @100 metrics equal the @12 ones",
-                 "cross-check: DATA.md measured recall@12 of 2.4 % for the 12 best sellers of 09-16..19 over "
-                 "09-20..22; popularity_last_week's recall_at_12 here is the same rule through this project's path"]
-        if args.model:
-            try:
-                from recsys import features, score, train
-                from recsys.model import load_encoder
-
-                tm = time.perf_counter()
-                features.run(lake, as_of=TEST_START)
-                result = train.run(lake, as_of=TEST_START.isoformat())
-                encoder = load_encoder(result.get("model_uri") or
-                                       f"models:/{config.mlflow.registered_model}/{result['model_version']}")
-                recommenders["two_tower"] = score.recommend(lake, encoder, as_of=TEST_START, customers=week.target).cache()
-                recommenders["two_tower"].count()
-                versions["two_tower"] = str(result["model_version"])
-                notes.append("two_tower: `small`-profile model settings, model.validation_days=1; its time is "
-                             "features + train + score")
-                timings["fit_two_tower_s"] = round(time.perf_counter() - tm, 1)
-            except Exception as exc:  # noqa: BLE001 - the baselines' table is still worth recording
-                notes.append(f"two-tower model not included: {type(exc).__name__}: {exc}")
-        else:
-            notes.append("two-tower model not included (run with --model)")
-        t = time.perf_counter()
-        report = evaluate.evaluate_all(lake, recommenders, TEST_START, versions=versions, week=week,
-                                       report_path=work / "artifacts" / "evaluation" / "report.html")
-        timings["evaluate_s"] = round(time.perf_counter() - t, 1)
-        print(evaluate.format_report(report))
-        n_train = week.train.count()
-        n_test = week.test.count()
-        table = report["table"]
-        result_json = {
-            "benchmark": "real_week",
-            "date": dt.date.today().isoformat(),
-            "machine": "2 cores / 24 GiB (shared with other jobs while measured)",
+        bench = Bench(work, args.driver_memory)
+        config = bench.config
+        recommenders = bench.baselines()
+        bench.features()
+        with bench.timed("fit_two_tower_s"):
+            encoder, version = bench.two_tower()
+        recommenders["two_tower"] = bench.two_tower_lists(encoder)
+        with bench.timed("fit_system_s"):
+            fit, recommenders["two_stage"] = bench.system(encoder)
+        print(two_stage.describe(fit))
+        with bench.timed("evaluate_s"):
+            table = bench.scores(recommenders)
+        scores = {m: dict(row) for m, row in table.iterrows()}
+        baselines = {m: v for m, v in scores.items() if m in config.evaluation.baselines}
+        decision = evaluate.gate(config, scores["two_stage"], None, baselines)
+        published = "two_stage" if decision.publish == "model" else decision.publish.split(":", 1)[1]
+        rows = [{"model": "published", **scores[published]}] + [
+            {"model": m, **v} for m, v in sorted(scores.items(), key=lambda kv: -kv[1]["map_at_12"])]
+        notes = [
+            f"published = {'the two-stage system' if published == 'two_stage' else 'the best baseline ' + published}"
+            f" ({decision.reason})",
+            f"two-stage: two-tower version {version} trained on point-in-time rows before {bench.train_as_of}; "
+            f"ranker: {fit.facts['rows']:,} rows of {fit.facts['customers']:,} customers, candidates as of "
+            f"{fit.facts['candidates_as_of']}, labels {fit.facts['label_window']}",
+            "customers' attributes are not in the real week's data: every age is 'unknown' (the age features "
+            "and the per-age popularity carry nothing here)",
+            "cross-check: DATA.md measured recall@12 of 2.4 % for the 12 best sellers of 09-16..19 over "
+            "09-20..22; popularity_last_week's recall_at_12 here is the same rule through this project's path",
+        ]
+        result = {
+            "benchmark": "real_week", "date": dt.date.today().isoformat(),
+            "machine": f"{os.cpu_count()} cores / 24 GiB (shared with other jobs while measured)",
             "python": platform.python_version(),
             "train_days": f"{TRAIN_START} .. {TEST_START - dt.timedelta(days=1)}",
             "test_days": f"{TEST_START} .. {TEST_END}",
-            "rows": {**rows, "train_transactions": n_train, "test_transactions": n_test,
-                     "test_customers": int(table["customers"].iloc[0])},
-            "metrics": table.to_dict(orient="records"),
-            "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
+            "rows": {**bench.rows, "train_transactions": bench.week.train.count(),
+                     "test_transactions": bench.week.test.count(), "test_customers": int(scores[published]["customers"])},
+            "metrics": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+            "gate": decision.as_dict(),
+            "candidates": fit.coverage.round(4).to_dict(orient="records"),
+            "feature_importance": fit.model.importances().head(15).round(4).to_dict(orient="records"),
             "notes": notes,
         }
+        if args.ablation:
+            result["ablation"] = ablation(bench, encoder, scores)
+        result["timings"] = {**bench.timings, "total_s": round(time.perf_counter() - started, 1)}
         RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(result_json, indent=2, default=str))
-        write_section(result_json)
+        RESULT.write_text(json.dumps(result, indent=2, default=str))
+        write_section(result)
+        print(json.dumps(result["metrics"], indent=1, default=str))
         print(f"wrote {RESULT} and the '{SECTION}' section of {DOC}")
-        for recs in recommenders.values():
-            recs.unpersist()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
+def ablation(bench: Bench, encoder, full: dict) -> list[dict]:
+    """MAP@12 / Recall@12 of the system with each source removed, of a plain merge, and of two-tower variants."""
+    sources = list(bench.config.candidates.sources)
+    out = [{"variant": "full system", **_pick(full["two_stage"])}]
+    with bench.timed("ablation_s"):
+        for source in sources:
+            _, lists = bench.system(encoder, [s for s in sources if s != source])
+            out.append({"variant": f"without {source}", **_pick(bench.scores({"x": lists}).loc["x"])})
+            lists.unpersist()
+        out.append({"variant": "plain merge of the sources (no ranker)",
+                    **_pick(bench.scores({"x": bench.merged(encoder)}).loc["x"])})
+        out.append({"variant": "two-tower alone (history + id)", **_pick(full["two_tower"])})
+        for label, model in (("two-tower alone, no history input", {"use_history": False}),
+                             ("two-tower alone, no customer-id embedding", {"customer_id_embedding": False})):
+            variant, _ = bench.two_tower(**model)
+            out.append({"variant": label, **_pick(bench.scores({"x": bench.two_tower_lists(variant)}).loc["x"])})
+    return out
+
+
+def _pick(row) -> dict:
+    return {k: round(float(row[k]), 6) for k in ("map_at_12", "recall_at_12")}
+
+
 def write_section(result: dict) -> None:
     """Replace (or add) this benchmark's section of docs/BENCHMARKS.md; other sections stay as they are."""
     metrics = result["metrics"]
-    columns = ["model", "map_at_12", "recall_at_12", "ndcg_at_12", "precision_at_12", "hit_rate_at_12",
-               "recall_at_100", "coverage_at_12", "popularity_bias_at_12"]
-    columns = [c for c in columns if c in metrics[0]]
+    columns = [c for c in HEADLINE if c in metrics[0]]
     lines = [
         SECTION, "",
         f"The real H&M articles and the real last week of purchases ({result['rows']['transactions']:,} rows, "
-        f"`../shared/data/hm-real`, not copied). Every model is fitted on {result['train_days']} "
-        f"({result['rows']['train_transactions']:,} rows) and evaluated on {result['test_days']} "
+        f"`../shared/data/hm-real`, not copied). Fitted on {result['train_days']} "
+        f"({result['rows']['train_transactions']:,} rows), evaluated on {result['test_days']} "
         f"({result['rows']['test_transactions']:,} rows, {result['rows']['test_customers']:,} customers who bought). "
         "MAP@12 as Kaggle defines it; customers without a list count as 0. "
-        f"Measured {result['date']} on {result['machine']}; reproduce with `.venv/bin/python benchmarks/real_week.py`.",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|",
+        f"Measured {result['date']} on {result['machine']}; reproduce with "
+        "`.venv/bin/python benchmarks/real_week.py [--ablation]`.", "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "|".join(["---:"] * len(columns)) + "|",
     ]
     for row in metrics:
-        lines.append("| " + " | ".join([str(row["model"])] + [f"{row[c]:.4f}" for c in columns[1:]]) + " |")
+        lines.append(f"| {row['model']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    lines += ["", "Candidates (the label window's buyers, as of the ranker's training date): "
+              + "; ".join(f"{c['source']} {c['candidates_per_customer']:.1f}/customer, recall {c['recall']:.4f}"
+                          for c in result["candidates"]) + "."]
+    lines += ["", "Ranker features by gain: " + ", ".join(
+        f"{f['feature']} {f['gain_share']:.2f}" for f in result["feature_importance"][:10]) + "."]
+    if result.get("ablation"):
+        lines += ["", "### Ablation", "", "| variant | map_at_12 | recall_at_12 |", "|---|---:|---:|"]
+        lines += [f"| {a['variant']} | {a['map_at_12']:.4f} | {a['recall_at_12']:.4f} |" for a in result["ablation"]]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()) + "."]
     lines += [f"- {note}" for note in result["notes"]]
     section = "\n".join(lines) + "\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n" + section
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
 

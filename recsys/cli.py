@@ -85,8 +85,20 @@ def _score(config: Config, args: argparse.Namespace) -> int:
     from recsys import score
 
     spark, lake = _spark(config, "score")
-    summary = score.run(lake, model_uri=args.model_uri or None)
+    if args.model_uri:  # one two-tower model alone, whatever the gate said
+        summary = score.run(lake, model_uri=args.model_uri)
+    else:
+        summary = score.publish_decided(lake, as_of=args.as_of or None)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+@command("rank")
+def _rank(config: Config, args: argparse.Namespace) -> int:
+    from recsys import pipeline
+
+    result = pipeline.run(config, steps=["rank"], as_of=args.as_of, force=True)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -212,8 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train the two-tower model (MLflow run + registry)")
     p.add_argument("--as-of", dest="as_of", default=None)
 
-    p = sub.add_parser("score", parents=[common], help="FAISS top-K for every customer -> recommendations")
-    p.add_argument("--model-uri", dest="model_uri", default=None)
+    p = sub.add_parser("score", parents=[common],
+                       help="publish what the last gate chose (the champion system or the best baseline) for everyone")
+    p.add_argument("--model-uri", dest="model_uri", default=None, help="publish this two-tower model alone instead")
+    p.add_argument("--as-of", dest="as_of", default=None, help="feature snapshot to score from (default: latest)")
+
+    p = sub.add_parser("rank", parents=[common],
+                       help="train the ranker on the challenger's candidates (label window before the test week)")
+    p.add_argument("--as-of", dest="as_of", default=None, help="publish snapshot date (default: day after the data)")
 
     p = sub.add_parser("recommend-popular", parents=[common], help="popularity recommendations for every customer")
     p.add_argument("--as-of", dest="as_of", default=None)
@@ -229,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MAP@12 of the model against baselines")
     p.add_argument("--test-start", "--test-week", dest="test_start", default=None, help="first day of the test week")
-    p.add_argument("--models", default=None, help="comma-separated: baselines (e.g. als,repurchase) and/or challenger,champion")
-    p.add_argument("--gate", action="store_true", help="then promote the challenger to champion if it is not worse")
+    p.add_argument("--models", default=None,
+                   help="comma-separated: baselines (e.g. als,repurchase) and/or challenger,champion,two_tower")
+    p.add_argument("--gate", action="store_true",
+                   help="then promote the challenger only if it beats every baseline and the champion")
 
     p = sub.add_parser("pipeline", parents=[common], help="every stage in order (the nightly job)")
     p.add_argument("--steps", default=None, help="comma-separated subset, e.g. features,train,score")

@@ -124,6 +124,44 @@ class ScoringConfig:
 
 
 @dataclass
+class CandidatesConfig:
+    """The first stage: which sources propose articles, and how many each (recsys.candidates)."""
+
+    sources: list[str] = field(default_factory=lambda: [
+        "repurchase", "same_product", "bought_together", "two_tower", "popularity",
+    ])
+    repurchase_days: int = 28
+    repurchase_n: int = 24
+    same_product_days: int = 28
+    same_product_n: int = 12
+    sales_days: int = 7                  # recent sales that rank same-product candidates
+    pair_days: int = 28                  # bought together: the co-purchase window
+    pair_history_days: int = 14          # ... neighbours of what the customer bought in these days
+    pair_neighbours: int = 12
+    bought_together_n: int = 24
+    popularity_days: int = 7
+    popularity_n: int = 24
+    two_tower_n: int = 100
+
+
+@dataclass
+class RankerConfig:
+    """The second stage: XGBoost learning-to-rank over the candidates (recsys.ranker)."""
+
+    label_days: int = 7                  # the ranker learns from candidates as of T - label_days, labels T - label_days .. T - 1
+    negatives_per_customer: int = 50     # random non-bought candidates kept per customer in training
+    objective: str = "rank:ndcg"
+    n_estimators: int = 150
+    max_depth: int = 6
+    learning_rate: float = 0.1
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    min_child_weight: float = 1.0
+    workers: int = 2                     # SparkXGBRanker num_workers: barrier tasks of one core each (<= cores)
+    seed: int = 11
+
+
+@dataclass
 class EvaluationConfig:
     k: int = 12
     ks: list[int] = field(default_factory=lambda: [12, 100])
@@ -146,6 +184,7 @@ class EvaluationConfig:
 class MlflowConfig:
     experiment: str = "recsys"
     registered_model: str = "recsys-two-tower"
+    ranker_model: str = "recsys-ranker"
     registry_uri: str = ""               # empty: the tracking URI; "databricks-uc" on Databricks (Unity Catalog)
 
 
@@ -160,6 +199,8 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 

@@ -11,6 +11,7 @@ import base64
 import datetime as dt
 import html
 import io
+import json
 import logging
 import math
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -34,6 +36,8 @@ ALL = "all"
 RUN_COLUMNS = ["model", "version", "test_week", "segment", "metric", "value"]
 HEADLINE = ("map", "recall", "ndcg", "precision", "hit_rate", "coverage", "popularity_bias")
 CHAMPION, CHALLENGER = "champion", "challenger"
+TWO_TOWER = "two_tower"          # the challenger's two-tower alone, evaluated beside the full system
+MODEL_NAMES = (CHALLENGER, CHAMPION, TWO_TOWER)
 
 
 # --- Spark metrics ------------------------------------------------------------------------------------------
@@ -234,6 +238,9 @@ def evaluate_week(
     ks = sorted(set(config.evaluation.ks) | {config.evaluation.k})
     metrics, curve_frames = [], []
     for name, recs in recommenders.items():
+        cached = recs.is_cached
+        recs = recs.persist(StorageLevel.MEMORY_AND_DISK)  # several metric jobs read it: compute the lists once
+        recs.count()
         version = (versions or {}).get(name) or _version_of(recs)
         scores = evaluate_recommendations(recs, week.test, ks, week.segments, week.catalogue, week.train)
         metrics.append(scores.assign(model=name, version=version, test_week=week.test_start))
@@ -242,6 +249,8 @@ def evaluate_week(
             curve_frames.append(curve.assign(model=name, test_week=week.test_start))
         log.info("evaluated %s on %s: map@%d = %.5f", name, week.test_start, config.evaluation.k,
                  _value(metrics[-1], ALL, M.metric_name("map", config.evaluation.k)))
+        if not cached:
+            recs.unpersist()
     curve_columns = ["k", "recall", "model", "test_week"]
     return (
         pd.concat(metrics)[RUN_COLUMNS].reset_index(drop=True),
@@ -383,67 +392,122 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
     return make
 
 
-def registry_versions(config: Config) -> dict[str, str]:
-    """alias -> version for the `challenger` and `champion` of the registered model (missing aliases left out)."""
+def registry_versions(config: Config, name: str | None = None) -> dict[str, str]:
+    """alias -> version for the `challenger` and `champion` of a registered model (default: the two-tower);
+    missing aliases left out."""
     from mlflow.exceptions import MlflowException
 
     client = config.mlflow_client()
     out = {}
     for alias in (CHALLENGER, CHAMPION):
         try:
-            out[alias] = str(client.get_model_version_by_alias(config.mlflow.registered_model, alias).version)
+            out[alias] = str(client.get_model_version_by_alias(name or config.mlflow.registered_model, alias).version)
         except MlflowException:
             pass
     return out
 
 
+def system_versions(config: Config) -> dict[str, dict[str, str]]:
+    """alias -> the system under it: {two-tower name: version[, ranker name: version]}.
+
+    A ranker version carries the two-tower version it was trained with (tag `two_tower_version`): that pair is
+    one system. A two-tower alias without a ranker is a system of its own (scored by the model alone)."""
+    client = config.mlflow_client()
+    towers = registry_versions(config)
+    rankers = registry_versions(config, config.mlflow.ranker_model)
+    out: dict[str, dict[str, str]] = {}
+    for alias in (CHALLENGER, CHAMPION):
+        if alias in rankers:
+            version = client.get_model_version(config.mlflow.ranker_model, rankers[alias])
+            tower = version.tags.get("two_tower_version") or towers.get(alias)
+            out[alias] = {config.mlflow.registered_model: str(tower), config.mlflow.ranker_model: rankers[alias]}
+        elif alias in towers:
+            out[alias] = {config.mlflow.registered_model: towers[alias]}
+    return out
+
+
+def system_label(config: Config, system: Mapping[str, str]) -> str:
+    """'two_tower=3,ranker=2': the versions a list came from (recorded with every publish)."""
+    names = {config.mlflow.registered_model: "two_tower", config.mlflow.ranker_model: "ranker"}
+    return ",".join(f"{names.get(n, n)}={v}" for n, v in system.items())
+
+
+def system_recommender(lake: Lakehouse, system: Mapping[str, str], as_of: dt.date,
+                       customers: DataFrame | None) -> DataFrame:
+    """The lists of one registered system as of `as_of` (the two stages, or the two-tower alone)."""
+    from recsys import score, two_stage
+    from recsys.model import load_encoder
+
+    config = lake.config
+    encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{system[config.mlflow.registered_model]}",
+                           config.tracking_uri, config.registry_uri)
+    label = system_label(config, system)
+    if config.mlflow.ranker_model in system:
+        ranker = two_stage.load_ranker(config, system[config.mlflow.ranker_model])
+        return two_stage.recommend(lake, encoder, ranker, as_of=as_of, customers=customers, model_version=label)
+    return score.recommend(lake, encoder, as_of=as_of, customers=customers)
+
+
 def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame], dict[str, str], list[str]]:
-    """The registry's challenger and champion, scored for the week's buyers with features as of the week's start
-    (so nothing from the test week leaks in). Returns (name -> recommendations, name -> version, notes)."""
+    """The registry's challenger and champion systems, and the challenger's two-tower alone (`two_tower`), scored
+    for the week's buyers as of the week's start (so nothing from the test week leaks in; a model trained on
+    later features is refused). Returns (name -> recommendations, name -> versions, notes)."""
     from recsys import score
+    from recsys.model import load_encoder
 
     config = lake.config
     try:
-        versions = registry_versions(config)
+        systems = system_versions(config)
     except Exception as exc:  # noqa: BLE001 - no tracking database yet is not an evaluation error
         return {}, {}, [f"models skipped: no MLflow registry at {config.tracking_uri} ({exc})"]
-    if not versions:
+    if not systems:
         return {}, {}, [f"models skipped: {config.mlflow.registered_model!r} has no challenger/champion yet"]
-    from recsys.model import load_encoder
-
     recs, labels = {}, {}
-    for alias, version in versions.items():
-        if alias == CHAMPION and version == versions.get(CHALLENGER):
-            continue  # one model under two aliases: evaluate it once
-        encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{version}", config.tracking_uri,
-                               config.registry_uri)
-        recs[alias] = score.recommend(lake, encoder, as_of=week.test_start, customers=week.target)
-        labels[alias] = version
+    for alias, system in systems.items():
+        if alias == CHAMPION and system == systems.get(CHALLENGER):
+            continue  # one system under two aliases: evaluate it once
+        recs[alias] = system_recommender(lake, system, week.test_start, week.target)
+        labels[alias] = system_label(config, system)
+        if alias == CHALLENGER and config.mlflow.ranker_model in system:
+            tower = system[config.mlflow.registered_model]
+            encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{tower}", config.tracking_uri,
+                                   config.registry_uri)
+            recs[TWO_TOWER] = score.recommend(lake, encoder, as_of=week.test_start, customers=week.target)
+            labels[TWO_TOWER] = tower
     return recs, labels, []
 
 
 def run_ids_of(config: Config, versions: Mapping[str, str]) -> dict[str, str]:
-    """name -> the MLflow run that produced that registry version."""
-
+    """name -> the MLflow run that produced it: the ranker's run for a system, else the two-tower's."""
     client = config.mlflow_client()
-    return {n: client.get_model_version(config.mlflow.registered_model, v).run_id for n, v in versions.items()}
+    systems = system_versions(config)
+    out = {}
+    for name in versions:
+        system = systems.get(name) or {config.mlflow.registered_model: versions[name]}
+        registered = config.mlflow.ranker_model if config.mlflow.ranker_model in system else \
+            config.mlflow.registered_model
+        out[name] = client.get_model_version(registered, system[registered]).run_id
+    return out
 
 
 def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[str] | None = None,
         gate_challenger: bool = False) -> dict[str, Any]:
-    """`recsys evaluate`: the baselines and the registry's challenger/champion on the test week (default: the
-    last `split.test_days` of data), back-tested over `split.backtest_weeks` weeks; writes `evaluation_runs`,
-    logs to the models' MLflow runs and writes the HTML report. `models` picks names (baselines, aliases).
-    `gate_challenger`: then apply the champion/challenger gate to the evaluated challenger."""
+    """`recsys evaluate`: the baselines and the registry's systems (challenger, champion, the challenger's
+    two-tower alone) on the test week (default: the last `split.test_days` of data), back-tested over
+    `split.backtest_weeks` weeks; writes `evaluation_runs`, logs to the models' MLflow runs and writes the HTML
+    report. `models` picks names (baselines, challenger, champion, two_tower). `gate_challenger`: then apply the
+    gate (beat every baseline and the champion) and record in `gate_decisions` what `score` publishes."""
     from recsys.baselines import BASELINES
 
     config = lake.config
     if test_start is None:
         test_start = default_test_start(lake.read(TRANSACTIONS), config.split.test_days)
     start = as_date(test_start, "test_start")
-    unknown = [m for m in models or [] if m not in BASELINES and m not in (CHALLENGER, CHAMPION)]
+    unknown = [m for m in models or [] if m not in BASELINES and m not in MODEL_NAMES]
     if unknown:
-        raise ValueError(f"--models: unknown {unknown}; known: {sorted(BASELINES) + [CHALLENGER, CHAMPION]}")
+        raise ValueError(f"--models: unknown {unknown}; known: {sorted(BASELINES) + list(MODEL_NAMES)}")
+    if gate_challenger and models is not None:
+        raise ValueError("--gate compares the challenger with every baseline and the champion: leave out --models")
     make_baselines = baseline_recommenders(lake, None if models is None else [m for m in models if m in BASELINES])
     # Earlier weeks for the spread (baselines only: a model would need re-training per week).
     earlier = backtest_starts(start, config.split.backtest_weeks, config.split.test_days)[:-1]
@@ -452,7 +516,7 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
     recommenders = dict(make_baselines(week))
     notes: list[str] = []
     versions: dict[str, str] = {}
-    if models is None or CHALLENGER in models or CHAMPION in models:
+    if models is None or any(m in MODEL_NAMES for m in models):
         model_recs, versions, notes = model_recommenders(lake, week)
         model_recs = {k: v for k, v in model_recs.items() if models is None or k in models}
         versions = {k: v for k, v in versions.items() if k in model_recs}
@@ -463,19 +527,43 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
     report = evaluate_all(lake, recommenders, start, versions=versions, run_ids=run_ids, history=history, week=week)
     report["notes"] = notes
     if gate_challenger:
-        if CHALLENGER not in versions:
-            raise ValueError("--gate: no challenger was evaluated (none in the registry, or left out by --models)")
-        overall = report["metrics"][report["metrics"]["segment"] == ALL]
-        scores = {m: dict(zip(g["metric"], g["value"].astype(float))) for m, g in overall.groupby("model")}
-        champion = registry_versions(config).get(CHAMPION)
-        if champion is not None and champion != versions[CHALLENGER] and CHAMPION not in scores:
-            raise ValueError("--gate: the champion must be evaluated on the same week; add champion to --models")
-        champion_scores = scores[CHALLENGER] if champion == versions[CHALLENGER] else scores.get(CHAMPION)
-        report["gate"] = promote_if_better(config, versions[CHALLENGER], scores[CHALLENGER], champion_scores).as_dict()
-        report["notes"].append(f"gate: version {versions[CHALLENGER]} "
-                               f"{'promoted to champion' if report['gate']['promote'] else 'stays challenger'} "
-                               f"({report['gate']['reason']})")
+        report["gate"] = apply_gate(lake, report, start).as_dict()
+        report["notes"].append(describe_gate(report["gate"]))
     return report
+
+
+def apply_gate(lake: Lakehouse, report: Mapping[str, Any], start: dt.date) -> GateDecision:
+    """The gate on an evaluated week: promote or not, record what `score` publishes (`gate_decisions`)."""
+    from recsys.baselines import BASELINES
+
+    config = lake.config
+    systems = system_versions(config)
+    if CHALLENGER not in systems:
+        raise ValueError("--gate: no challenger in the registry: run `recsys train` and the ranker first")
+    overall = report["metrics"][report["metrics"]["segment"] == ALL]
+    scores = {m: dict(zip(g["metric"], g["value"].astype(float))) for m, g in overall.groupby("model")}
+    if CHALLENGER not in scores:
+        raise ValueError("--gate: the challenger was not evaluated: " + "; ".join(report.get("notes", [])))
+    same = systems.get(CHAMPION) == systems[CHALLENGER]
+    if CHAMPION in systems and not same and CHAMPION not in scores:
+        raise ValueError("--gate: the champion must be evaluated on the same week")
+    champion_scores = scores[CHALLENGER] if same else scores.get(CHAMPION)
+    baseline_scores = {m: v for m, v in scores.items() if m in BASELINES}
+    decision = promote_if_better(config, system_label(config, systems[CHALLENGER]), scores[CHALLENGER],
+                                 champion_scores, baseline_scores, models=systems[CHALLENGER])
+    published = systems[CHALLENGER] if decision.promote else systems.get(CHAMPION, {})
+    write_decision(lake, start, decision, published)
+    return decision
+
+
+def describe_gate(gate: Mapping[str, Any]) -> str:
+    """One plain sentence: promoted or not, and what gets published."""
+    verdict = "promoted to champion" if gate["promote"] else "stays challenger"
+    publish = gate["publish"]
+    what = ("the champion's lists" if publish == "model" else
+            f"the best baseline's lists ({publish.split(':', 1)[1]}): no model beats it on this week"
+            if publish.startswith("baseline:") else "nothing")
+    return f"gate: {gate['version']} {verdict} ({gate['reason']}); publishing {what}"
 
 
 # --- Report --------------------------------------------------------------------------------------------------
@@ -624,7 +712,7 @@ Customers without a list count as 0.</p><ul>{versions}</ul>
     return path
 
 
-# --- Champion / challenger -----------------------------------------------------------------------------------
+# --- Champion / challenger ---------------------------------------------------------------------------------
 @dataclass
 class GateDecision:
     promote: bool
@@ -634,60 +722,101 @@ class GateDecision:
     required: float | None
     reason: str
     version: str = ""
+    best_baseline: str = ""
+    baseline: float | None = None
+    publish: str = ""                    # "model" or "baseline:<name>": what `score` publishes after this gate
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def gate(config: Config, challenger_metrics: Mapping[str, float], champion_metrics: Mapping[str, float] | None) -> GateDecision:
-    """Promote when challenger >= champion + gate_min_improvement - gate_tolerance (on `gate_metric`).
+def best_baseline(config: Config, baselines: Mapping[str, Mapping[str, float]]) -> tuple[str, float | None]:
+    """(name, value) of the baseline with the best `gate_metric` on the evaluated week ('' and None: none)."""
+    metric = config.evaluation.gate_metric
+    scored = {name: float(m[metric]) for name, m in baselines.items()
+              if m.get(metric) is not None and not math.isnan(float(m[metric]))}
+    if not scored:
+        return "", None
+    name = max(sorted(scored), key=lambda n: scored[n])
+    return name, scored[name]
 
-    No champion yet: promote. A challenger without the metric (or NaN): never promoted.
+
+def gate(config: Config, challenger_metrics: Mapping[str, float], champion_metrics: Mapping[str, float] | None,
+         baselines: Mapping[str, Mapping[str, float]] | None = None) -> GateDecision:
+    """Promote only a challenger that beats the best baseline of the same week (by more than
+    gate_min_improvement) AND is not worse than the champion beyond gate_tolerance (on `gate_metric`).
+
+    A first model is not promoted just because there is no champion: it still has to beat every heuristic.
+    Then `publish` says what the lists should be: the model (the promoted challenger, or the champion kept)
+    when it beats the best baseline on this week, else that baseline.
     """
     ev = config.evaluation
     metric = ev.gate_metric
+    name, bar = best_baseline(config, baselines or {})
     value = challenger_metrics.get(metric)
-    if value is None or math.isnan(float(value)):
-        return GateDecision(False, metric, math.nan, None, None, f"challenger has no {metric}")
     champion = None if champion_metrics is None else champion_metrics.get(metric)
-    if champion is None or math.isnan(float(champion)):
-        return GateDecision(True, metric, float(value), None, None, "no champion yet")
-    required = float(champion) + ev.gate_min_improvement - ev.gate_tolerance
-    promote = float(value) >= required - 1e-12
+    champion = None if champion is None or math.isnan(float(champion)) else float(champion)
+
+    def decide(promote: bool, required: float | None, reason: str, value: float) -> GateDecision:
+        kept = value if promote else champion
+        publish = "model" if kept is not None and (bar is None or kept > bar) else f"baseline:{name}"
+        if kept is None and bar is None:
+            publish = ""  # nothing evaluated that could be published
+        return GateDecision(promote, metric, value, champion, required, reason, best_baseline=name, baseline=bar,
+                            publish=publish)
+
+    if value is None or math.isnan(float(value)):
+        return decide(False, None, f"challenger has no {metric}", math.nan)
+    value = float(value)
+    if bar is not None and not value > bar + ev.gate_min_improvement + 1e-12:
+        return decide(False, bar + ev.gate_min_improvement,
+                      f"{metric} {value:.5f} does not beat the best baseline {name} ({bar:.5f})", value)
+    if champion is None:
+        return decide(True, bar, f"{metric} {value:.5f} beats the best baseline "
+                      f"{name or '(none)'} ({bar if bar is not None else float('nan'):.5f}); no champion yet", value)
+    required = champion + ev.gate_min_improvement - ev.gate_tolerance
+    promote = value >= required - 1e-12
     verdict = "not worse beyond tolerance" if promote else "worse than the champion beyond tolerance"
-    return GateDecision(promote, metric, float(value), float(champion), required,
-                        f"{metric} {float(value):.5f} vs champion {float(champion):.5f} (needs >= {required:.5f}): {verdict}")
+    return decide(promote, required, f"{metric} {value:.5f} vs champion {champion:.5f} (needs >= {required:.5f}) "
+                  f"and best baseline {name} {bar if bar is not None else float('nan'):.5f}: {verdict}", value)
 
 
 def promote_if_better(config: Config, challenger_version: str | int, challenger_metrics: Mapping[str, float],
-                      champion_metrics: Mapping[str, float] | None) -> GateDecision:
-    """Apply `gate`; on promote set the registry alias `champion` on the challenger version. The decision and
-    the numbers go to the model version's tags and to the challenger's MLflow run."""
+                      champion_metrics: Mapping[str, float] | None,
+                      baselines: Mapping[str, Mapping[str, float]] | None = None,
+                      models: Mapping[str, str] | None = None) -> GateDecision:
+    """Apply `gate`; on promote set the registry alias `champion` on the challenger version of every registered
+    model of the system (`models`: registered name -> version; default the two-tower alone). The decision and
+    the numbers go to the versions' tags and to their MLflow runs."""
 
     client = config.mlflow_client()
-    name = config.mlflow.registered_model
-    decision = gate(config, challenger_metrics, champion_metrics)
+    models = dict(models or {config.mlflow.registered_model: str(challenger_version)})
+    decision = gate(config, challenger_metrics, champion_metrics, baselines)
     decision.version = str(challenger_version)
-    previous = _alias_version(client, name, CHAMPION)
-    decision.extra["previous_champion"] = previous
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, str(challenger_version))
+    decision.extra["previous_champion"] = {name: _alias_version(client, name, CHAMPION) for name in models}
+    decision.extra["models"] = models
     verdict = "promoted" if decision.promote else "rejected"
     tags = {"gate.decision": verdict, "gate.metric": decision.metric, "gate.reason": decision.reason,
             "gate.challenger": str(decision.challenger), "gate.champion": str(decision.champion),
-            "gate.previous_champion": str(previous)}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(challenger_version), key, value)
-    run_id = client.get_model_version(name, str(challenger_version)).run_id
-    if run_id:
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-        client.log_metric(run_id, f"gate_challenger_{decision.metric}", decision.challenger)
-        if decision.champion is not None:
-            client.log_metric(run_id, f"gate_champion_{decision.metric}", decision.champion)
-        client.log_dict(run_id, decision.as_dict(), "evaluation/gate_decision.json")
-    log.info("champion/challenger: version %s %s (%s)", challenger_version, verdict, decision.reason)
+            "gate.best_baseline": f"{decision.best_baseline} {decision.baseline}", "gate.publish": decision.publish}
+    for name, version in models.items():
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, str(version))
+        for key, value in {**tags, "gate.previous_champion": str(decision.extra["previous_champion"][name])}.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        run_id = client.get_model_version(name, str(version)).run_id
+        if run_id:
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            client.log_metric(run_id, f"gate_challenger_{decision.metric}", decision.challenger)
+            if decision.champion is not None:
+                client.log_metric(run_id, f"gate_champion_{decision.metric}", decision.champion)
+            if decision.baseline is not None:
+                client.log_metric(run_id, f"gate_best_baseline_{decision.metric}", decision.baseline)
+            client.log_dict(run_id, decision.as_dict(), "evaluation/gate_decision.json")
+    log.info("champion/challenger: version %s %s (%s); publish %s", challenger_version, verdict, decision.reason,
+             decision.publish)
     return decision
 
 
@@ -698,3 +827,37 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+# --- the decision record that `score` acts on ----------------------------------------------------------------
+def write_decision(lake: Lakehouse, test_start: dt.date, decision: GateDecision, published: Mapping[str, str]
+                   ) -> None:
+    """Append the gate's decision to `gate_decisions` (one row per evaluation): the numbers compared and what
+    `score` must publish. `published`: registered model -> version of the champion system after the gate."""
+    import datetime as _dt
+
+    from recsys.tables import GATE_DECISIONS, GATE_DECISIONS_SCHEMA
+
+    row = (test_start, _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), decision.metric,
+           json.dumps(decision.extra.get("models", {}), sort_keys=True),
+           None if math.isnan(decision.challenger) else decision.challenger,
+           json.dumps(decision.extra.get("previous_champion", {}), sort_keys=True), decision.champion,
+           decision.best_baseline, decision.baseline, decision.promote, decision.publish,
+           json.dumps(dict(published), sort_keys=True), decision.reason)
+    df = lake.spark.createDataFrame([row], GATE_DECISIONS_SCHEMA)
+    lake.write(df, GATE_DECISIONS, mode="append")
+
+
+def latest_decision(lake: Lakehouse) -> dict[str, Any] | None:
+    """The newest row of `gate_decisions` as a dict (model versions parsed), or None before any evaluation."""
+    from recsys.tables import GATE_DECISIONS
+
+    if not lake.exists(GATE_DECISIONS):
+        return None
+    row = lake.read(GATE_DECISIONS).orderBy(F.desc("decided_at")).limit(1).first()
+    if row is None:
+        return None
+    out = row.asDict()
+    for key in ("challenger", "champion_before", "champion"):
+        out[key] = json.loads(out[key]) if out.get(key) else {}
+    return out

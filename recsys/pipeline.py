@@ -1,9 +1,17 @@
-"""The stages in order: ingest -> features -> train -> evaluate (+ gate) -> score (+ publish).
+"""The stages in order: ingest -> features -> train -> rank -> evaluate (+ gate) -> score (+ publish).
 
-Dates follow one rule, so nothing leaks: the model is trained on purchases before the last `test_days` of the
-data, evaluated (with the baselines, on the same path) on those last days, and the lists that get published are
-scored with features that include every purchase up to the newest day. Publishing is the last step and one
-Delta transaction: a failure anywhere before it leaves the published `recommendations` as they were.
+Dates follow one rule, so nothing leaks. With P the publish date (the day after the newest purchase), E = P -
+split.test_days the first day of the evaluation week and A = E - ranker.label_days:
+
+    train      the two-tower model on point-in-time rows before A
+    rank       the ranker on candidates as of A, labels = the purchases of A .. E-1
+    evaluate   the full system (candidates + ranker), the two-tower alone, the champion and every baseline on
+               the week from E; the gate promotes only a challenger that beats every baseline and the champion,
+               and records what gets published: the champion's lists, or the best baseline's when no model wins
+    score      that choice as of P, with features that include every purchase up to the newest day
+
+Publishing is the last step and one Delta transaction: a failure anywhere before it leaves the published
+`recommendations` as they were.
 
 A stage whose inputs did not change since its last success (fingerprints in `data_dir/pipeline_state.json`)
 is skipped unless `force`.
@@ -21,10 +29,10 @@ from typing import Any, Callable
 
 from recsys.config import Config
 from recsys.tables import (
-    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRANSACTIONS, Lakehouse,
+    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRAINING_EXAMPLES, TRANSACTIONS, Lakehouse,
 )
 
-STAGES = ("ingest", "features", "train", "evaluate", "score")
+STAGES = ("ingest", "features", "train", "rank", "evaluate", "score")
 
 
 class StageFailed(RuntimeError):
@@ -51,8 +59,12 @@ class Context:
         return self.as_of or self.last_day() + dt.timedelta(days=1)
 
     def test_start(self) -> dt.date:
-        """The evaluation week: the last `test_days` before the publish snapshot; training ends where it starts."""
+        """The evaluation week: the last `test_days` before the publish snapshot."""
         return self.publish_as_of() - dt.timedelta(days=self.config.split.test_days)
+
+    def train_as_of(self) -> dt.date:
+        """Where the two-tower's training rows end and the ranker's label window starts."""
+        return self.test_start() - dt.timedelta(days=self.config.ranker.label_days)
 
 
 # --- fingerprints: skip work whose inputs did not change ----------------------------------------------------
@@ -104,12 +116,13 @@ def stage_ingest(ctx: Context) -> dict[str, Any]:
 
 
 def stage_features(ctx: Context) -> dict[str, Any]:
-    """Two snapshots: one at the evaluation week's start (training, evaluation), one for publishing."""
+    """Three snapshots: training rows as of A, the evaluation week's start E, the publish date P."""
     from recsys import features
 
     out = {}
-    for as_of in sorted({ctx.test_start(), ctx.publish_as_of()}):
-        summary = features.run(ctx.lake, as_of=as_of)
+    train_as_of = ctx.train_as_of()
+    for as_of in sorted({train_as_of, ctx.test_start(), ctx.publish_as_of()}):
+        summary = features.run(ctx.lake, as_of=as_of, training=as_of == train_as_of)
         out[as_of.isoformat()] = {t: v.get("rows") for t, v in summary["tables"].items()}
     return out
 
@@ -117,43 +130,41 @@ def stage_features(ctx: Context) -> dict[str, Any]:
 def stage_train(ctx: Context) -> dict[str, Any]:
     from recsys import train
 
-    result = train.run(ctx.lake, as_of=ctx.test_start().isoformat())
+    result = train.run(ctx.lake, as_of=ctx.train_as_of().isoformat())
     return {k: result[k] for k in ("run_id", "model_version", "as_of", "metrics")}
 
 
+def stage_rank(ctx: Context) -> dict[str, Any]:
+    """The ranker on the challenger two-tower's candidates, label window A .. E-1; registered as challenger."""
+    from recsys import two_stage
+    from recsys.model import load_encoder
+
+    config = ctx.config
+    tower = _registry_version(config, "challenger")
+    if tower is None:
+        raise ValueError(f"no '{config.mlflow.registered_model}@challenger' in the registry: run the train stage")
+    encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{tower}", config.tracking_uri,
+                           config.registry_uri)
+    fit = two_stage.fit_ranker(ctx.lake, encoder, ctx.test_start())
+    ctx.out(two_stage.describe(fit))
+    logged = two_stage.log_ranker(config, fit, tower, ctx.test_start())
+    return {"ranker_version": logged["version"], "two_tower_version": tower, **fit.facts}
+
+
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
-    """The challenger, the champion and the baselines on the held-out week, through one path; then the gate."""
+    """The challenger system, the champion, the two-tower alone and the baselines on the held-out week, through
+    one path; then the gate, which also decides what `score` publishes."""
     from recsys import evaluate
     from recsys.metrics import metric_name
 
-    config = ctx.config
-    versions = evaluate.registry_versions(config)
-    if evaluate.CHALLENGER not in versions:
-        raise ValueError(f"no '{config.mlflow.registered_model}@challenger' in the registry at "
-                         f"{config.tracking_uri}: run the train stage first")
-    report = evaluate.run(ctx.lake, test_start=ctx.test_start())
+    report = evaluate.run(ctx.lake, test_start=ctx.test_start(), gate_challenger=True)
     ctx.out(evaluate.format_report(report))
-    overall = report["metrics"][report["metrics"]["segment"] == evaluate.ALL]
-
-    def metrics_of(model: str) -> dict[str, float] | None:
-        rows = overall[overall["model"] == model]
-        return dict(zip(rows["metric"], rows["value"].astype(float))) if len(rows) else None
-
-    challenger = metrics_of(evaluate.CHALLENGER)
-    if challenger is None:
-        raise ValueError("the challenger was not evaluated: " + "; ".join(report.get("notes", [])))
-    # The champion under the same version as the challenger is one model: the gate compares it with itself.
-    same = versions.get(evaluate.CHAMPION) == versions[evaluate.CHALLENGER]
-    champion = challenger if same else metrics_of(evaluate.CHAMPION)
-    decision = evaluate.promote_if_better(config, versions[evaluate.CHALLENGER], challenger, champion)
-    ctx.out(f"gate: version {decision.version} {'is champion' if decision.promote else 'stays challenger'}"
-            f" ({decision.reason})")
-    k = config.evaluation.k
+    k = ctx.config.evaluation.k
     table = report["table"]
     return {
         "test_start": report["test_start"],
         "report": report.get("report_path"),
-        "gate": decision.as_dict(),
+        "gate": report["gate"],
         "map_at_k": dict(zip(table["model"], table[metric_name("map", k)].astype(float))),
     }
 
@@ -161,16 +172,14 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
 def stage_score(ctx: Context) -> dict[str, Any]:
     from recsys import score
 
-    uri = f"models:/{ctx.config.mlflow.registered_model}@champion"
-    if _registry_version(ctx.config, "champion") is None:
-        raise ValueError(f"no champion model to publish with ({uri}); the evaluate stage promotes one")
-    return score.run(ctx.lake, model_uri=uri, as_of=ctx.publish_as_of())
+    return score.publish_decided(ctx.lake, as_of=ctx.publish_as_of())
 
 
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ingest": stage_ingest,
     "features": stage_features,
     "train": stage_train,
+    "rank": stage_rank,
     "evaluate": stage_evaluate,
     "score": stage_score,
 }
@@ -182,13 +191,29 @@ def fingerprint(stage: str, ctx: Context) -> str:
     if stage == "ingest":
         return _digest(_raw_fingerprint(config.path(config.paths.raw_dir)), ctx.since, config.ingest)
     if stage == "features":
-        return _digest(_versions(lake, ARTICLES, CUSTOMERS, TRANSACTIONS), ctx.publish_as_of(), config.features)
+        return _digest(_versions(lake, ARTICLES, CUSTOMERS, TRANSACTIONS), ctx.publish_as_of(), config.features,
+                       ctx.train_as_of())
     if stage == "train":
-        return _digest(_versions(lake, CUSTOMER_FEATURES), ctx.test_start(), config.model)
+        return _digest(_versions(lake, TRAINING_EXAMPLES), ctx.train_as_of(), config.model)
+    if stage == "rank":
+        return _digest(_registry_version(config, "challenger"), ctx.test_start(), config.ranker, config.candidates)
     if stage == "evaluate":
-        return _digest(_registry_version(config, "challenger"), ctx.test_start(), config.evaluation, config.scoring)
-    return _digest(_registry_version(config, "champion"), _versions(lake, CUSTOMER_FEATURES), config.scoring,
+        return _digest(_system(config), ctx.test_start(), config.evaluation, config.scoring, config.candidates)
+    return _digest(_decision(lake), _versions(lake, CUSTOMER_FEATURES), config.scoring, config.candidates,
                    ctx.publish_as_of())
+
+
+def _system(config: Config) -> Any:
+    from recsys.evaluate import system_versions
+
+    return system_versions(config)
+
+
+def _decision(lake: Lakehouse) -> Any:
+    from recsys.evaluate import latest_decision
+
+    decision = latest_decision(lake)
+    return None if decision is None else {k: decision[k] for k in ("decided_at", "publish", "champion")}
 
 
 def _outputs_exist(stage: str, lake: Lakehouse) -> bool:
@@ -253,12 +278,17 @@ def _headline(stage: str, result: dict[str, Any]) -> str:
     if stage == "features":
         return "snapshots " + ", ".join(result)
     if stage == "train":
-        return f"model version {result['model_version']} (features as of {result['as_of']})"
+        return f"two-tower version {result['model_version']} (training rows before {result['as_of']})"
+    if stage == "rank":
+        return (f"ranker version {result['ranker_version']} on two-tower {result['two_tower_version']} "
+                f"(labels {result['label_window']})")
     if stage == "evaluate":
         best = max(result["map_at_k"].items(), key=lambda kv: kv[1])
-        return f"best MAP@K {best[1]:.4f} ({best[0]}); gate: {result['gate']['reason']}"
-    return f"{result.get('customers', '?'):,} customers x K published (model {result.get('model_version')})" \
-        if isinstance(result.get("customers"), int) else "published"
+        return f"best MAP@K {best[1]:.4f} ({best[0]}); publish: {result['gate']['publish']}"
+    if isinstance(result.get("customers"), int):
+        return (f"{result['customers']:,} customers x {result.get('k')} published ({result.get('published')}, "
+                f"{result.get('model_version')})")
+    return "published"
 
 
 def nightly(config: Config, date: str, force: bool = False) -> dict:
@@ -304,6 +334,14 @@ def demo(config: Config) -> int:
             "FROM evaluation_runs WHERE segment = 'all' "
             "AND test_week = (SELECT max(test_week) FROM evaluation_runs) "
             "GROUP BY model, version, test_week ORDER BY map_at_12 DESC").toPandas().to_string(index=False))
+    from recsys.evaluate import latest_decision
+
+    decision = latest_decision(lake)
+    if decision is not None:
+        published = ("the full system (candidates + ranker), which beats every baseline"
+                     if decision["publish"] == "model" else
+                     f"the best baseline ({decision['publish'].split(':', 1)[1]}): no model beat it on the week")
+        print(f"\npublished: {published}\n  gate: {decision['reason']}")
     report = summary.get("evaluate", {}).get("report")
     if report:
         print(f"evaluation report: {report}")

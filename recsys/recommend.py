@@ -29,6 +29,11 @@ SOURCES = (SOURCE_MODEL, SOURCE_AGE_BUCKET, SOURCE_GLOBAL)  # in priority order
 CANDIDATE_COLUMNS = "customer_id string, article_id string, score double, pos int"
 
 
+def _no_source():
+    """A fill row's source: named by its priority in `rank_sources`."""
+    return F.lit(None).cast("string").alias("source")
+
+
 def customer_segments(customers: DataFrame) -> DataFrame:
     """customer_id -> age_bucket (THE definition in recsys.popularity), one row per customer."""
     return customers.groupBy("customer_id").agg(F.coalesce(age_bucket(F.max("age")), F.lit(UNKNOWN)).alias("age_bucket"))
@@ -70,7 +75,9 @@ def complete_lists(
     own = own.join(segments.select("customer_id"), "customer_id", "left_semi")
     if exclude is not None:
         own = own.join(exclude, ["customer_id", "article_id"], "left_anti")
-    own = own.select("customer_id", "article_id", "score", F.col("pos").cast("int"), F.lit(0).alias("priority"))
+    credited = F.col("source") if "source" in own.columns else F.lit(None)
+    own = own.select("customer_id", "article_id", "score", F.col("pos").cast("int"), F.lit(0).alias("priority"),
+                     credited.cast("string").alias("source"))
     counts = own.groupBy("customer_id").agg(F.count(F.lit(1)).alias("n"))
     short = (
         segments.join(counts, "customer_id", "left")
@@ -80,14 +87,14 @@ def complete_lists(
     limit = None if exclude is not None else k
     by_age = short.join(
         F.broadcast(_segment(popular, "age_bucket", limit)), F.col("age_bucket") == F.col("segment")
-    ).select("customer_id", "article_id", "score", "pos", F.lit(1).alias("priority"))
+    ).select("customer_id", "article_id", "score", "pos", F.lit(1).alias("priority"), _no_source())
     overall = short.crossJoin(F.broadcast(_segment(popular, "global", limit))).select(
-        "customer_id", "article_id", "score", "pos", F.lit(2).alias("priority")
+        "customer_id", "article_id", "score", "pos", F.lit(2).alias("priority"), _no_source()
     )
     fill = by_age.unionByName(overall)
     if exclude is not None:
         last_resort = short.crossJoin(F.broadcast(_segment(popular, "global", k))).select(
-            "customer_id", "article_id", "score", "pos", F.lit(3).alias("priority")
+            "customer_id", "article_id", "score", "pos", F.lit(3).alias("priority"), _no_source()
         )
         fill = fill.join(exclude, ["customer_id", "article_id"], "left_anti").unionByName(last_resort)
     return rank_sources(own.unionByName(fill), k)
@@ -97,10 +104,12 @@ def rank_sources(rows: DataFrame, k: int) -> DataFrame:
     """customer_id, article_id, score, pos, priority -> top k per customer; a repeated article keeps its best slot.
 
     Order: priority (0 model, 1 age bucket, 2 global, 3 global ignoring exclusions), then pos within a source.
+    A row's `source` is its own when it carries one (the candidate source a ranked row is credited to), else
+    the name of its priority.
     """
-    source = F.element_at(
+    source = F.coalesce(F.col("source"), F.element_at(
         F.array(*[F.lit(s) for s in (*SOURCES, SOURCE_GLOBAL)]), F.col("priority") + 1
-    )
+    ))
     # One shuffle on customer_id serves both windows (clustered by customer_id, and by customer_id + article).
     rows = rows.repartition("customer_id")
     best = Window.partitionBy("customer_id", "article_id").orderBy("priority", "pos")

@@ -264,6 +264,49 @@ def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
     return conform(recs, _model_version(encoder), run_id="")
 
 
+def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict[str, Any]:
+    """Publish what the latest gate decided (`gate_decisions`): the champion system's lists, or, when no model
+    beat the best baseline on the evaluated week, that baseline's lists (source = its name), as of `as_of`
+    (default: the latest feature snapshot) for every customer."""
+    from recsys import baselines, evaluate, two_stage
+
+    config = lake.config
+    started = time.perf_counter()
+    decision = evaluate.latest_decision(lake)
+    if decision is None or not decision.get("publish"):
+        raise ValueError("nothing decided to publish: run the evaluation with the gate first (`recsys evaluate "
+                         "--gate`, the pipeline's evaluate stage)")
+    snapshot = snapshot_of(lake, as_of)
+    choice = decision["publish"]
+    if choice == "model":
+        system = decision["champion"]
+        if not system:
+            raise ValueError("the latest gate decision publishes the model, but names no champion system")
+        version = evaluate.system_label(config, system)
+        if config.mlflow.ranker_model in system:
+            from recsys.model import load_encoder
+
+            encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{system[config.mlflow.registered_model]}",
+                                   config.tracking_uri, config.registry_uri)
+            ranker = two_stage.load_ranker(config, system[config.mlflow.ranker_model])
+            recs = two_stage.recommend(lake, encoder, ranker, as_of=snapshot, model_version=version,
+                                       write_candidates=True)
+        else:
+            recs = evaluate.system_recommender(lake, system, snapshot, None)
+    elif choice.startswith("baseline:"):
+        name = choice.split(":", 1)[1]
+        transactions = lake.read(TRANSACTIONS)
+        everyone = lake.read(CUSTOMERS).select("customer_id").distinct()
+        (recs,) = baselines.recommend(config, transactions, lake.read(CUSTOMERS), lake.read("articles"), everyone,
+                                      snapshot, [name]).values()
+        version = f"{name}@{snapshot.isoformat()}"
+    else:
+        raise ValueError(f"gate_decisions: unknown publish choice {choice!r}")
+    summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=config.scoring.k)
+    return {**summary, "as_of": snapshot.isoformat(), "published": choice, "gate_test_week": str(
+        decision["test_week"]), "reason": decision["reason"], "seconds": round(time.perf_counter() - started, 1)}
+
+
 def run(lake: Lakehouse, model_uri: str | None = None, encoder: Any = None,
         as_of: dt.date | str | None = None) -> dict[str, Any]:
     """Score every customer with the model (default: `champion`, else `challenger`) and publish the lists.

@@ -52,6 +52,8 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(sc.arrow_batch_size))
         .config("spark.sql.adaptive.enabled", "true")
+        # The runtime Bloom-filter join re-runs the whole (costly) candidate plan just to build a filter.
+        .config("spark.sql.optimizer.runtime.bloomFilter.enabled", "false")
         .config("spark.sql.warehouse.dir", str(config.path(config.paths.data_dir) / "spark-warehouse"))
         .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={config.path(config.paths.data_dir)}")
         .config("spark.databricks.delta.snapshotPartitions", "2")

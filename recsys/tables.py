@@ -34,6 +34,8 @@ RECOMMENDATIONS_STAGING = "recommendations_staging"  # a scoring run's output, v
 RECOMMENDATIONS_NAMED = "recommendations_named"      # recommendations joined with article names, for people
 EVALUATION = "evaluation"
 EVALUATION_RUNS = "evaluation_runs"  # one row per (model, version, test week, segment, metric)
+CANDIDATES = "candidates"            # first-stage lists: customer x article x source, partition as_of
+GATE_DECISIONS = "gate_decisions"    # one row per evaluation: what was compared, what gets published
 
 # customer_features / training_examples: the customer's last purchases, most recent first, zero-padded
 SEQ_ARTICLES = "seq_article_idx"   # array<int> of article_idx (0 = padding)
@@ -43,6 +45,7 @@ ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
     RECOMMENDATIONS, EVALUATION, CATEGORY_INDEX, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
+    CANDIDATES, GATE_DECISIONS,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -132,6 +135,21 @@ EVALUATION_RUNS_SCHEMA = T.StructType([
     T.StructField("value", T.DoubleType(), True),
     T.StructField("segment", T.StringType(), False),
 ])
+GATE_DECISIONS_SCHEMA = T.StructType([
+    T.StructField("test_week", T.DateType(), False),
+    T.StructField("decided_at", T.TimestampType(), False),
+    T.StructField("metric", T.StringType(), False),
+    T.StructField("challenger", T.StringType(), False),        # JSON: registered model -> version
+    T.StructField("challenger_value", T.DoubleType(), True),
+    T.StructField("champion_before", T.StringType(), False),   # JSON: registered model -> version (or null)
+    T.StructField("champion_value", T.DoubleType(), True),
+    T.StructField("best_baseline", T.StringType(), False),
+    T.StructField("best_baseline_value", T.DoubleType(), True),
+    T.StructField("promoted", T.BooleanType(), False),
+    T.StructField("publish", T.StringType(), False),           # 'model' | 'baseline:<name>'
+    T.StructField("champion", T.StringType(), False),          # JSON: the champion system after the gate
+    T.StructField("reason", T.StringType(), False),
+])
 SCHEMAS = {
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
@@ -140,10 +158,12 @@ SCHEMAS = {
     INGEST_RUNS: INGEST_RUNS_SCHEMA,
     RECOMMENDATIONS: RECOMMENDATIONS_SCHEMA,
     EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
+    GATE_DECISIONS: GATE_DECISIONS_SCHEMA,
 }
 PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip the rest
 # Feature-store snapshots: one `as_of` folder each, replaced with replaceWhere, older ones stay readable.
-PARTITIONS.update({name: ["as_of"] for name in (CUSTOMER_FEATURES, ARTICLE_FEATURES, POPULARITY, TRAINING_EXAMPLES)})
+PARTITIONS.update({name: ["as_of"] for name in (CUSTOMER_FEATURES, ARTICLE_FEATURES, POPULARITY, TRAINING_EXAMPLES,
+                                                 CANDIDATES)})
 
 
 class Lakehouse:

@@ -152,12 +152,35 @@ def test_empty_test_week_is_a_clear_error(week_lake):
 
 def test_gate_rule():
     config = load_config("tiny", ["evaluation.gate_tolerance=0.001"])
-    assert E.gate(config, {"map_at_12": 0.0200}, {"map_at_12": 0.0205}).promote          # within tolerance
-    assert not E.gate(config, {"map_at_12": 0.0190}, {"map_at_12": 0.0205}).promote      # worse beyond it
-    assert E.gate(config, {"map_at_12": 0.01}, None).promote                               # no champion yet
-    assert not E.gate(config, {"recall_at_12": 0.5}, {"map_at_12": 0.0}).promote          # metric missing
+    base = {"repurchase": {"map_at_12": 0.0180}, "als": {"map_at_12": 0.0150}}
+    within = E.gate(config, {"map_at_12": 0.0200}, {"map_at_12": 0.0205}, base)
+    assert within.promote and within.publish == "model" and within.best_baseline == "repurchase"
+    worse = E.gate(config, {"map_at_12": 0.0190}, {"map_at_12": 0.0205}, base)
+    assert not worse.promote and worse.publish == "model"  # the champion stays, and it beats the baselines
+    assert not E.gate(config, {"recall_at_12": 0.5}, {"map_at_12": 0.0}, base).promote  # metric missing
     strict = load_config("tiny", ["evaluation.gate_min_improvement=0.002"])
     assert not E.gate(strict, {"map_at_12": 0.021}, {"map_at_12": 0.020}).promote
+
+
+def test_a_first_model_is_not_promoted_just_because_there_is_no_champion():
+    config = load_config("tiny")
+    base = {"repurchase": {"map_at_12": 0.0262}, "als": {"map_at_12": 0.0167}, "popularity": {"map_at_12": 0.0075}}
+    first = E.gate(config, {"map_at_12": 0.0118}, None, base)
+    assert not first.promote and first.publish == "baseline:repurchase"
+    assert "does not beat the best baseline repurchase" in first.reason
+    tie = E.gate(config, {"map_at_12": 0.0262}, None, base)
+    assert not tie.promote and tie.publish == "baseline:repurchase"  # equal is not better
+    winner = E.gate(config, {"map_at_12": 0.0300}, None, base)
+    assert winner.promote and winner.publish == "model" and winner.baseline == pytest.approx(0.0262)
+
+
+def test_a_champion_that_falls_behind_a_baseline_is_not_published():
+    config = load_config("tiny")
+    base = {"repurchase": {"map_at_12": 0.0300}}
+    decision = E.gate(config, {"map_at_12": 0.0250}, {"map_at_12": 0.0280}, base)
+    assert not decision.promote and decision.publish == "baseline:repurchase"
+    sentence = E.describe_gate({**decision.as_dict(), "version": "two_tower=2,ranker=2"})
+    assert "stays challenger" in sentence and "best baseline's lists (repurchase)" in sentence
 
 
 def test_gate_sets_champion_alias_in_a_real_registry(tmp_path):
@@ -186,15 +209,17 @@ def test_gate_sets_champion_alias_in_a_real_registry(tmp_path):
         mlflow.set_tracking_uri(previous)
     client = config.mlflow_client()
 
-    first = E.promote_if_better(config, "1", {"map_at_12": 0.02}, None)
+    base = {"repurchase": {"map_at_12": 0.015}}
+    first = E.promote_if_better(config, "1", {"map_at_12": 0.02}, None, base)
     assert first.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "1"
-    better = E.promote_if_better(config, "2", {"map_at_12": 0.03}, {"map_at_12": 0.02})
+    better = E.promote_if_better(config, "2", {"map_at_12": 0.03}, {"map_at_12": 0.02}, base)
     assert better.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "2"
-    worse = E.promote_if_better(config, "3", {"map_at_12": 0.01}, {"map_at_12": 0.03})
+    worse = E.promote_if_better(config, "3", {"map_at_12": 0.01}, {"map_at_12": 0.03}, base)
     assert not worse.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "2"
     assert client.get_model_version("gate-test", "3").tags["gate.decision"] == "rejected"
     run = client.get_run(run_ids[2])
     assert run.data.tags["gate.decision"] == "rejected" and run.data.metrics["gate_champion_map_at_12"] == 0.03
+    assert run.data.metrics["gate_best_baseline_map_at_12"] == 0.015
 
     # evaluation metrics land in the model's run, the Recall@K curve as steps of one metric
     metrics = pd.DataFrame({"segment": ["all", "history:long"], "metric": ["map_at_12"] * 2, "value": [0.25, 0.5]})

@@ -113,9 +113,12 @@ def test_train_notebook_end_to_end_on_synthetic_data(spark, tmp_path, monkeypatc
     ]))
     out = capsys.readouterr().out
     test_start = default_test_start(lake.read(TRANSACTIONS), config.split.test_days).isoformat()
-    assert values["test_start"] == test_start and f"training on purchases before {test_start}" in out
-    assert values["trained"]["as_of"] == test_start and values["trained"]["model_version"]
-    assert CHALLENGER in set(values["report"]["table"]["model"])  # the new model, next to the baselines
+    train_as_of = (dt.date.fromisoformat(test_start) - dt.timedelta(days=config.ranker.label_days)).isoformat()
+    assert values["test_start"] == test_start and f"trained on purchases before {train_as_of}" in out
+    assert values["trained"]["as_of"] == train_as_of and values["trained"]["model_version"]
+    assert values["ranker_version"]["version"] == "1" and "ranker:" in out
+    models = set(values["report"]["table"]["model"])
+    assert {CHALLENGER, "two_tower"} <= models  # the new system and its two-tower alone, next to the baselines
     assert f"Evaluation on {test_start}" in out
     assert not lake.exists(RECOMMENDATIONS)  # the notebook publishes nothing
 

@@ -47,8 +47,19 @@ def test_every_stage_runs_and_publishes_k_per_customer(setup):
     assert per_customer.count() == lake.read("customers").count()
     assert per_customer.filter((F.col("n") != k) | (F.col("distinct") != k) | (F.col("lo") != 1)
                                | (F.col("hi") != k)).count() == 0
-    assert any("gate:" in m for m in messages)
-    assert summary["evaluate"]["gate"]["promote"] is True  # the first model has no champion to beat
+    assert any("gate:" in m for m in messages) and any("ranker:" in m for m in messages)
+    gate = summary["evaluate"]["gate"]
+    # a first model is promoted only if it beats every baseline; what gets published follows the decision
+    assert gate["promote"] == (gate["challenger"] > gate["baseline"])
+    sources = {r.source for r in recs.select("source").distinct().collect()}
+    if gate["publish"] == "model":
+        assert sources <= {"repurchase", "same_product", "bought_together", "two_tower", "popularity",
+                           "popularity_age_bucket", "popularity_global"}
+        assert {r.model_version for r in recs.select("model_version").distinct().collect()} == {
+            f"two_tower={summary['rank']['two_tower_version']},ranker={summary['rank']['ranker_version']}"}
+    else:
+        assert gate["publish"] == f"baseline:{gate['best_baseline']}" and sources == {gate["publish"]}
+    assert summary["score"]["published"] == gate["publish"]
 
 
 def test_second_run_is_up_to_date(setup):
@@ -63,6 +74,7 @@ def test_second_run_is_up_to_date(setup):
     ("ingest", "recsys.ingest.run"),
     ("features", "recsys.features.run"),
     ("train", "recsys.train.run"),
+    ("rank", "recsys.two_stage.fit_ranker"),
     ("evaluate", "recsys.evaluate.evaluate_all"),
     ("score", "recsys.score.publish"),
 ])

@@ -1,0 +1,306 @@
+"""The full system, for any date and any customers: candidates from several sources, then the learned ranker.
+
+`rows(as_of, target)` is the one place that turns the lake into ranker rows: the candidate sources of
+recsys.candidates plus the two-tower's FAISS neighbours (and its similarity to every other candidate), combined
+into one row per (customer, article), with the features of recsys.ranker. Training and scoring both go through
+it, only the date and the customers differ:
+
+    ranker training     as of A = T - ranker.label_days, the customers who bought in A .. T-1, labels from then
+    evaluation          as of T (the evaluation week's first day), that week's buyers
+    publishing          as of the publish date, every customer
+
+The two-tower model used here is always trained on features as of A or earlier, so none of its candidates or
+similarities were fitted on the purchases the ranker learns from.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from recsys import candidates as C
+from recsys import ranker as R
+from recsys.config import Config
+from recsys.publish import conform
+from recsys.recommend import complete_lists, popularity_lists
+from recsys.score import check_model_date, customer_rows, model_candidates, retrieval, snapshot_of
+from recsys.tables import ARTICLES, CANDIDATES, CUSTOMERS, TRANSACTIONS, Lakehouse
+
+TWO_TOWER = "two_tower"
+SIMILARITY = "similarity"  # long rows carrying the two-tower similarity of a pair: a feature, not a source
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+# --- candidates -----------------------------------------------------------------------------------------
+def source_candidates(config: Config, transactions: DataFrame, articles: DataFrame, customers: DataFrame,
+                      target: DataFrame, as_of: dt.date) -> DataFrame:
+    """The rule-based sources named in `candidates.sources` (long rows, recsys.candidates.CANDIDATE_COLUMNS)."""
+    cc, half_life = config.candidates, config.features.decay_half_life_days
+    build = {
+        C.REPURCHASE: lambda: C.repurchase(transactions, target, as_of, cc.repurchase_days, cc.repurchase_n,
+                                           half_life),
+        C.SAME_PRODUCT: lambda: C.same_product(transactions, articles, target, as_of, cc.same_product_days,
+                                               cc.same_product_n, cc.sales_days),
+        C.BOUGHT_TOGETHER: lambda: C.bought_together(transactions, target, as_of, cc.pair_days,
+                                                     cc.pair_history_days, cc.pair_neighbours, cc.bought_together_n),
+        C.POPULARITY: lambda: C.popularity(transactions, customers, target, as_of, cc.popularity_days,
+                                           cc.popularity_n, half_life),
+    }
+    unknown = [s for s in cc.sources if s not in build and s != TWO_TOWER]
+    if unknown:
+        raise ValueError(f"candidates.sources: unknown source(s) {unknown}; known: {sorted([*build, TWO_TOWER])}")
+    parts = [build[s]() for s in cc.sources if s in build]
+    out = parts[0] if parts else None
+    for part in parts[1:]:
+        out = out.unionByName(part)
+    return out
+
+
+def two_tower_rows(lake: Lakehouse, encoder: Any, snapshot: dt.date, target: DataFrame, others: DataFrame | None,
+                   n: int) -> DataFrame:
+    """customer_id, article_id, score (similarity), pos: the model's `n` nearest articles (pos 1..n) and its
+    similarity to every pair in `others` (pos null)."""
+    check_model_date(encoder, snapshot, "used for candidates")
+    index, vectors, _ = retrieval(lake, encoder, snapshot)
+    features, _ = customer_rows(lake, snapshot, target)
+    scoring = lake.config.scoring
+    return model_candidates(features, encoder, index, n, threads=scoring.threads_per_task,
+                            partitions=scoring.partitions, extra=others, articles=vectors)
+
+
+def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame,
+                     write: bool = False) -> DataFrame:
+    """Every source's candidates for `target` as of `as_of`, long, with the two-tower's similarity to each pair
+    kept aside in `source = 'similarity'` rows (not a source: a feature). Computed once: with `write` into the
+    `candidates` table (partition as_of, replaced; what the ranker trained on and what was published), else
+    persisted in memory (evaluations, which must not replace the recorded lists)."""
+    config = lake.config
+    transactions = lake.read(TRANSACTIONS).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
+    customers, articles = lake.read(CUSTOMERS), lake.read(ARTICLES)
+    long = source_candidates(config, transactions, articles, customers, target, as_of)
+    if encoder is not None and TWO_TOWER in config.candidates.sources:
+        n = config.candidates.two_tower_n
+        others = long.select("customer_id", "article_id").distinct() if long is not None else None
+        model = two_tower_rows(lake, encoder, as_of, target, others, n)
+        picks = model.filter(F.col("pos").isNotNull()).select(
+            "customer_id", "article_id", F.lit(TWO_TOWER).alias("source"), F.col("pos").alias("source_rank"),
+            F.col("score").alias("source_score"))
+        similarity = model.select(
+            "customer_id", "article_id", F.lit(SIMILARITY).alias("source"), F.lit(0).alias("source_rank"),
+            F.col("score").alias("source_score"))
+        long = picks.unionByName(similarity) if long is None else long.unionByName(picks).unionByName(similarity)
+    if long is None:
+        raise ValueError("candidates.sources: no source left (the two-tower source needs a model)")
+    long = long.select(*C.CANDIDATE_COLUMNS)
+    if not write:
+        return long.persist(StorageLevel.MEMORY_AND_DISK)
+    lake.write(long.withColumn("as_of", F.lit(as_of)), CANDIDATES,
+               replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
+    return lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
+
+
+def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:
+    """Long candidates -> one row per (customer, article) proposed by a source, with the two-tower similarity."""
+    proposed = C.combine(long.filter(F.col("source") != SIMILARITY), sources)
+    similarity = long.filter(F.col("source") == SIMILARITY).groupBy("customer_id", "article_id").agg(
+        F.max("source_score").alias(R.TWO_TOWER_SIMILARITY))
+    return proposed.join(similarity, ["customer_id", "article_id"], "left")
+
+
+def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: bool = False
+                 ) -> tuple[DataFrame, DataFrame]:
+    """(long candidates, ranker rows with features) for `target` as of `as_of`."""
+    long = build_candidates(lake, encoder, as_of, target, write)
+    wide = wide_rows(long, lake.config.candidates.sources)
+    features = R.ranker_features(wide, lake.read(TRANSACTIONS), lake.read(ARTICLES), lake.read(CUSTOMERS), as_of)
+    # computed once: the rows feed a fit or a prediction, and their plan (every source, every aggregate) is long
+    features = features.persist(StorageLevel.MEMORY_AND_DISK)
+    features.count()
+    return long, features
+
+
+# --- training -------------------------------------------------------------------------------------------
+@dataclass
+class RankerFit:
+    model: R.RankerModel
+    facts: dict[str, Any]
+    coverage: pd.DataFrame
+
+
+def label_window(config: Config, until: dt.date) -> tuple[dt.date, dt.date]:
+    """(as_of of the ranker's training rows, first day after the label window): A = until - label_days, until."""
+    days = config.ranker.label_days
+    if days < 1:
+        raise ValueError(f"ranker.label_days must be at least 1, got {days}")
+    return until - dt.timedelta(days=days), until
+
+
+def xgboost_params(config: Config) -> dict[str, Any]:
+    rc = config.ranker
+    return {"objective": rc.objective, "n_estimators": rc.n_estimators, "max_depth": rc.max_depth,
+            "learning_rate": rc.learning_rate, "subsample": rc.subsample, "colsample_bytree": rc.colsample_bytree,
+            "min_child_weight": rc.min_child_weight, "random_state": rc.seed, "tree_method": "hist"}
+
+
+def ranker_rows(lake: Lakehouse, encoder: Any | None, until: dt.date) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(long candidates, labelled ranker rows, the label window's purchases) for training the ranker that will
+    rank as of `until`: candidates and features as of A = until - label_days for the customers who bought in
+    A .. until-1, label 1 for what they bought then. Nothing on or after `until` is read."""
+    config = lake.config
+    start, end = label_window(config, until)
+    if encoder is not None:
+        check_model_date(encoder, start, "used for the ranker's training rows")
+    transactions = lake.read(TRANSACTIONS).filter(F.col("t_dat") < F.lit(end))
+    window = transactions.filter(F.col("t_dat") >= F.lit(start))
+    buyers = window.select("customer_id").distinct()
+    long, rows = ranking_rows(lake, encoder, start, buyers, write=True)
+    return long, R.with_labels(rows, window, start, (end - start).days), window
+
+
+def fit_ranker(lake: Lakehouse, encoder: Any | None, until: dt.date) -> RankerFit:
+    """Train the ranker on `ranker_rows` (a sample of the negatives per customer); report the candidates' reach.
+
+    `until` is the evaluation week's first day (or the publish date): the label window ends the day before.
+    """
+    config = lake.config
+    start, end = label_window(config, until)
+    long, labelled, window = ranker_rows(lake, encoder, until)
+    train_rows = R.training_rows(labelled, config.ranker.negatives_per_customer, config.ranker.seed).persist(
+        StorageLevel.MEMORY_AND_DISK)
+    try:
+        stats = train_rows.agg(F.count(F.lit(1)).alias("rows"), F.sum(R.LABEL).alias("positives"),
+                               F.countDistinct("customer_id").alias("customers")).first().asDict()
+        features = R.feature_columns(config.candidates.sources)
+        started = time.perf_counter()
+        model = R.fit(train_rows, features, xgboost_params(config), config.ranker.workers)
+        fit_seconds = round(time.perf_counter() - started, 1)
+    finally:
+        train_rows.unpersist()
+    report = C.coverage(long.filter(F.col("source") != SIMILARITY), window.select("customer_id"), window,
+                        config.candidates.sources)
+    facts = {"candidates_as_of": start.isoformat(), "label_days": (end - start).days,
+             "label_window": f"{start} .. {end - dt.timedelta(days=1)}", "rows": int(stats["rows"]),
+             "positives": int(stats["positives"] or 0), "customers": int(stats["customers"]),
+             "fit_seconds": fit_seconds}
+    return RankerFit(model, facts, report)
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+def recommend(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of: dt.date | str | None = None,
+              customers: DataFrame | None = None, model_version: str = "", write_candidates: bool = False
+              ) -> DataFrame:
+    """The ranker's top K of each customer's candidates as of `as_of` (default: the latest snapshot), filled to
+    exactly K from popularity; `source` names the candidate source each row is credited to. Lazy.
+
+    `customers`: who gets lists (default: every customer). The lists are in the `recommendations` schema.
+    """
+    config = lake.config
+    snapshot = snapshot_of(lake, as_of)
+    everyone = customers is None
+    target = lake.read(CUSTOMERS).select("customer_id").distinct() if everyone else customers.select(
+        "customer_id").distinct()
+    _, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates)
+    ranked = R.top_k(R.predict(model, rows), config.scoring.k)
+    _, segments = customer_rows(lake, snapshot, None if everyone else target)
+    popular = popularity_lists(lake, snapshot, config.scoring.k)
+    lists = complete_lists(ranked, segments, popular, config.scoring.k)
+    return conform(lists, model_version or model.version or "ranker", run_id="")
+
+
+def merged(lake: Lakehouse, encoder: Any | None, as_of: dt.date | str | None = None,
+           customers: DataFrame | None = None) -> DataFrame:
+    """The same candidates without the ranker: each source's list in `candidates.sources` order (the first
+    source's articles first, by its rank), filled to exactly K. What the learned ranking has to beat."""
+    config = lake.config
+    snapshot = snapshot_of(lake, as_of)
+    everyone = customers is None
+    target = lake.read(CUSTOMERS).select("customer_id").distinct() if everyone else customers.select(
+        "customer_id").distinct()
+    long = build_candidates(lake, encoder, snapshot, target).filter(F.col("source") != SIMILARITY)
+    order = F.create_map(*[x for i, s in enumerate(config.candidates.sources) for x in (F.lit(s), F.lit(i))])
+    # one position per row: source order first, then the source's own rank
+    ranked = long.select("customer_id", "article_id", "source", (order[F.col("source")] * 100000 + F.col(
+        "source_rank")).alias("pos"), F.col("source_score").alias("score"))
+    _, segments = customer_rows(lake, snapshot, None if everyone else target)
+    lists = complete_lists(ranked, segments, popularity_lists(lake, snapshot, config.scoring.k), config.scoring.k)
+    return conform(lists, "merge", run_id="")
+
+
+# --- MLflow ---------------------------------------------------------------------------------------------
+def log_ranker(config: Config, fit: RankerFit, two_tower_version: str, until: dt.date) -> dict[str, str]:
+    """One MLflow run for the ranker (params, facts, candidate coverage, feature importances as artifacts),
+    registered as a new version of `mlflow.ranker_model` with alias `challenger`, tagged with the two-tower
+    version it was trained with. Returns run_id, version, model_uri."""
+    import mlflow
+
+    from recsys.train import configure_mlflow
+
+    configure_mlflow(config)
+    client = config.mlflow_client()
+    importances = fit.model.importances()
+    with mlflow.start_run(run_name=f"ranker until {until}") as active:
+        run_id = active.info.run_id
+        mlflow.log_params({f"ranker.{k}": v for k, v in vars(config.ranker).items()})
+        mlflow.log_params({f"candidates.{k}": (",".join(v) if isinstance(v, list) else v)
+                           for k, v in vars(config.candidates).items()})
+        mlflow.log_params({"two_tower_version": two_tower_version, "until": until.isoformat(),
+                           **{k: v for k, v in fit.facts.items() if k != "fit_seconds"}})
+        mlflow.log_metric("fit_seconds", fit.facts["fit_seconds"])
+        for row in fit.coverage.itertuples():
+            mlflow.log_metric(f"candidate_recall_{row.source}", float(row.recall))
+            mlflow.log_metric(f"candidates_per_customer_{row.source}", float(row.candidates_per_customer))
+        mlflow.set_tags({"stage": "ranker", "two_tower_version": two_tower_version})
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            importances.to_csv(folder / "feature_importances.csv", index=False)
+            fit.coverage.to_csv(folder / "candidate_coverage.csv", index=False)
+            (folder / "ranker.json").write_text(fit.model.to_json())
+            for name in ("feature_importances.csv", "candidate_coverage.csv"):
+                mlflow.log_artifact(str(folder / name), "ranker")
+            mlflow.log_artifact(str(folder / "ranker.json"), "model")
+    name = config.mlflow.ranker_model
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - first version: create the registered model
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
+                                          tags={"two_tower_version": two_tower_version, "until": until.isoformat()})
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return {"run_id": run_id, "version": str(version.version), "model_uri": f"models:/{name}/{version.version}"}
+
+
+def load_ranker(config: Config, version: str) -> R.RankerModel:
+    """A registered ranker version -> RankerModel (its `version` set)."""
+    from mlflow.artifacts import download_artifacts
+
+    client = config.mlflow_client()
+    registered = client.get_model_version(config.mlflow.ranker_model, str(version))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifacts(run_id=registered.run_id, artifact_path="model/ranker.json", dst_path=tmp,
+                                  tracking_uri=config.tracking_uri)
+        model = R.RankerModel.from_json(Path(path).read_text())
+    model.version = str(version)
+    return model
+
+
+def describe(fit: RankerFit) -> str:
+    """A few lines for the terminal: the training rows and the candidate sources' reach."""
+    lines = [f"ranker: {fit.facts['rows']:,} rows ({fit.facts['positives']:,} bought) of "
+             f"{fit.facts['customers']:,} customers, candidates as of {fit.facts['candidates_as_of']}, labels "
+             f"{fit.facts['label_window']}, fitted in {fit.facts['fit_seconds']} s",
+             "candidates (label window): " + json.dumps({r.source: {"per_customer": round(r.candidates_per_customer, 1),
+                                                                     "recall": round(r.recall, 4)}
+                                                          for r in fit.coverage.itertuples()})]
+    top = fit.model.importances().head(8)
+    lines.append("top features (gain share): " + ", ".join(f"{r.feature} {r.gain_share:.2f}"
+                                                            for r in top.itertuples()))
+    return "\n".join(lines)

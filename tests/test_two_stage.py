@@ -1,0 +1,111 @@
+"""The two stages on the hand-made lake of `scoring_data`: the ranker's label window, exact-K lists credited
+to their candidate source, the two-tower similarity of any pair, and the gate's fallback to a baseline."""
+from __future__ import annotations
+
+import datetime as dt
+import sys
+
+import numpy as np
+import pytest
+from pyspark import cloudpickle
+from pyspark.sql import functions as F
+
+import scoring_data as data
+from recsys import evaluate, score, two_stage
+from recsys.tables import RECOMMENDATIONS, TRANSACTIONS, TRANSACTIONS_SCHEMA
+
+cloudpickle.register_pickle_by_value(data)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+K = 12
+RULES = "candidates.sources=[repurchase,same_product,bought_together,popularity]"  # no model needed
+SETTINGS = [RULES, "ranker.label_days=2", "ranker.n_estimators=20", "ranker.max_depth=3", "candidates.popularity_n=12"]
+
+
+@pytest.fixture(scope="module")
+def seed(spark, tmp_path_factory):
+    return data.build_seed(spark, tmp_path_factory.mktemp("two-stage-seed") / "delta")
+
+
+@pytest.fixture()
+def lake(spark, seed, tmp_path):
+    return data.copy_lake(spark, seed, tmp_path, *SETTINGS)
+
+
+def test_the_ranker_learns_only_from_the_label_window_before_the_evaluation_week(spark, lake, seed, tmp_path):
+    until = data.AS_OF  # the evaluation week starts here; the label window is the two days before
+    long, labelled, window = two_stage.ranker_rows(lake, None, until)
+    rows = labelled.select("customer_id", "article_id", "label", "repurchase_rank", "pair_purchases").collect()
+    assert rows and {r.label for r in rows} == {0, 1}
+    days = {r.t_dat for r in window.select("t_dat").distinct().collect()}
+    assert days == {until - dt.timedelta(days=2), until - dt.timedelta(days=1)}
+    # features as of the window's start: a label-window purchase is never a feature of its own row
+    bought = {(r.customer_id, r.article_id) for r in window.collect()}
+    before = {(r.customer_id, r.article_id) for r in lake.read(TRANSACTIONS).filter(
+        F.col("t_dat") < F.lit(until - dt.timedelta(days=2))).collect()}
+    for r in rows:
+        if (r.customer_id, r.article_id) in bought and (r.customer_id, r.article_id) not in before:
+            assert r.pair_purchases == 0.0, r
+    # purchases in the evaluation week (on or after `until`) change nothing
+    future = [(until + dt.timedelta(days=d), c, data.ARTICLE_IDS[33], 0.05, 2) for d in range(3)
+              for c in data.WITH_HISTORY]
+    extra = spark.createDataFrame(future, TRANSACTIONS_SCHEMA).withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
+    other = data.copy_lake(spark, seed, tmp_path / "with-future", *SETTINGS)
+    other.write(extra, TRANSACTIONS, mode="append")
+    _, again, _ = two_stage.ranker_rows(other, None, until)
+    columns = sorted(labelled.columns)
+    assert sorted(map(repr, again.select(*columns).collect())) == sorted(map(repr, labelled.select(*columns).collect()))
+    assert data.ARTICLE_IDS[33] not in {r.article_id for r in rows}
+
+
+def test_ranked_lists_hold_exactly_k_credited_to_their_candidate_source(lake):
+    fit = two_stage.fit_ranker(lake, None, data.AS_OF)
+    assert fit.facts["label_window"] == "2020-09-20 .. 2020-09-21" and fit.facts["positives"] > 0
+    assert set(fit.coverage["source"]) == {"repurchase", "same_product", "bought_together", "popularity", "all"}
+    importances = fit.model.importances()
+    assert set(importances["feature"]) == set(fit.model.features) and importances["gain"].sum() > 0
+    recs = two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, model_version="ranker-test").collect()
+    by_customer: dict[str, list] = {}
+    for r in recs:
+        by_customer.setdefault(r.customer_id, []).append(r)
+    assert set(by_customer) == set(data.CUSTOMER_IDS)  # new customers too (popularity fill)
+    for customer, rows in by_customer.items():
+        assert sorted(r.rank for r in rows) == list(range(1, K + 1)) and len({r.article_id for r in rows}) == K
+    sources = {r.source for r in recs}
+    assert sources <= {"repurchase", "same_product", "bought_together", "popularity", "popularity_age_bucket",
+                       "popularity_global"} and "repurchase" in sources
+    assert {r.model_version for r in recs} == {"ranker-test"}
+
+
+def test_two_tower_rows_score_the_other_sources_pairs_by_the_same_vectors(lake):
+    encoder = data.HashEncoder()
+    target = lake.spark.createDataFrame([(c,) for c in data.WITH_HISTORY[:4]], "customer_id string")
+    others = lake.spark.createDataFrame([(data.WITH_HISTORY[0], data.ARTICLE_IDS[35]),
+                                         (data.WITH_HISTORY[1], "9999999999")], "customer_id string, article_id string")
+    rows = two_stage.two_tower_rows(lake, encoder, data.AS_OF, target, others, n=5).collect()
+    picks = [r for r in rows if r.pos is not None]
+    assert len(picks) == 4 * 5 and {r.pos for r in picks} == set(range(1, 6))
+    extra = {(r.customer_id, r.article_id): r.score for r in rows if r.pos is None}
+    user = encoder.vectors([1], 0)[0]
+    item = encoder.vectors([36], 100_000)[0]  # A35 is article_idx 36
+    assert extra[(data.WITH_HISTORY[0], data.ARTICLE_IDS[35])] == pytest.approx(float(user @ item), abs=1e-5)
+    assert np.isnan(extra[(data.WITH_HISTORY[1], "9999999999")])  # not in the index: missing, not zero
+    with pytest.raises(ValueError, match="trained on features as of 2020-09-22.*before its training data ends"):
+        two_stage.two_tower_rows(lake, encoder, data.AS_OF - dt.timedelta(days=3), target, None, n=5)
+
+
+def test_when_no_model_beats_the_best_baseline_its_lists_are_published(lake):
+    config = lake.config
+    decision = evaluate.gate(config, {"map_at_12": 0.010}, None,
+                             {"repurchase": {"map_at_12": 0.026}, "als": {"map_at_12": 0.017}})
+    assert decision.publish == "baseline:repurchase"
+    with pytest.raises(ValueError, match="nothing decided to publish"):
+        score.publish_decided(lake)
+    evaluate.write_decision(lake, data.AS_OF - dt.timedelta(days=7), decision, {})
+    summary = score.publish_decided(lake, as_of=data.AS_OF)
+    assert summary["published"] == "baseline:repurchase" and summary["customers"] == len(data.CUSTOMER_IDS)
+    recs = lake.read(RECOMMENDATIONS)
+    assert {r.source for r in recs.select("source").distinct().collect()} == {"baseline:repurchase"}
+    assert {r.model_version for r in recs.select("model_version").distinct().collect()} == {"repurchase@2020-09-22"}
+    assert recs.count() == K * len(data.CUSTOMER_IDS)
+    latest = evaluate.latest_decision(lake)
+    assert latest["publish"] == "baseline:repurchase" and latest["best_baseline"] == "repurchase"
