@@ -1,7 +1,8 @@
 """The feature store: point-in-time feature tables that both towers read, stable integer ids, training pairs.
 
 Every feature is computed "as of" a date D from transactions strictly before D (a purchase ON D is the
-future), so a model trained on the snapshot for D never saw its own test week. Feature functions are pure
+future), so a model trained on the snapshot for D never saw its own test week. Training rows go further: each
+carries the customer's state as of its own period's first day, the way the scorer sees a customer. Feature functions are pure
 `(DataFrames, as_of) -> DataFrame`; `run` reads the canonical tables, calls them and writes one snapshot per
 table (partition `as_of`, replaced atomically with replaceWhere; older snapshots stay readable).
 
@@ -40,6 +41,10 @@ customer_features      one row per customer of `customers` per snapshot (custome
                        double                           share of rows in the group whose category_index code
                                                         is k (the same k as cat_* in article_features); rows of
                                                         articles missing from `articles` count in no group
+  seq_article_idx      array<int>                       the last features.history_length distinct articles
+                                                        bought (most recent first; ties by article_idx),
+                                                        zero-padded to that length; never null
+  seq_days_before      array<int>                       as_of - the day each of them was last bought
 article_features       one row per article of `articles` per snapshot (never-sold articles included)
   article_id, article_idx, as_of                        as for customers
   cat_product_type ... cat_garment_group  int           category_index code of the article's value, 0 = missing
@@ -52,9 +57,13 @@ article_features       one row per article of `articles` per snapshot (never-sol
   num_channel2_share, num_distinct_buyers  double       0.0 when never sold
 popularity             see recsys.popularity.popularity (window: features.popularity_window_days)
 training_examples      as_of date, customer_id, article_id, customer_idx int, article_idx int, t_dat date,
-                       weight double, days_before int: one row per distinct (customer, article, day) in the
+                       weight double, days_before int, feature_as_of date, + the customer's cat_* / num_* /
+                       seq_* columns AS OF feature_as_of: one row per distinct (customer, article, day) in the
                        training window (features.training_window_weeks) before as_of; days_before = as_of -
-                       t_dat (1 = the day before), weight = the decay above (1.0 on the day before). No nulls.
+                       t_dat (1 = the day before), weight = the decay above (1.0 on the day before);
+                       feature_as_of = the first day of the example's features.training_snapshot_days-long
+                       period counted back from as_of (point-in-time: the example never sees its own
+                       purchase, nor anything after it). No nulls.
 =====================  ===============================  =======================================================
 """
 from __future__ import annotations

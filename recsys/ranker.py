@@ -64,73 +64,90 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
     """Candidate rows (customer_id, article_id, the sources' columns, [two_tower_similarity]) + the features
     above, all from the purchases strictly before `as_of`.
 
-    Aggregates over a customer's history are computed for the rows' customers only (a semi-join first), so the
-    cost follows the number of customers ranked, not the size of the customer base.
+    Two joins, whatever the number of features: one article table (broadcast: the catalogue is small) and one
+    customer table holding the customer's counts plus small maps (article -> count / last day, product ->
+    count / last day, index group and product type -> count) that each candidate row looks itself up in.
+    The customer table is built for the rows' customers only (a semi-join first), so the cost follows the
+    number of customers ranked, not the size of the customer base.
     """
     cutoff = as_date(as_of, "as_of")
     days = F.datediff(F.lit(cutoff), F.col("t_dat"))
     past = before(transactions, cutoff).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
-    attributes = articles.select("article_id", "product_code", "index_group_name", "product_type_no").dropDuplicates(
-        ["article_id"])
+    attributes = articles.select(
+        "article_id", "product_code", F.coalesce(F.col("index_group_name"), F.lit("")).alias("_group"),
+        F.coalesce(F.col("product_type_no").cast("string"), F.lit("")).alias("_type"),
+        # stable numbers a tree can split on (the raw code / a hash of the name)
+        (F.abs(F.xxhash64("index_group_name")) % 1000).cast("double").alias("art_index_group"),
+        F.col("product_type_no").cast("double").alias("art_product_type"),
+    ).dropDuplicates(["article_id"])
     ages = customers.groupBy("customer_id").agg(F.max("age").cast("double").alias("cust_age"))
 
-    recent = before(past, cutoff, 28).withColumn("days", days)
-    article = recent.join(ages, "customer_id", "left").groupBy("article_id").agg(
+    recent = before(past, cutoff, 28).withColumn("days", days).join(ages, "customer_id", "left")
+    sold = recent.groupBy("article_id").agg(
         F.sum((F.col("days") <= 1).cast("int")).alias("art_sales_1d"),
         F.sum((F.col("days") <= 7).cast("int")).alias("art_sales_7d"),
         F.count(F.lit(1)).alias("art_sales_28d"),
         F.countDistinct(F.when(F.col("days") <= 7, F.col("customer_id"))).alias("art_buyers_7d"),
         F.avg("price").alias("art_price_28d"),
         F.avg("cust_age").alias("art_buyer_age_28d"),
-    ).withColumn("art_trend_1d", F.col("art_sales_1d") / (F.col("art_sales_7d") / 7.0 + 1.0)).withColumn(
-        "art_trend_7d", F.col("art_sales_7d") / (F.col("art_sales_28d") / 4.0 + 1.0))
+    )
     first_sale = past.groupBy("article_id").agg(F.max(days).alias("art_days_since_first_sale"))
-    codes = attributes.select(
-        "article_id", "product_code",
-        F.col("index_group_name").alias("_index_group"),
-        F.col("product_type_no").alias("_product_type"),
-        # stable numeric codes a tree can split on (the raw numbers / a hash of the name)
-        (F.abs(F.xxhash64("index_group_name")) % 1000).cast("double").alias("art_index_group"),
-        F.col("product_type_no").cast("double").alias("art_product_type"),
+    article = (
+        attributes.join(sold, "article_id", "left").join(first_sale, "article_id", "left")
+        .withColumn("art_trend_1d", F.coalesce("art_sales_1d", F.lit(0)) / (F.coalesce("art_sales_7d", F.lit(0))
+                                                                          / 7.0 + 1.0))
+        .withColumn("art_trend_7d", F.coalesce("art_sales_7d", F.lit(0)) / (F.coalesce("art_sales_28d", F.lit(0))
+                                                                          / 4.0 + 1.0))
     )
 
-    mine = past.join(rows.select("customer_id").distinct(), "customer_id", "left_semi").withColumn("days", days)
-    customer = mine.groupBy("customer_id").agg(
-        F.sum((F.col("days") <= 7).cast("int")).alias("cust_purchases_7d"),
-        F.sum((F.col("days") <= 28).cast("int")).alias("cust_purchases_28d"),
-        F.count(F.lit(1)).alias("cust_purchases_all"),
-        F.min("days").alias("cust_days_since_last"),
-        F.avg("price").alias("cust_price_mean"),
-        F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("cust_online_share"),
+    mine = (past.join(rows.select("customer_id").distinct(), "customer_id", "left_semi").withColumn("days", days)
+            .join(F.broadcast(attributes.select("article_id", "product_code", "_group", "_type")), "article_id",
+                  "left"))
+
+    def counts(key: str, name: str, with_days: bool) -> DataFrame:
+        """customer_id -> map key -> struct(n, last) over the customer's history (one small map per customer)."""
+        value = F.struct(F.count(F.lit(1)).alias("n"), F.min("days").alias("last")) if with_days else \
+            F.struct(F.count(F.lit(1)).alias("n"))
+        per_key = mine.where(F.col(key).isNotNull()).groupBy("customer_id", key).agg(value.alias("v"))
+        return per_key.groupBy("customer_id").agg(F.map_from_entries(F.collect_list(F.struct(
+            F.col(key).cast("string"), "v"))).alias(name))
+
+    customer = (
+        mine.groupBy("customer_id").agg(
+            F.sum((F.col("days") <= 7).cast("int")).alias("cust_purchases_7d"),
+            F.sum((F.col("days") <= 28).cast("int")).alias("cust_purchases_28d"),
+            F.count(F.lit(1)).alias("cust_purchases_all"),
+            F.min("days").alias("cust_days_since_last"),
+            F.avg("price").alias("cust_price_mean"),
+            F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("cust_online_share"),
+        )
+        .join(counts("article_id", "_articles", True), "customer_id", "left")
+        .join(counts("product_code", "_products", True), "customer_id", "left")
+        .join(counts("_group", "_groups", False), "customer_id", "left")
+        .join(counts("_type", "_types", False), "customer_id", "left")
     )
-    mine = mine.join(F.broadcast(codes.select("article_id", "product_code", "_index_group", "_product_type")),
-                     "article_id", "left")
-    pair = mine.groupBy("customer_id", "article_id").agg(
-        F.count(F.lit(1)).alias("pair_purchases"), F.min("days").alias("pair_days_since"))
-    product = mine.groupBy("customer_id", "product_code").agg(
-        F.count(F.lit(1)).alias("product_purchases"), F.min("days").alias("product_days_since"))
-    by_group = mine.groupBy("customer_id", "_index_group").agg(F.count(F.lit(1)).alias("_group_rows"))
-    by_type = mine.groupBy("customer_id", "_product_type").agg(F.count(F.lit(1)).alias("_type_rows"))
+
+    def lookup(table: str, key: str, field: str):
+        return F.element_at(F.col(table), F.col(key).cast("string"))[field]
 
     if TWO_TOWER_SIMILARITY not in rows.columns:
         rows = rows.withColumn(TWO_TOWER_SIMILARITY, F.lit(None).cast("double"))
     out = (
-        rows.join(F.broadcast(codes), "article_id", "left")
-        .join(article, "article_id", "left")
-        .join(first_sale, "article_id", "left")
+        rows.join(F.broadcast(article), "article_id", "left")
         .join(customer, "customer_id", "left")
         .join(ages, "customer_id", "left")
-        .join(pair, ["customer_id", "article_id"], "left")
-        .join(product, ["customer_id", "product_code"], "left")
-        .join(by_group, ["customer_id", "_index_group"], "left")
-        .join(by_type, ["customer_id", "_product_type"], "left")
-        .withColumn("share_index_group", F.coalesce("_group_rows", F.lit(0)) / F.col("cust_purchases_all"))
-        .withColumn("share_product_type", F.coalesce("_type_rows", F.lit(0)) / F.col("cust_purchases_all"))
+        .withColumn("pair_purchases", lookup("_articles", "article_id", "n"))
+        .withColumn("pair_days_since", lookup("_articles", "article_id", "last"))
+        .withColumn("product_purchases", lookup("_products", "product_code", "n"))
+        .withColumn("product_days_since", lookup("_products", "product_code", "last"))
+        .withColumn("share_index_group", F.coalesce(lookup("_groups", "_group", "n"), F.lit(0))
+                    / F.col("cust_purchases_all"))
+        .withColumn("share_product_type", F.coalesce(lookup("_types", "_type", "n"), F.lit(0))
+                    / F.col("cust_purchases_all"))
         .withColumn("price_ratio", F.col("art_price_28d") / F.col("cust_price_mean"))
         .withColumn("age_gap", F.col("cust_age") - F.col("art_buyer_age_28d"))
-        .fillna(0, ["art_sales_1d", "art_sales_7d", "art_sales_28d", "art_buyers_7d", "art_trend_1d",
-                    "art_trend_7d", "pair_purchases", "product_purchases", "cust_purchases_7d",
-                    "cust_purchases_28d", "cust_purchases_all"])
+        .fillna(0, ["art_sales_1d", "art_sales_7d", "art_sales_28d", "art_buyers_7d", "pair_purchases",
+                    "product_purchases", "cust_purchases_7d", "cust_purchases_28d", "cust_purchases_all"])
     )
     computed = ARTICLE_FEATURES + CUSTOMER_FEATURES + PAIR_FEATURES
     keep = [c for c in rows.columns if c not in computed]
