@@ -3,7 +3,8 @@
 A normal run sets Spark's log level to ERROR, from the JVM's first line on (a log4j2 file passed to the local
 driver with `spark.driver.extraJavaOptions`); ignores the FutureWarning / DeprecationWarning / UserWarning that
 petastorm, pyarrow and mlflow raise (in Spark's Python workers too, which inherit PYTHONWARNINGS); and keeps the
-mlflow, py4j and alembic loggers at ERROR. `recsys --verbose` leaves all of it as the libraries set it.
+mlflow (MLFLOW_LOGGING_LEVEL), py4j and alembic loggers at ERROR. `recsys --verbose` leaves all of it as the
+libraries set it.
 
 Only the command line calls `configure`: tests, notebooks and spark-submit jobs keep their own settings, and
 on Databricks the cluster's logging is left alone.
@@ -36,6 +37,7 @@ def configure(verbose: bool) -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("PYTHONWARNINGS", WORKER_WARNINGS)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # mlflow sets its loggers from this when imported
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 

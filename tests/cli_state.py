@@ -11,7 +11,8 @@ from recsys import console, progress
 
 @pytest.fixture(autouse=True)
 def restore_cli_state():
-    saved_env = {k: os.environ.get(k) for k in ("PYTHONWARNINGS", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    names = ("PYTHONWARNINGS", "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    saved_env = {k: os.environ.get(k) for k in names}
     saved = (console._quiet, progress._enabled)
     with warnings.catch_warnings():
         yield
