@@ -120,10 +120,11 @@ class _SparkWatcher(threading.Thread):
                     bar.close()
                     bar = None
                 continue
+            total = sum(s.numTasks for s in stages)
             if bar is None:
-                bar, started = _bar(self.description, unit="task",
-                                    bar_format="{desc} |{bar}| {n}/{total} tasks {postfix}"), time.monotonic()
-            bar.total = sum(s.numTasks for s in stages)
+                bar, started = _bar(self.description, total, unit="task",
+                                    bar_format="{desc} |{bar}| {n}/{total} tasks{postfix}"), time.monotonic()
+            bar.total = total
             bar.n = sum(s.numCompletedTasks for s in stages)
             ids = ",".join(str(s.stageId) for s in stages)
             bar.set_description(f"{self.description}: Spark stage {ids}", refresh=False)
