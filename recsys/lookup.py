@@ -438,16 +438,17 @@ class Catalogue:
                 part = part.filter(pc.is_in(part["article_id"], value_set=wanted))
             parts.append(part)
         names = pa.concat_tables(parts) if parts else pa.table({c: pa.array([], pa.string()) for c in columns})
-        self.names: dict[str, tuple] = {
-            row[0]: tuple(row[1:]) for row in zip(*(names[c].to_pylist() for c in columns))
+        self.names: dict[str, dict[str, Any]] = {
+            row[0]: dict(zip(NAME_COLUMNS, row[1:])) for row in zip(*(names[c].to_pylist() for c in columns))
         }
+        self.unknown = dict.fromkeys(NAME_COLUMNS)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def describe(self, article_id: str) -> dict[str, Any]:
-        values = self.names.get(article_id) or (None,) * len(NAME_COLUMNS)
-        return dict(zip(NAME_COLUMNS, values))
+        """The article's names (shared: copy before changing); None for each name of an unknown article."""
+        return self.names.get(article_id, self.unknown)
 
 
 # --- lists for people ---------------------------------------------------------------------------------------

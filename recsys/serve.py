@@ -174,7 +174,8 @@ def create_app(config: Config, server: Server | None = None, start: bool = True)
     app.state.server = server
 
     def reply(data: Any, status: int = 200) -> Response:
-        return Response(json.dumps(data, default=str).encode(), status_code=status, media_type="application/json")
+        body = json.dumps(data, default=str, separators=(",", ":")).encode()
+        return Response(body, status_code=status, media_type="application/json")
 
     def served() -> Served:
         current = server.current
