@@ -5,7 +5,7 @@ writes, waits for /health, then for 1, 8 and 32 concurrent clients sends GET /re
 published ids over keep-alive HTTP/1.1 connections, for at most --requests requests or --seconds seconds per
 level (after a short warm-up), and records requests/s, p50/p99/max latency and any non-200 answer. The load
 generator is a small asyncio client in this process, on the same 2 cores as the server: the figures are for
-the pair, the server's CPU seconds are recorded separately.
+the pair; the server's and the client's CPU seconds are recorded separately.
 
 Writes benchmarks/results/serve_full.json. Usage: python benchmarks/serve_full.py [--requests N] [--seconds S]
 """
@@ -134,9 +134,11 @@ def main() -> int:
         run(level(host, port, paths, 8, args.warmup, args.seconds))
         result["levels"] = []
         for clients in LEVELS:
-            cpu_before = sum(proc.cpu_times()[:2])
+            cpu_before, client_before = sum(proc.cpu_times()[:2]), time.process_time()
             measured = run(level(host, port, paths, clients, args.requests, args.seconds))
             measured["server_cpu_s"] = sum(proc.cpu_times()[:2]) - cpu_before
+            measured["client_cpu_s"] = time.process_time() - client_before
+            measured["server_cpu_ms_per_request"] = 1000 * measured["server_cpu_s"] / measured["requests"]
             result["levels"].append(measured)
             print(json.dumps(measured), flush=True)
         result["server_rss_mib_end"] = proc.memory_info().rss / 2**20
