@@ -48,7 +48,8 @@ def _articles(spark):
     from recsys.tables import ARTICLES_SCHEMA
 
     def pick(values: list[str], salt: int):
-        return F.element_at(F.array(*map(F.lit, values)), (F.pmod(F.xxhash64("id", F.lit(salt)), len(values)) + 1).cast("int"))
+        position = (F.pmod(F.xxhash64("id", F.lit(salt)), len(values)) + 1).cast("int")
+        return F.element_at(F.array(*map(F.lit, values)), position)
 
     special = {
         "article_id": F.lpad((F.col("id") + 108775000).cast("string"), 10, "0"),

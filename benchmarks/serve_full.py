@@ -120,7 +120,8 @@ def main() -> int:
          "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     result: dict = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores / {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "machine": f"{os.cpu_count()} cores / {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f}"
+                   " GiB",
         "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
         "server": "recsys serve: uvicorn, 1 process, version held in memory", "bounds": vars(args),
     }

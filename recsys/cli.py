@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.add_argument("--table-version", dest="table_version", type=int, default=None,
                    help="read this Delta version of recommendations (default: the latest)")
-    p.add_argument("--spark", action="store_true", help="read with Spark (e.g. Unity Catalog tables) instead of delta-rs")
+    p.add_argument("--spark", action="store_true",
+                   help="read with Spark (e.g. Unity Catalog tables) instead of delta-rs")
 
     p = sub.add_parser("serve", parents=[common], help="HTTP API + a page over the published lists (no Spark)")
     p.add_argument("--host", default=None, help="default: serving.host")

@@ -40,7 +40,7 @@ RECOMMENDATIONS, ARTICLES, CUSTOMERS, TRANSACTIONS, POPULARITY = (
 LIST_COLUMNS = ("customer_id", "rank", "article_id", "score", "source", "model_version", "run_id", "generated_at")
 NAME_COLUMNS = ("prod_name", "product_type_name", "colour_group_name", "index_group_name")  # = publish.NAME_COLUMNS
 ITEM_COLUMNS = ("rank", "article_id", *NAME_COLUMNS, "score", "source")
-DICTIONARY_COLUMNS = ("article_id", "source", "model_version", "run_id")  # few distinct values: codes in memory
+ID_COLUMN = "customer_id of the published table"  # how errors name it
 # Reader features this module handles; anything else (deletion vectors, column mapping) changes how the data
 # files must be read, so such a table is refused with a message rather than read wrongly.
 SUPPORTED_READER_FEATURES = {"timestampNtz", "v2Checkpoint", "vacuumProtocolCheck"}
@@ -100,12 +100,17 @@ def _filesystem(uri: str):
     return fs.FileSystem.from_uri(uri)
 
 
-def _files(table, root: str) -> pa.Table:
-    """The version's data files: path (under root), rows, and min/max/partition columns from the Delta log."""
+def _files(table, root: str) -> list[dict[str, Any]]:
+    """The version's data files from the Delta log: `path` (under root), `num_records`, the `min.<column>` /
+    `max.<column>` statistics and `partition.<column>` values.
+
+    Plain Python values on purpose: building Arrow arrays from Python objects makes pyarrow 14 import pandas,
+    half a second of a cold `recsys recommend`.
+    """
     actions = table.get_add_actions(flatten=True)  # arro3, handed over through the Arrow C stream interface
     adds = pa.RecordBatchReader._import_from_c_capsule(actions.__arrow_c_stream__()).read_all()
-    paths = pa.array([root.rstrip("/") + "/" + p for p in adds["path"].to_pylist()], pa.string())
-    return adds.set_column(adds.schema.get_field_index("path"), "path", paths)
+    prefix = root.rstrip("/") + "/"
+    return [{**add, "path": prefix + add["path"]} for add in adds.to_pylist()]
 
 
 def commit_info(entry: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +121,8 @@ def commit_info(entry: dict[str, Any]) -> dict[str, Any]:
         meta = {"note": entry.get("userMetadata")}
     if not isinstance(meta, dict):
         meta = {"note": meta}
-    committed = dt.datetime.fromtimestamp(entry["timestamp"] / 1000, tz=dt.timezone.utc) if entry.get("timestamp") else None
+    stamp = entry.get("timestamp")
+    committed = dt.datetime.fromtimestamp(stamp / 1000, tz=dt.timezone.utc) if stamp else None
     return {"version": int(entry["version"]), "timestamp": committed, "operation": entry.get("operation"), **meta}
 
 
@@ -143,7 +149,8 @@ class _DataFile:
     _maxs: list[str | None] = field(default_factory=list, repr=False)
 
     def may_hold(self, customer_id: str) -> bool:
-        return (self.min_id is None or self.min_id <= customer_id) and (self.max_id is None or customer_id <= self.max_id)
+        return ((self.min_id is None or self.min_id <= customer_id)
+                and (self.max_id is None or customer_id <= self.max_id))
 
     def parquet(self, filesystem) -> pq.ParquetFile:
         if self._parquet is None:
@@ -179,13 +186,9 @@ class PublishedVersion:
             raise ValueError(f"table '{RECOMMENDATIONS}' at {uri} lacks column(s) {missing}; has {self.schema_names}")
         self.commit = self._commit()
         self.filesystem, root = _filesystem(uri)
-        adds = _files(table, root)
-        has_stats = "min.customer_id" in adds.column_names
-        mins = adds["min.customer_id"].to_pylist() if has_stats else [None] * adds.num_rows
-        maxs = adds["max.customer_id"].to_pylist() if has_stats else [None] * adds.num_rows
-        rows = adds["num_records"].to_pylist() if "num_records" in adds.column_names else [0] * adds.num_rows
         self.files = sorted(
-            (_DataFile(p, lo, hi, n or 0) for p, lo, hi, n in zip(adds["path"].to_pylist(), mins, maxs, rows)),
+            (_DataFile(f["path"], f.get("min.customer_id"), f.get("max.customer_id"), f.get("num_records") or 0)
+             for f in _files(table, root)),
             key=lambda f: (f.min_id or "", f.max_id or ""),
         )
         self._max_ids = [f.max_id for f in self.files]
@@ -222,9 +225,7 @@ class PublishedVersion:
         parts = []
         for (file_key, group), ids in sorted(wanted.items(), key=lambda kv: kv[0][1]):
             block = files[file_key].parquet(self.filesystem).read_row_group(group, columns=list(LIST_COLUMNS))
-            column = block["customer_id"]
-            mask = pc.equal(column, next(iter(ids))) if len(ids) == 1 else pc.is_in(column, value_set=pa.array(list(ids)))
-            parts.append(block.filter(mask))
+            parts.extend(_rows_of(block, ids))
         if not parts:
             return _empty_rows()
         return pa.concat_tables(parts).sort_by([("customer_id", "ascending"), ("rank", "ascending")])
@@ -249,16 +250,34 @@ class PublishedVersion:
         return ResidentVersion.from_files(self)
 
 
+def _rows_of(block: pa.Table, ids: set[str]) -> list[pa.Table]:
+    """The rows of `ids` in a decoded row group: binary searches on its sorted customer_id column, or a filter
+    when the group is not sorted (a table not written by publish)."""
+    keys = _as_bytes(block["customer_id"], ID_COLUMN)
+    if len(keys) > 1 and not (keys[1:] >= keys[:-1]).all():
+        return [block.filter(pc.is_in(block["customer_id"], value_set=pa.array(sorted(ids), pa.string())))]
+    out = []
+    for customer_id in sorted(ids):
+        key = customer_id.encode()
+        if len(key) > keys.dtype.itemsize:
+            continue
+        wanted = np.array([key], dtype=keys.dtype)
+        start, stop = np.searchsorted(keys, wanted, "left")[0], np.searchsorted(keys, wanted, "right")[0]
+        if stop > start:
+            out.append(block.slice(int(start), int(stop - start)))
+    return out
+
+
 def _empty_rows() -> pa.Table:
     types = {"rank": pa.int32(), "score": pa.float64(), "generated_at": pa.timestamp("us")}
     return pa.table({c: pa.array([], types.get(c, pa.string())) for c in LIST_COLUMNS})
 
 
-def _as_bytes(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def _as_bytes(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
     """A string column as a numpy `S<width>` array: zero-copy when all values have one length (64-hex ids)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if array.null_count:
-        raise ValueError("customer_id holds nulls in the published table")
+        raise ValueError(f"column {name} holds nulls")
     if len(array) == 0:
         return np.array([], dtype="S1")
     if pa.types.is_large_string(array.type):
@@ -334,12 +353,12 @@ class ResidentVersion:
                 continue
             if offset + n > total:
                 raise ValueError(f"{f.path} holds more rows than the Delta log says ({source.uri})")
-            ids = _as_bytes(block["customer_id"])
+            ids = _as_bytes(block["customer_id"], ID_COLUMN)
             ranks = block["rank"].to_numpy()
             same = ids[1:] == ids[:-1]
             if not ((ids[1:] >= ids[:-1]).all() and (~same | (ranks[1:] > ranks[:-1])).all()):
                 block = block.sort_by([("customer_id", "ascending"), ("rank", "ascending")])  # not publish's layout
-                ids, ranks = _as_bytes(block["customer_id"]), block["rank"].to_numpy()
+                ids, ranks = _as_bytes(block["customer_id"], ID_COLUMN), block["rank"].to_numpy()
                 same = ids[1:] == ids[:-1]
             first = np.concatenate([[0], np.flatnonzero(~same) + 1])
             id_parts.append(ids[first].copy())
@@ -428,14 +447,14 @@ class Catalogue:
         table = open_table(uri)
         self.version = table.version()
         filesystem, root = _filesystem(uri)
-        paths = _files(table, root)["path"].to_pylist()
         columns = ["article_id", *NAME_COLUMNS]
-        wanted = None if only is None else pa.array(sorted(set(only)), pa.string())
+        wanted = None if only is None else np.array([a.encode() for a in set(only)])
         parts = []
-        for path in paths:
-            part = pq.read_table(filesystem.open_input_file(path), columns=columns)
-            if wanted is not None:
-                part = part.filter(pc.is_in(part["article_id"], value_set=wanted))
+        for data_file in _files(table, root):
+            part = pq.read_table(filesystem.open_input_file(data_file["path"]), columns=columns)
+            if wanted is not None:  # a few rows: slices, no Arrow arrays built from Python objects
+                hits = np.flatnonzero(np.isin(_as_bytes(part["article_id"], f"article_id of {uri}"), wanted))
+                part = pa.concat_tables([part.slice(int(i), 1) for i in hits]) if len(hits) else part.slice(0, 0)
             parts.append(part)
         names = pa.concat_tables(parts) if parts else pa.table({c: pa.array([], pa.string()) for c in columns})
         self.names: dict[str, dict[str, Any]] = {
@@ -495,8 +514,7 @@ def customer_exists(config: Config, customer_id: str) -> bool:
 
     table = open_table(table_uri(config, CUSTOMERS))
     filesystem, root = _filesystem(table_uri(config, CUSTOMERS))
-    paths = _files(table, root)["path"].to_pylist()
-    dataset = ds.dataset(paths, format="parquet", filesystem=filesystem)
+    dataset = ds.dataset([f["path"] for f in _files(table, root)], format="parquet", filesystem=filesystem)
     return dataset.count_rows(filter=ds.field("customer_id") == customer_id) > 0
 
 
@@ -546,11 +564,11 @@ def recent_purchases(config: Config, customer_id: str, catalogue: Catalogue | No
     uri = table_uri(config, TRANSACTIONS)
     table = open_table(uri)
     filesystem, root = _filesystem(uri)
-    adds = _files(table, root)
-    if "partition.t_month" in adds.column_names:
-        newest = sorted({m for m in adds["partition.t_month"].to_pylist() if m}, reverse=True)[:months]
-        adds = adds.filter(pc.is_in(adds["partition.t_month"], value_set=pa.array(newest, pa.string())))
-    dataset = ds.dataset(adds["path"].to_pylist(), format="parquet", filesystem=filesystem)
+    files = _files(table, root)
+    newest = set(sorted({f.get("partition.t_month") for f in files} - {None}, reverse=True)[:months])
+    if newest:
+        files = [f for f in files if f.get("partition.t_month") in newest]
+    dataset = ds.dataset([f["path"] for f in files], format="parquet", filesystem=filesystem)
     rows = dataset.to_table(columns=["t_dat", "article_id", "price", "sales_channel_id"],
                             filter=ds.field("customer_id") == customer_id)
     rows = rows.sort_by([("t_dat", "descending"), ("article_id", "ascending")]).slice(0, limit)
@@ -567,13 +585,13 @@ def popular_list(config: Config, catalogue: Catalogue | None, k: int) -> list[di
     uri = table_uri(config, POPULARITY)
     table = open_table(uri)
     filesystem, root = _filesystem(uri)
-    adds = _files(table, root)
-    if "partition.as_of" in adds.column_names:
-        newest = max((v for v in adds["partition.as_of"].to_pylist() if v), default=None)
-        adds = adds.filter(pc.equal(adds["partition.as_of"], newest))
+    files = _files(table, root)
+    newest = max((f["partition.as_of"] for f in files if f.get("partition.as_of") is not None), default=None)
+    if newest is not None:
+        files = [f for f in files if f.get("partition.as_of") == newest]
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(adds["path"].to_pylist(), format="parquet", filesystem=filesystem)
+    dataset = ds.dataset([f["path"] for f in files], format="parquet", filesystem=filesystem)
     rows = dataset.to_table(columns=["segment_type", "rank", "article_id", "score"],
                             filter=ds.field("segment_type") == "global").sort_by("rank").slice(0, k)
     if rows.num_rows == 0:

@@ -275,7 +275,8 @@ def create_app(config: Config, server: Server | None = None, start: bool = True)
 
 def report_path(config: Config) -> Path:
     """`serving.report_path`, or where `recsys evaluate` writes its HTML report."""
-    return config.path(config.serving.report_path or str(Path(config.paths.artifacts_dir) / "evaluation" / "report.html"))
+    default = Path(config.paths.artifacts_dir) / "evaluation" / "report.html"
+    return config.path(config.serving.report_path or str(default))
 
 
 def history_page(commits: list[dict[str, Any]], current: Served | None) -> str:
