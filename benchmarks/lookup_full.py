@@ -56,11 +56,6 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - started, out
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def in_process(config, singles: int, batches: int) -> dict:
     from recsys import lookup
 
@@ -90,9 +85,8 @@ def in_process(config, singles: int, batches: int) -> dict:
     print("row groups:", json.dumps(out["row_groups"]["single"]), f"batch {out['row_groups']['batch1000_ms']:.0f} ms",
           flush=True)
 
-    before = rss_mib()
     load_s, memory = timed(files.load)
-    out["in_memory_version"] = {"load_s": load_s, "rss_added_mib": rss_mib() - before,
+    out["in_memory_version"] = {"load_s": load_s,  # RSS deltas mean little after pyarrow's pool has grown
                                 "array_mib": (memory.ids.nbytes + memory.starts.nbytes
                                               + sum(a.nbytes for a in memory.columns.values())) / 2**20,
                                 "customers": memory.customers, "rows": memory.rows}

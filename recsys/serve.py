@@ -21,6 +21,7 @@ Pages: `/` (find a customer: purchases and recommendations side by side), `/hist
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import html
 import json
 import logging
@@ -123,6 +124,9 @@ class Server:
                 return False
             self.current = served  # the switch: one reference assignment
             self.last_error = None
+            # The catalogue's ~100 K dicts would otherwise be walked by every full garbage collection, which shows
+            # as latency spikes; frozen objects are skipped (reference counting still frees the old version).
+            gc.freeze()
             log.warning("serving %s version %d (%d rows, loaded in %.1f s)", self.uri, served.version,
                         served.lists.rows, served.load_seconds)
             return True
