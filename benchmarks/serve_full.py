@@ -91,6 +91,24 @@ async def level(host: str, port: int, paths: list[str], clients: int, requests: 
             "max_ms": float(ms.max()), "non_200": len(failures), "failure_examples": failures[:3]}
 
 
+class ServerProcesses:
+    """The server and its worker processes (uvicorn --workers): CPU seconds and resident memory together."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+
+    def all(self):
+        return [self.root, *self.root.children(recursive=True)]
+
+    def cpu_s(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.all())
+
+    def rss_mib(self) -> float:
+        return sum(p.memory_info().rss for p in self.all()) / 2**20
+
+
 def run(coroutine):
     """uvloop when installed (the server uses it too): the client's own CPU cost per request is lower."""
     try:
@@ -105,14 +123,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=30_000, help="at most this many requests per level")
     parser.add_argument("--seconds", type=float, default=20.0, help="at most this long per level")
     parser.add_argument("--warmup", type=int, default=1_000)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (serving.workers)")
+    parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
-
-    import psutil
 
     published_full.build()
     port, host = free_port(), "127.0.0.1"
     base = f"http://{host}:{port}"
-    overrides = [*published_full.config_overrides(), f"serving.port={port}", f"serving.host={host}"]
+    overrides = [*published_full.config_overrides(), f"serving.port={port}", f"serving.host={host}",
+                 f"serving.workers={args.workers}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
     server = subprocess.Popen(
@@ -123,26 +142,27 @@ def main() -> int:
         "machine": f"{os.cpu_count()} cores / {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f}"
                    " GiB",
         "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-        "server": "recsys serve: uvicorn, 1 process, version held in memory", "bounds": vars(args),
+        "server": f"recsys serve: uvicorn, {args.workers} process(es), version held in memory",
+        "bounds": {k: v for k, v in vars(args).items() if k != "out"},
     }
     try:
         health = wait_healthy(base, timeout=300)
         result["server_ready_s"] = time.perf_counter() - started
         result["served_version"] = health["version"]
-        proc = psutil.Process(server.pid)
-        result["server_rss_mib_ready"] = proc.memory_info().rss / 2**20
+        processes = ServerProcesses(server.pid)
+        result["server_rss_mib_ready"] = processes.rss_mib()
         paths = [f"/recommendations/{c}" for c in customer_ids(20_000, 7)]
         run(level(host, port, paths, 8, args.warmup, args.seconds))
         result["levels"] = []
         for clients in LEVELS:
-            cpu_before, client_before = sum(proc.cpu_times()[:2]), time.process_time()
+            cpu_before, client_before = processes.cpu_s(), time.process_time()
             measured = run(level(host, port, paths, clients, args.requests, args.seconds))
-            measured["server_cpu_s"] = sum(proc.cpu_times()[:2]) - cpu_before
+            measured["server_cpu_s"] = processes.cpu_s() - cpu_before
             measured["client_cpu_s"] = time.process_time() - client_before
             measured["server_cpu_ms_per_request"] = 1000 * measured["server_cpu_s"] / measured["requests"]
             result["levels"].append(measured)
             print(json.dumps(measured), flush=True)
-        result["server_rss_mib_end"] = proc.memory_info().rss / 2**20
+        result["server_rss_mib_end"] = processes.rss_mib()
     finally:
         server.terminate()
         try:
@@ -154,9 +174,9 @@ def main() -> int:
     by_clients = {m["clients"]: m for m in result["levels"]}
     result.update({"rps_32": by_clients[32]["rps"], "p99_ms_32": by_clients[32]["p99_ms"],
                    "p50_ms_32": by_clients[32]["p50_ms"], "load_average_at_end": os.getloadavg()})
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {RESULT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out}")
     return 0
 
 

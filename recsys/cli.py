@@ -126,6 +126,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     if args.no_preload:
         config.serving.preload = False
+    if args.workers:
+        config.serving.workers = args.workers
     return serve.run(config, host=args.host, port=args.port, verbose=args.verbose)
 
 
@@ -276,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="HTTP API + a page over the published lists (no Spark)")
     p.add_argument("--host", default=None, help="default: serving.host")
     p.add_argument("--port", type=int, default=None, help="default: serving.port")
+    p.add_argument("--workers", type=int, default=None, help="uvicorn processes (default: serving.workers)")
     p.add_argument("--no-preload", dest="no_preload", action="store_true",
                    help="read row groups per request instead of holding the version in memory")
 

@@ -153,6 +153,7 @@ class ServingConfig:
     row_group_bytes: int = 2 * 1024 * 1024   # parquet row groups of the published table: a lookup decodes one
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = 1                     # uvicorn processes; each holds its own copy of the served version
     refresh_seconds: float = 5.0         # how often the server looks for a newer published version
     preload: bool = True                 # the server holds its version in memory; false: reads row groups per request
     unknown_customer: str = "error"      # error (404) | popular (the global best sellers, marked as such)
@@ -201,6 +202,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def from_dict(values: dict[str, Any], source: str = "a mapping") -> Config:
+    """A Config from `Config.to_dict()` output (e.g. handed to worker processes), checked like a YAML file."""
+    return _merge(Config(), values, source)
 
 
 def conf_dir() -> Path:

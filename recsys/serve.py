@@ -25,6 +25,7 @@ import gc
 import html
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -305,15 +306,37 @@ def history_page(commits: list[dict[str, Any]], current: Served | None) -> str:
     )
 
 
+CONFIG_ENV = "RECSYS_SERVE_CONFIG"  # the resolved config, as JSON, for worker processes
+
+
+def app_from_environment():
+    """The app of one uvicorn worker process (`serving.workers` > 1), from the config its parent resolved."""
+    from recsys.config import from_dict
+
+    return create_app(from_dict(json.loads(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"))
+
+
 def run(config: Config, host: str | None = None, port: int | None = None, verbose: bool = False) -> int:
-    """Serve until interrupted (uvicorn, one process; access log with --verbose)."""
+    """Serve until interrupted (uvicorn; access log with --verbose).
+
+    `serving.workers` > 1 starts that many processes on one port, each holding its own copy of the version and
+    following publishes on its own: each answer still comes from one committed version, but during a switch two
+    consecutive requests may be answered by processes on different versions.
+    """
     import uvicorn
 
     host = host or config.serving.host
     port = port or config.serving.port
-    server = Server(config)
-    app = create_app(config, server)
-    print(f"recsys serve: {server.uri} -> http://{host}:{port}/  (API: /recommendations/{{customer_id}}, "
-          f"/recommendations/batch, /health, /version; Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose)
+    workers = config.serving.workers
+    if workers < 1:
+        raise ValueError(f"serving.workers must be at least 1, got {workers}")
+    uri = lookup.table_uri(config, lookup.RECOMMENDATIONS)
+    print(f"recsys serve: {uri} -> http://{host}:{port}/  ({workers} process(es); API: /recommendations/"
+          "{customer_id}, /recommendations/batch, /health, /version; Ctrl+C stops)", flush=True)
+    options = {"host": host, "port": port, "log_level": "info" if verbose else "warning", "access_log": verbose}
+    if workers == 1:
+        uvicorn.run(create_app(config), **options)
+    else:
+        os.environ[CONFIG_ENV] = json.dumps(config.to_dict())
+        uvicorn.run("recsys.serve:app_from_environment", factory=True, workers=workers, **options)
     return 0

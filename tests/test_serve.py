@@ -2,6 +2,7 @@
 serving that switches versions atomically (never a mix, the old version answering until the new one is loaded)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -123,6 +124,21 @@ def test_unknown_customers_can_get_the_best_sellers(lake_dir):
         assert known["known"] is True
     with pytest.raises(ValueError, match="serving.unknown_customer must be one of"):
         serve.Server(published_lake.config_for(lake_dir, "serving.unknown_customer=guess"))
+
+
+def test_worker_processes_rebuild_the_same_config(lake_dir, monkeypatch):
+    """`serving.workers` > 1: each uvicorn process builds its app from the config its parent resolved."""
+    from recsys.config import from_dict
+
+    config = published_lake.config_for(lake_dir, STILL, "serving.workers=2", "serving.max_batch=7")
+    assert from_dict(config.to_dict()) == config
+    monkeypatch.setenv(serve.CONFIG_ENV, json.dumps(config.to_dict()))
+    with TestClient(serve.app_from_environment()) as api:
+        assert api.get("/health").json()["version"] == 1
+        too_many = api.post("/recommendations/batch", json={"customer_ids": data.CUSTOMER_IDS[:8]})
+        assert too_many.status_code == 422
+    with pytest.raises(ValueError, match="serving.workers must be at least 1"):
+        serve.run(published_lake.config_for(lake_dir, "serving.workers=0"))
 
 
 def test_nothing_published_yet_is_a_503_not_a_crash(tmp_path):
