@@ -11,8 +11,8 @@ is written range-partitioned and sorted by customer_id, in Parquet row groups of
    the id;
 3. decodes only those row groups and keeps the id's rows. A batch decodes each row group it needs once.
 
-`PublishedVersion.load()` reads a whole version into memory (sorted ids, row offsets, dictionary-encoded
-columns): what the server does, so that a request is a binary search. Either way every answer comes from one
+`PublishedVersion.load()` reads a whole version into memory (sorted ids, row offsets, integer codes for the
+repetitive strings): what the server does, so that a request is a binary search. Either way every answer comes from one
 version: an object never changes its version, and a newer publish is read into a new object.
 
 Article names come from the `articles` table (`Catalogue`), recent purchases from `transactions` (only the
@@ -25,6 +25,7 @@ import bisect
 import datetime as dt
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -110,7 +111,9 @@ def _files(table, root: str) -> list[dict[str, Any]]:
     actions = table.get_add_actions(flatten=True)  # arro3, handed over through the Arrow C stream interface
     adds = pa.RecordBatchReader._import_from_c_capsule(actions.__arrow_c_stream__()).read_all()
     prefix = root.rstrip("/") + "/"
-    return [{**add, "path": prefix + add["path"]} for add in adds.to_pylist()]
+    absolute = lambda path: "://" in path or path.startswith("/")  # noqa: E731 - e.g. a shallow clone's files
+    return [{**add, "path": add["path"] if absolute(add["path"]) else prefix + add["path"]}
+            for add in adds.to_pylist()]
 
 
 def commit_info(entry: dict[str, Any]) -> dict[str, Any]:
@@ -147,28 +150,35 @@ class _DataFile:
     _parquet: pq.ParquetFile | None = field(default=None, repr=False)
     _mins: list[str | None] = field(default_factory=list, repr=False)
     _maxs: list[str | None] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the server reads from threads
 
     def may_hold(self, customer_id: str) -> bool:
         return ((self.min_id is None or self.min_id <= customer_id)
                 and (self.max_id is None or customer_id <= self.max_id))
 
     def parquet(self, filesystem) -> pq.ParquetFile:
-        if self._parquet is None:
-            handle = pq.ParquetFile(filesystem.open_input_file(self.path), coerce_int96_timestamp_unit="us")
-            column = handle.schema_arrow.get_field_index("customer_id")
-            for i in range(handle.metadata.num_row_groups):
-                stats = handle.metadata.row_group(i).column(column).statistics
-                known = stats is not None and stats.has_min_max
-                self._mins.append(_string_key(stats.min) if known else None)
-                self._maxs.append(_string_key(stats.max) if known else None)
-            self._parquet = handle
-        return self._parquet
+        with self._lock:
+            if self._parquet is None:
+                handle = pq.ParquetFile(filesystem.open_input_file(self.path), coerce_int96_timestamp_unit="us")
+                column = handle.schema_arrow.get_field_index("customer_id")
+                stats = [handle.metadata.row_group(i).column(column).statistics
+                         for i in range(handle.metadata.num_row_groups)]
+                known = [s is not None and s.has_min_max for s in stats]
+                self._mins = [_string_key(s.min) if k else None for s, k in zip(stats, known)]
+                self._maxs = [_string_key(s.max) if k else None for s, k in zip(stats, known)]
+                self._parquet = handle
+            return self._parquet
 
     def row_groups(self, filesystem, customer_id: str) -> list[int]:
         """The row groups whose customer_id range holds the id (sorted files: usually exactly one)."""
         self.parquet(filesystem)
         return [i for i, (lo, hi) in enumerate(zip(self._mins, self._maxs))
                 if (lo is None or lo <= customer_id) and (hi is None or customer_id <= hi)]
+
+    def read_row_group(self, filesystem, group: int, columns: list[str]) -> pa.Table:
+        handle = self.parquet(filesystem)
+        with self._lock:
+            return handle.read_row_group(group, columns=columns)
 
 
 class PublishedVersion:
@@ -191,7 +201,9 @@ class PublishedVersion:
              for f in _files(table, root)),
             key=lambda f: (f.min_id or "", f.max_id or ""),
         )
-        self._max_ids = [f.max_id for f in self.files]
+        max_ids = [f.max_id for f in self.files]
+        # publish's files hold disjoint, ordered ranges: then a binary search finds the first candidate
+        self._max_ids = max_ids if None not in max_ids and max_ids == sorted(max_ids) else None
         self.rows = sum(f.rows for f in self.files)
 
     def _commit(self) -> dict[str, Any]:
@@ -204,7 +216,7 @@ class PublishedVersion:
         return {"version": self.version}
 
     def _candidates(self, customer_id: str) -> list[_DataFile]:
-        if all(m is not None for m in self._max_ids):  # sorted by range: start at the first file that can hold it
+        if self._max_ids is not None:
             start = bisect.bisect_left(self._max_ids, customer_id)
             out = []
             for f in self.files[start:]:
@@ -224,7 +236,7 @@ class PublishedVersion:
                     wanted.setdefault((id(f), group), set()).add(customer_id)
         parts = []
         for (file_key, group), ids in sorted(wanted.items(), key=lambda kv: kv[0][1]):
-            block = files[file_key].parquet(self.filesystem).read_row_group(group, columns=list(LIST_COLUMNS))
+            block = files[file_key].read_row_group(self.filesystem, group, list(LIST_COLUMNS))
             parts.extend(_rows_of(block, ids))
         if not parts:
             return _empty_rows()
@@ -240,7 +252,7 @@ class PublishedVersion:
         picks = sorted({round(i * (len(files) - 1) / max(n - 1, 1)) for i in range(min(n, len(files)))})
         out = []
         for i in picks:
-            group = files[i].parquet(self.filesystem).read_row_group(0, columns=["customer_id"])
+            group = files[i].read_row_group(self.filesystem, 0, ["customer_id"])
             if group.num_rows:
                 out.append(group["customer_id"][0].as_py())
         return out
@@ -448,7 +460,7 @@ class Catalogue:
         self.version = table.version()
         filesystem, root = _filesystem(uri)
         columns = ["article_id", *NAME_COLUMNS]
-        wanted = None if only is None else np.array([a.encode() for a in set(only)])
+        wanted = None if only is None else np.array([a.encode() for a in set(only)], dtype=bytes)
         parts = []
         for data_file in _files(table, root):
             part = pq.read_table(filesystem.open_input_file(data_file["path"]), columns=columns)
@@ -492,12 +504,16 @@ class CustomerList:
 def lists(published: PublishedVersion | ResidentVersion, catalogue: Catalogue | None, customer_ids: Sequence[str],
           k: int | None = None) -> dict[str, CustomerList]:
     """customer_id -> CustomerList for the ids that have a published list (in `published`'s version only)."""
-    data = published.columns_for(customer_ids)
+    return _assemble(published.version, published.columns_for(customer_ids), catalogue, k)
+
+
+def _assemble(version: int, data: dict[str, list[Any]], catalogue: Catalogue | None,
+              k: int | None) -> dict[str, CustomerList]:
     out: dict[str, CustomerList] = {}
     for i, customer_id in enumerate(data["customer_id"]):
         entry = out.get(customer_id)
         if entry is None:
-            entry = out[customer_id] = CustomerList(customer_id, published.version, data["model_version"][i],
+            entry = out[customer_id] = CustomerList(customer_id, version, data["model_version"][i],
                                                     data["run_id"][i], data["generated_at"][i], [])
         if k is not None and len(entry.items) >= k:
             continue
@@ -525,13 +541,19 @@ def lookup(config: Config, customer_ids: Sequence[str], k: int | None = None,
     Raises UnknownCustomer naming the first id without a list, and whether it is a customer at all.
     """
     published = PublishedVersion(table_uri(config, RECOMMENDATIONS), version)
-    rows = published.rows_for(customer_ids)
-    catalogue = Catalogue(table_uri(config, ARTICLES), only=rows["article_id"].to_pylist())
-    found = lists(published, catalogue, customer_ids, k) if rows.num_rows else {}
+    columns = published.columns_for(customer_ids)
+    found = {}
+    if columns["customer_id"]:
+        catalogue = Catalogue(table_uri(config, ARTICLES), only=columns["article_id"])
+        found = _assemble(published.version, columns, catalogue, k)
     for customer_id in customer_ids:
         if customer_id not in found:
-            known = customer_exists(config, customer_id)
-            why = "has no published list (re-run scoring)" if known else "is not in the customers table"
+            try:
+                known = customer_exists(config, customer_id)
+            except FileNotFoundError:  # nothing to tell an unknown id from an unscored customer
+                known = None
+            why = {True: "has no published list (re-run scoring)", False: "is not in the customers table",
+                   None: "has no published list"}[known]
             raise UnknownCustomer(f"customer_id {customer_id!r} {why} (recommendations version {published.version})")
     return [found[c] for c in customer_ids]
 

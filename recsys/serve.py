@@ -108,8 +108,11 @@ class Server:
                 if current and current.version == version and current.catalogue.version == articles_version:
                     return False
                 started = time.perf_counter()
-                published = self.open_version(self.uri, version)
-                lists = published.load() if self.preload else published
+                if current and current.version == version:  # only the articles changed
+                    lists = current.lists
+                else:
+                    published = self.open_version(self.uri, version)
+                    lists = published.load() if self.preload else published
                 catalogue = current.catalogue if current and current.catalogue.version == articles_version \
                     else lookup.Catalogue(self.articles_uri)
                 popular = None
@@ -118,8 +121,10 @@ class Server:
                 served = Served(lists, catalogue, popular, dt.datetime.now(dt.timezone.utc),
                                 time.perf_counter() - started)
             except Exception as exc:  # keep answering from the version already held
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("could not load %s: %s", self.uri, self.last_error)
+                error = f"{type(exc).__name__}: {exc}"
+                if error != self.last_error:  # once, not at every poll
+                    log.error("could not load %s: %s", self.uri, error)
+                self.last_error = error
                 if self.current is None:
                     raise
                 return False
