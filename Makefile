@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 PROFILE ?= small
 
-.PHONY: setup test test-all demo bench clean lint-bundle
+.PHONY: setup test test-all demo serve bench bench-lookup bench-serve clean lint-bundle
 
 setup: $(VENV)/.installed .cache/jars/.resolved
 
@@ -13,7 +13,7 @@ setup: $(VENV)/.installed .cache/jars/.resolved
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv==0.9.30
-	$(UV) pip install --python $(PY) -q -c constraints.txt -e '.[spark,dev]'
+	$(UV) pip install --python $(PY) -q --compile-bytecode -c constraints.txt -e '.[spark,dev]'
 	touch $@
 
 # Delta JARs from Maven Central, once, into a project-owned cache; Spark then starts offline.
@@ -30,6 +30,10 @@ test-all: setup
 demo: setup
 	$(PY) -m recsys.cli --profile $(PROFILE) demo
 
+# The published lists over HTTP and the page (http://127.0.0.1:8000/), without Spark; after `make demo`.
+serve: setup
+	$(PY) -m recsys.cli --profile $(PROFILE) serve
+
 # Full-scale benchmarks (about an hour on 2 cores); each writes benchmarks/results/*.json, see docs/BENCHMARKS.md.
 bench: setup
 	$(PY) benchmarks/synth_full.py
@@ -38,6 +42,13 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py --scale small
 	$(PY) benchmarks/score_full.py
 	$(PY) benchmarks/real_week.py --model
+
+# Lookups and serving at full size (a synthetic 16.5 M-row published table, written once into data/bench-serve).
+bench-lookup: setup
+	$(PY) benchmarks/lookup_full.py
+
+bench-serve: setup
+	$(PY) benchmarks/serve_full.py
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log

@@ -1,6 +1,7 @@
 """`recsys` command line: one sub-command per pipeline stage, each a thin call into its module.
 
-Global options (before or after the sub-command): `--profile tiny|small|full`, `--conf FILE`, `--set key=value`.
+Global options (before or after the sub-command): `--profile tiny|small|full`, `--conf FILE`, `--set key=value`,
+`--verbose` (Spark's and the dependencies' logs and warnings, which a normal run keeps quiet: recsys.console).
 """
 from __future__ import annotations
 
@@ -114,11 +115,32 @@ def _popular(config: Config, args: argparse.Namespace) -> int:
 
 @command("recommend")
 def _recommend(config: Config, args: argparse.Namespace) -> int:
-    from recsys import recommend
+    if args.spark:  # the Spark path, e.g. for Unity Catalog tables
+        from recsys import recommend
 
-    spark, lake = _spark(config, "recommend")
-    print(recommend.format_list(recommend.lookup(lake, args.customer_id)))
+        spark, lake = _spark(config, "recommend")
+        for customer_id in args.customer_id:
+            print(recommend.format_list(recommend.lookup(lake, customer_id)))
+        return 0
+    from recsys import lookup  # delta-rs + pyarrow: no JVM, answers in well under 2 s
+
+    found = lookup.lookup(config, args.customer_id, k=args.k, version=args.table_version)
+    if args.json:
+        print(json.dumps([entry.to_dict() for entry in found], indent=2, default=str))
+    else:
+        print("\n\n".join(lookup.format_list(entry) for entry in found))
     return 0
+
+
+@command("serve")
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    from recsys import serve
+
+    if args.no_preload:
+        config.serving.preload = False
+    if args.workers:
+        config.serving.workers = args.workers
+    return serve.run(config, host=args.host, port=args.port, verbose=args.verbose)
 
 
 @command("export-submission")
@@ -178,7 +200,31 @@ def _nightly(config: Config, args: argparse.Namespace) -> int:
 def _demo(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
 
-    return pipeline.demo(config)
+    status = pipeline.demo(config)
+    if status == 0:
+        print(next_steps(config))
+    return status
+
+
+def next_steps(config: Config) -> str:
+    """The demo's last lines: where to look next (the page, one list without Spark, the report, SQL)."""
+    from recsys import lookup, serve
+
+    recsys = f".venv/bin/recsys --profile {config.profile}"
+    try:
+        example = lookup.PublishedVersion(lookup.table_uri(config, lookup.RECOMMENDATIONS)).sample_ids(1)[0]
+    except (FileNotFoundError, ValueError, IndexError):
+        example = "CUSTOMER_ID"
+    report = serve.report_path(config)
+    url = f"http://{config.serving.host}:{config.serving.port}/"
+    return "\n".join([
+        "",
+        "next:",
+        f"  the page     {recsys} serve    then open {url}?customer={example}",
+        f"  one list     {recsys} recommend {example}    (no Spark)",
+        f"  the report   {report if report.exists() else '(not written: run evaluate)'}",
+        f"  SQL          {recsys} sql \"SELECT source, count(*) AS n FROM recommendations GROUP BY source\"",
+    ])
 
 
 @command("sql")
@@ -201,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         opts.add_argument("--profile", default=default(None), help="tiny | small | full, or a YAML file (default: small)")
         opts.add_argument("--conf", default=default(None), help="an extra YAML file merged after the profile")
         opts.add_argument("--set", action="append", default=default([]), metavar="KEY=VALUE", help="override a config key")
+        opts.add_argument("--verbose", "-v", action="store_true", default=default(False),
+                          help="show Spark's and the dependencies' logs and warnings (quiet by default)")
         return opts
 
     common = options(suppress=True)
@@ -236,8 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recommend-popular", parents=[common], help="popularity recommendations for every customer")
     p.add_argument("--as-of", dest="as_of", default=None)
 
-    p = sub.add_parser("recommend", parents=[common], help="print one customer's published list with article names")
-    p.add_argument("customer_id")
+    p = sub.add_parser("recommend", parents=[common], help="print customers' published lists with article names")
+    p.add_argument("customer_id", nargs="+")
+    p.add_argument("--k", type=int, default=None, help="only the first K of each list")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument("--table-version", dest="table_version", type=int, default=None,
+                   help="read this Delta version of recommendations (default: the latest)")
+    p.add_argument("--spark", action="store_true",
+                   help="read with Spark (e.g. Unity Catalog tables) instead of delta-rs")
+
+    p = sub.add_parser("serve", parents=[common], help="HTTP API + a page over the published lists (no Spark)")
+    p.add_argument("--host", default=None, help="default: serving.host")
+    p.add_argument("--port", type=int, default=None, help="default: serving.port")
+    p.add_argument("--workers", type=int, default=None, help="uvicorn processes (default: serving.workers)")
+    p.add_argument("--no-preload", dest="no_preload", action="store_true",
+                   help="read row groups per request instead of holding the version in memory")
 
     p = sub.add_parser("export-submission", parents=[common], help="published lists -> Kaggle submission CSV")
     p.add_argument("--out", required=True, help="the CSV file to write (customer_id,prediction)")
@@ -272,21 +333,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from recsys import console, progress
+
+    console.configure(args.verbose)
+    progress.enable(not args.verbose)
     try:
         config = load_config(args.profile, args.set, args.conf)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from recsys.pipeline import StageFailed
-
     try:
-        return COMMANDS[args.command](config, args)
-    except StageFailed as exc:
-        print(f"pipeline failed: {exc}", file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with progress.spark_jobs(args.command):
+            return COMMANDS[args.command](config, args)
+    except Exception as exc:
+        pipeline = sys.modules.get("recsys.pipeline")  # only a pipeline run raises StageFailed
+        if pipeline is not None and isinstance(exc, pipeline.StageFailed):
+            print(f"pipeline failed: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, (ConfigError, FileNotFoundError, ValueError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

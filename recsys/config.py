@@ -189,6 +189,25 @@ class MlflowConfig:
 
 
 @dataclass
+class ServingConfig:
+    """Reading the published lists without Spark (`recsys recommend`, `recsys serve` and its page)."""
+
+    tables_uri: str = ""                 # where delta-rs finds the tables; empty: paths.tables_dir
+    row_group_bytes: int = 2 * 1024 * 1024   # parquet row groups of the published table: a lookup decodes one
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1                     # uvicorn processes; each holds its own copy of the served version
+    refresh_seconds: float = 5.0         # how often the server looks for a newer published version
+    preload: bool = True                 # the server holds its version in memory; false: reads row groups per request
+    unknown_customer: str = "error"      # error (404) | popular (the global best sellers, marked as such)
+    customer_id_pattern: str = "^[0-9a-f]{64}$"   # anything else is a malformed id (422)
+    max_batch: int = 1000                # ids per POST /recommendations/batch
+    purchases_months: int = 3            # the page shows purchases from this many most recent months
+    purchases_limit: int = 24
+    report_path: str = ""                # empty: artifacts_dir/evaluation/report.html (where `evaluate` writes it)
+
+
+@dataclass
 class Config:
     profile: str = "small"
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -203,6 +222,7 @@ class Config:
     ranker: RankerConfig = field(default_factory=RankerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     def path(self, relative: str) -> Path:
         """Relative paths in config are relative to the working directory."""
@@ -227,6 +247,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def from_dict(values: dict[str, Any], source: str = "a mapping") -> Config:
+    """A Config from `Config.to_dict()` output (e.g. handed to worker processes), checked like a YAML file."""
+    return _merge(Config(), values, source)
 
 
 def conf_dir() -> Path:

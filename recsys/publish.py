@@ -122,6 +122,35 @@ def _layout(df: DataFrame, partitions: int) -> DataFrame:
     return df.repartitionByRange(max(1, partitions), "customer_id").sortWithinPartitions("customer_id", "rank")
 
 
+@contextlib.contextmanager
+def _session_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """Session settings for the writes inside the block only (Spark copies them into the Parquet writer's
+    Hadoop conf). A cluster that refuses a setting (some Databricks modes) writes with its defaults."""
+    previous: dict[str, str | None] = {}
+    for key, value in settings.items():
+        try:
+            previous[key] = spark.conf.get(key, None)
+            spark.conf.set(key, value)
+        except Exception:  # noqa: BLE001 - a refused setting only costs lookup speed
+            previous.pop(key, None)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+def write_for_lookup(lake: Lakehouse, recs: DataFrame, name: str = RECOMMENDATIONS) -> None:
+    """Write `recs` in the lookup layout: `_layout`'s files, and Parquet row groups of `serving.row_group_bytes`,
+    whose min/max customer_id let a Spark-free reader (recsys.lookup) decode one small row group per lookup."""
+    config = lake.config
+    with _session_conf(lake.spark, {"parquet.block.size": str(config.serving.row_group_bytes)}):
+        lake.write(_layout(recs, config.scoring.partitions), name)
+
+
 def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | None = None,
             k: int | None = None) -> dict[str, Any]:
     """Stage, validate, then atomically replace `recommendations` (and the named companion table).
@@ -137,10 +166,9 @@ def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | 
     staged = lake.read(RECOMMENDATIONS_STAGING)
     report = validate(staged, lake.read(CUSTOMERS), k)
     articles = lake.read(ARTICLES)
-    partitions = config.scoring.partitions
     with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
         with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version):
-            lake.write(_layout(staged, partitions), RECOMMENDATIONS)
+            write_for_lookup(lake, staged)
             lake.write(with_article_names(staged, articles), RECOMMENDATIONS_NAMED)
     return {
         "table": lake.location(RECOMMENDATIONS),

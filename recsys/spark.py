@@ -10,7 +10,7 @@ import sys
 
 from pyspark.sql import SparkSession
 
-from recsys import jars
+from recsys import console, jars
 from recsys.config import Config
 
 
@@ -55,7 +55,10 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
         # The runtime Bloom-filter join re-runs the whole (costly) candidate plan just to build a filter.
         .config("spark.sql.optimizer.runtime.bloomFilter.enabled", "false")
         .config("spark.sql.warehouse.dir", str(config.path(config.paths.data_dir) / "spark-warehouse"))
-        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={config.path(config.paths.data_dir)}")
+        .config("spark.driver.extraJavaOptions", " ".join(filter(None, [
+            f"-Dderby.system.home={config.path(config.paths.data_dir)}",
+            "" if submitted else console.driver_java_options(),  # quiet JVM start-up (recsys without --verbose)
+        ])))
         .config("spark.databricks.delta.snapshotPartitions", "2")
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.python.worker.reuse", "true")
@@ -63,5 +66,5 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
     if not submitted:  # a plain `python`/`recsys` run: the profile's master, Delta from the JAR cache
         builder = builder.master(sc.master).config("spark.jars", ",".join(str(p) for p in jars.jar_paths()))
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(sc.log_level)
+    spark.sparkContext.setLogLevel(console.spark_log_level(sc.log_level))
     return spark

@@ -109,9 +109,9 @@ def test_lookup_export_and_cli(lake, tmp_path, capsys, monkeypatch):
 
     # The CLI commands are thin calls into these functions, on the lake's tables.
     monkeypatch.setattr(cli, "_spark", lambda config, name: (lake.spark, lake))
-    assert cli.main(["recommend", customer]) == 0
+    assert cli.main(["recommend", "--spark", customer]) == 0  # without --spark: recsys.lookup (test_lookup.py)
     assert "Article 00" in capsys.readouterr().out
-    assert cli.main(["recommend", "f" * 64]) == 2
+    assert cli.main(["recommend", "--spark", "f" * 64]) == 2
     assert cli.main(["export-submission", "--out", str(tmp_path / "cli.csv")]) == 0
     assert (tmp_path / "cli.csv").read_text().startswith("customer_id,prediction\n")
     assert cli.main(["publish", "--rollback"]) == 2  # only one published version: nothing to go back to
