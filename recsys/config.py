@@ -149,7 +149,7 @@ class RankerConfig:
     """The second stage: XGBoost learning-to-rank over the candidates (recsys.ranker)."""
 
     label_days: int = 7                  # the ranker learns from candidates as of T - label_days, labels T - label_days .. T - 1
-    negatives_per_customer: int = 50     # random non-bought candidates kept per customer in training
+    negatives_per_customer: int = 20     # random non-bought candidates kept per customer in training
     objective: str = "rank:ndcg"
     n_estimators: int = 150
     max_depth: int = 6

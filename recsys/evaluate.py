@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pandas as pd
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -239,8 +238,8 @@ def evaluate_week(
     metrics, curve_frames = [], []
     for name, recs in recommenders.items():
         cached = recs.is_cached
-        recs = recs.persist(StorageLevel.MEMORY_AND_DISK)  # several metric jobs read it: compute the lists once
-        recs.count()
+        # several metric jobs read it: compute the lists once, and cut the plan behind them (candidates, ranker)
+        recs = recs if cached else recs.localCheckpoint()
         version = (versions or {}).get(name) or _version_of(recs)
         scores = evaluate_recommendations(recs, week.test, ks, week.segments, week.catalogue, week.train)
         metrics.append(scores.assign(model=name, version=version, test_week=week.test_start))

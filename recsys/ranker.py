@@ -11,7 +11,7 @@ ONE function for training and for scoring (`ranker_features`), from purchases st
 
 Features (missing = null, which XGBoost treats as missing): each source's rank and score, the two-tower
 similarity, how often and how long ago the customer bought this article / this product, the article's sales
-over the last 1 / 7 / 28 days and their trend, its age in the catalogue, price against the customer's usual
+over the last 1 / 7 / 28 days (as shares of all sales and as ranks) and their trend, its age in the catalogue, price against the customer's usual
 price, the customer's share of purchases in the article's index group and product type, the customer's age
 against the article's recent buyers' mean age, and the customer's activity counts.
 
@@ -37,9 +37,13 @@ from recsys.split import as_date, before
 LABEL = "label"
 # computed by `ranker_features`, in this order (the source columns come first, see `feature_columns`)
 ARTICLE_FEATURES = [
-    "art_sales_1d", "art_sales_7d", "art_sales_28d", "art_trend_1d", "art_trend_7d", "art_buyers_7d",
-    "art_price_28d", "art_days_since_first_sale", "art_buyer_age_28d", "art_index_group", "art_product_type",
+    "art_share_1d", "art_share_7d", "art_share_28d", "art_rank_1d", "art_rank_7d", "art_trend_1d", "art_trend_7d",
+    "art_buyers_share_7d", "art_price_28d", "art_days_since_first_sale", "art_buyer_age_28d", "art_index_group",
+    "art_product_type",
 ]
+# Sales enter as shares of the window's sales and as ranks, not raw counts: the volume of a week changes with the
+# season and the business (and a model learns on one week and scores the next), its distribution much less.
+VOLUME_SCORES = ("popularity_score",)  # raw sales counts of a source: left out for the same reason
 CUSTOMER_FEATURES = [
     "cust_purchases_7d", "cust_purchases_28d", "cust_purchases_all", "cust_days_since_last", "cust_price_mean",
     "cust_online_share", "cust_age",
@@ -54,8 +58,8 @@ _WORKER_STATE: dict[str, Any] = {}
 
 def feature_columns(sources: Sequence[str]) -> list[str]:
     """Every column the model reads, in a fixed order: the sources' ranks and scores, then the rest."""
-    return ([c for s in sources for c in (f"{s}_rank", f"{s}_score")] + ["n_sources", TWO_TOWER_SIMILARITY]
-            + ARTICLE_FEATURES + CUSTOMER_FEATURES + PAIR_FEATURES)
+    own = [c for s in sources for c in (f"{s}_rank", f"{s}_score") if c not in VOLUME_SCORES]
+    return own + ["n_sources", TWO_TOWER_SIMILARITY] + ARTICLE_FEATURES + CUSTOMER_FEATURES + PAIR_FEATURES
 
 
 # --- features (pure) ------------------------------------------------------------------------------------
@@ -84,21 +88,27 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
 
     recent = before(past, cutoff, 28).withColumn("days", days).join(ages, "customer_id", "left")
     sold = recent.groupBy("article_id").agg(
-        F.sum((F.col("days") <= 1).cast("int")).alias("art_sales_1d"),
-        F.sum((F.col("days") <= 7).cast("int")).alias("art_sales_7d"),
-        F.count(F.lit(1)).alias("art_sales_28d"),
-        F.countDistinct(F.when(F.col("days") <= 7, F.col("customer_id"))).alias("art_buyers_7d"),
+        F.sum((F.col("days") <= 1).cast("int")).alias("_sales_1d"),
+        F.sum((F.col("days") <= 7).cast("int")).alias("_sales_7d"),
+        F.count(F.lit(1)).alias("_sales_28d"),
+        F.countDistinct(F.when(F.col("days") <= 7, F.col("customer_id"))).alias("_buyers_7d"),
         F.avg("price").alias("art_price_28d"),
         F.avg("cust_age").alias("art_buyer_age_28d"),
     )
-    first_sale = past.groupBy("article_id").agg(F.max(days).alias("art_days_since_first_sale"))
-    article = (
-        attributes.join(sold, "article_id", "left").join(first_sale, "article_id", "left")
-        .withColumn("art_trend_1d", F.coalesce("art_sales_1d", F.lit(0)) / (F.coalesce("art_sales_7d", F.lit(0))
-                                                                          / 7.0 + 1.0))
-        .withColumn("art_trend_7d", F.coalesce("art_sales_7d", F.lit(0)) / (F.coalesce("art_sales_28d", F.lit(0))
-                                                                          / 4.0 + 1.0))
+    totals = sold.agg(*[F.sum(c).alias(f"_total{c}") for c in ("_sales_1d", "_sales_7d", "_sales_28d", "_buyers_7d")])
+    # ranks over the whole catalogue of sold articles: one small table (<= the catalogue), so one partition is fine
+    by = {w: Window.orderBy(F.desc(f"_sales_{w}"), "article_id") for w in ("1d", "7d")}
+    sold = (
+        sold.crossJoin(F.broadcast(totals))
+        .select("*", *[(F.col(f"_sales_{w}") / F.greatest(F.col(f"_total_sales_{w}"), F.lit(1))).alias(f"art_share_{w}")
+                       for w in ("1d", "7d", "28d")],
+                (F.col("_buyers_7d") / F.greatest(F.col("_total_buyers_7d"), F.lit(1))).alias("art_buyers_share_7d"),
+                *[F.when(F.col(f"_sales_{w}") > 0, F.rank().over(by[w])).alias(f"art_rank_{w}") for w in by])
+        .withColumn("art_trend_1d", F.col("_sales_1d") / (F.col("_sales_7d") / 7.0 + 1.0))
+        .withColumn("art_trend_7d", F.col("_sales_7d") / (F.col("_sales_28d") / 4.0 + 1.0))
     )
+    first_sale = past.groupBy("article_id").agg(F.max(days).alias("art_days_since_first_sale"))
+    article = attributes.join(sold, "article_id", "left").join(first_sale, "article_id", "left")
 
     mine = (past.join(rows.select("customer_id").distinct(), "customer_id", "left_semi").withColumn("days", days)
             .join(F.broadcast(attributes.select("article_id", "product_code", "_group", "_type")), "article_id",
@@ -146,8 +156,9 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
                     / F.col("cust_purchases_all"))
         .withColumn("price_ratio", F.col("art_price_28d") / F.col("cust_price_mean"))
         .withColumn("age_gap", F.col("cust_age") - F.col("art_buyer_age_28d"))
-        .fillna(0, ["art_sales_1d", "art_sales_7d", "art_sales_28d", "art_buyers_7d", "pair_purchases",
-                    "product_purchases", "cust_purchases_7d", "cust_purchases_28d", "cust_purchases_all"])
+        .fillna(0, ["art_share_1d", "art_share_7d", "art_share_28d", "art_buyers_share_7d", "art_trend_1d",
+                    "art_trend_7d", "pair_purchases", "product_purchases", "cust_purchases_7d", "cust_purchases_28d",
+                    "cust_purchases_all"])
     )
     computed = ARTICLE_FEATURES + CUSTOMER_FEATURES + PAIR_FEATURES
     keep = [c for c in rows.columns if c not in computed]

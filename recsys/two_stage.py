@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -102,7 +101,7 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
         raise ValueError("candidates.sources: no source left (the two-tower source needs a model)")
     long = long.select(*C.CANDIDATE_COLUMNS)
     if not write:
-        return long.persist(StorageLevel.MEMORY_AND_DISK)
+        return long.localCheckpoint()  # computed now, and the long plan behind it is cut off
     lake.write(long.withColumn("as_of", F.lit(as_of)), CANDIDATES,
                replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
     return lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
@@ -122,10 +121,9 @@ def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: D
     long = build_candidates(lake, encoder, as_of, target, write)
     wide = wide_rows(long, lake.config.candidates.sources)
     features = R.ranker_features(wide, lake.read(TRANSACTIONS), lake.read(ARTICLES), lake.read(CUSTOMERS), as_of)
-    # computed once: the rows feed a fit or a prediction, and their plan (every source, every aggregate) is long
-    features = features.persist(StorageLevel.MEMORY_AND_DISK)
-    features.count()
-    return long, features
+    # computed once, plan cut off: the rows feed a fit or a prediction, and the plan behind them (every source,
+    # every aggregate) is long enough that Spark's own plan strings exhaust a small driver
+    return long, features.localCheckpoint()
 
 
 # --- training -------------------------------------------------------------------------------------------
@@ -174,8 +172,7 @@ def fit_ranker(lake: Lakehouse, encoder: Any | None, until: dt.date) -> RankerFi
     config = lake.config
     start, end = label_window(config, until)
     long, labelled, window = ranker_rows(lake, encoder, until)
-    train_rows = R.training_rows(labelled, config.ranker.negatives_per_customer, config.ranker.seed).persist(
-        StorageLevel.MEMORY_AND_DISK)
+    train_rows = R.training_rows(labelled, config.ranker.negatives_per_customer, config.ranker.seed).localCheckpoint()
     try:
         stats = train_rows.agg(F.count(F.lit(1)).alias("rows"), F.sum(R.LABEL).alias("positives"),
                                F.countDistinct("customer_id").alias("customers")).first().asDict()
