@@ -17,6 +17,7 @@ JOB_COMMANDS = {
     "ingest": ("pipeline", "--steps", "ingest"),
     "build_features": ("pipeline", "--steps", "features"),
     "train": ("pipeline", "--steps", "train"),
+    "rank": ("pipeline", "--steps", "rank"),
     "evaluate": ("pipeline", "--steps", "evaluate"),
     "score": ("pipeline", "--steps", "score"),
     "nightly": ("nightly",),
