@@ -97,7 +97,7 @@ def main() -> None:
     results: dict = {"matmul_gflops": matmul_gflops()}
 
     # 1. model alone: rows already in memory, the loader's cost is a numpy permutation
-    memory = MemoryLoader(pdf["customer_idx"], pdf["article_idx"], pdf["weight"], mc.batch_size, mc.seed)
+    memory = MemoryLoader.of(pdf["customer_idx"], pdf["article_idx"], pdf["weight"], mc.batch_size, mc.seed)
     model = TwoTower(data.spec, tower_config(mc))
     fit = train.fit(model, memory, data, mc)
     results["model_alone_examples_per_s"] = fit.history[-1]["examples_per_s"]

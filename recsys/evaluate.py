@@ -428,7 +428,9 @@ def system_versions(config: Config) -> dict[str, dict[str, str]]:
 def system_label(config: Config, system: Mapping[str, str]) -> str:
     """'two_tower=3,ranker=2': the versions a list came from (recorded with every publish)."""
     names = {config.mlflow.registered_model: "two_tower", config.mlflow.ranker_model: "ranker"}
-    return ",".join(f"{names.get(n, n)}={v}" for n, v in system.items())
+    order = list(names)  # retrieval first, then the ranker over it, whatever order the versions came in
+    models = sorted(system, key=lambda n: (order.index(n) if n in order else len(order), n))
+    return ",".join(f"{names.get(n, n)}={system[n]}" for n in models)
 
 
 def system_recommender(lake: Lakehouse, system: Mapping[str, str], as_of: dt.date,
