@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 PROFILE ?= small
 
-.PHONY: setup test test-all demo serve bench bench-lookup bench-serve clean lint-bundle
+.PHONY: setup test test-all demo serve bench bench-pipeline bench-real-week bench-lookup bench-serve clean lint-bundle
 
 setup: $(VENV)/.installed .cache/jars/.resolved
 
@@ -41,7 +41,15 @@ bench: setup
 	$(PY) benchmarks/features_full.py data/full/bench-ingest
 	$(PY) benchmarks/train_throughput.py --scale small
 	$(PY) benchmarks/score_full.py
-	$(PY) benchmarks/real_week.py --model
+	$(PY) benchmarks/real_week.py --ablation
+
+# The whole pipeline at full size (synth once, then every stage), stage times and peak memory.
+bench-pipeline: setup
+	$(PY) benchmarks/pipeline_full.py --fresh
+
+# The two stages, the two-tower alone and the baselines on the real last week (needs ../shared/data/hm-real).
+bench-real-week: setup
+	$(PY) benchmarks/real_week.py --ablation
 
 # Lookups and serving at full size (a synthetic 16.5 M-row published table, written once into data/bench-serve).
 bench-lookup: setup

@@ -14,62 +14,17 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "ingest_full.json"
 
-
-class ProcessTree:
-    """Peak resident memory and CPU seconds of this process and all its descendants, sampled in a thread.
-
-    CPU seconds say what the work costs even when other jobs share the machine (wall time does not).
-    """
-
-    def __init__(self, every_s: float = 0.5):
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
-        self._cpu: dict[int, float] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._sample()
-        self._cpu_start = dict(self._cpu)
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-                times = proc.cpu_times()
-                self._cpu[proc.pid] = times.user + times.system
-            except psutil.Error:
-                pass
-        self.peak = max(self.peak, total)
-
-    @property
-    def cpu_s(self) -> float:
-        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu.items())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> "ProcessTree":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+from benchmarks.measure import ProcessTree, machine  # noqa: E402
 
 
 def timed_ingest(lake, raw_dir: str, since: str | None) -> dict:
@@ -126,8 +81,7 @@ def main() -> int:
     result = {
         "benchmark": "ingest_full",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{psutil.cpu_count()} cores / {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-                   f"{platform.processor() or platform.machine()}",
+        "machine": machine(),
         "profile": config.profile,
         "spark": {"master": config.spark.master, "driver_memory": config.spark.driver_memory,
                   "shuffle_partitions": config.spark.shuffle_partitions},

@@ -28,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import ProcessTree, machine  # noqa: E402
+
 N_CUSTOMERS, N_ARTICLES, DIM, K = 1_371_980, 105_542, 64, 12
 RESULT = ROOT / "benchmarks" / "results" / "score_full.json"
 
@@ -62,30 +64,6 @@ def timed_search(index, queries: np.ndarray, k: int, block: int = 65_536) -> tup
     for start in range(0, len(queries), block):
         ids[start:start + block] = index.search(queries[start:start + block], k)[1]
     return time.perf_counter() - started, ids
-
-
-class MemorySampler:
-    """Peak resident memory of this process plus all its descendants (Spark JVM, Python workers)."""
-
-    def __init__(self, every: float = 0.5):
-        import threading
-
-        self.peak, self.every, self.stop = 0, every, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self.stop.wait(self.every):
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
 
 
 class RandomEncoder:
@@ -139,10 +117,10 @@ def main() -> int:
     from recsys.index import build_index, recall_at_k, set_threads
 
     set_threads(args.threads)
-    memory = MemorySampler()
+    memory = ProcessTree().__enter__()  # sampled until the end of the run
     result: dict = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores / {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "machine": machine(),
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(), "faiss": faiss.__version__,
         "sizes": {"customers": args.customers, "articles": N_ARTICLES, "dim": DIM, "k": K},

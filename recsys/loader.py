@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
-from pyspark.sql import types as T
+
+if TYPE_CHECKING:  # Spark only where a DataFrame is read: the in-memory loader runs on a box without it
+    from pyspark.sql import DataFrame
 
 COLUMNS = ("customer_idx", "article_idx", "weight")
 Batch = dict[str, torch.Tensor]
@@ -53,6 +53,9 @@ def _columns(df: DataFrame, extra: Sequence[str]) -> list[str]:
 
 def _typed(df: DataFrame, columns: Sequence[str]) -> DataFrame:
     """Narrow, fixed types: ids and codes int, numbers float, histories array<int> (what torch batches need)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
     def cast(name: str):
         kind = df.schema[name].dataType
         if isinstance(kind, T.ArrayType):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recsys.model import Encoder, FeatureSpec, FeatureTable, TowerConfig, TwoTower
-from recsys.train import CatalogueSampler, FrequencySampler, SampledSoftmaxLoss
+from recsys.trainer import CatalogueSampler, FrequencySampler, SampledSoftmaxLoss
 
 torch.set_num_threads(2)
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from recsys import trainer
 from recsys import metrics, train
 from recsys.loader import MemoryLoader, PetastormLoader
 from recsys.model import Encoder, SideSpec, TwoTower, article_products, load_encoder, tower_config
@@ -180,7 +181,7 @@ def _in_memory(world, validation_days: int = 7):
     state = [c for c in ex.columns if c.startswith(("cat_", "num_", "seq_"))]
     spec = SideSpec.fit(ex[["customer_idx", *state]], "customer_idx")
     validation_customers = ex[held].sort_values(["feature_as_of", "t_dat"]).drop_duplicates("customer_idx")
-    data = train.TrainingData.build(spec, world["articles"], counts, ex[held], validation_customers[
+    data = trainer.TrainingData.build(spec, world["articles"], counts, ex[held], validation_customers[
         ["customer_idx", *state]], AS_OF.isoformat())
     return data, ex[~held]
 
@@ -207,7 +208,7 @@ def test_resume_after_interruption_reaches_the_same_weights(lake, tmp_path, worl
         return two_tower(data, mc), memory_loader(rows, mc)
 
     model, loader = fresh()
-    straight = train.fit(model, loader, data, mc, checkpoint=tmp_path / "a.pt")
+    straight = trainer.fit(model, loader, data, mc, checkpoint=tmp_path / "a.pt")
 
     class Interrupted(Exception):
         pass
@@ -218,9 +219,9 @@ def test_resume_after_interruption_reaches_the_same_weights(lake, tmp_path, worl
 
     model_b, loader_b = fresh()
     with pytest.raises(Interrupted):
-        train.fit(model_b, loader_b, data, mc, checkpoint=tmp_path / "b.pt", on_epoch_end=crash_after_first)
+        trainer.fit(model_b, loader_b, data, mc, checkpoint=tmp_path / "b.pt", on_epoch_end=crash_after_first)
     model_b, loader_b = fresh()  # a new process: nothing survives but the checkpoint
-    resumed = train.fit(model_b, loader_b, data, mc, checkpoint=tmp_path / "b.pt")
+    resumed = trainer.fit(model_b, loader_b, data, mc, checkpoint=tmp_path / "b.pt")
 
     assert resumed.resumed_from == 1 and straight.resumed_from == 0
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
@@ -234,11 +235,11 @@ def test_early_stopping_keeps_the_best_epoch(lake, tmp_path, world):
     data, rows = _in_memory(world)
     loader = memory_loader(rows, mc)
     model = two_tower(data, mc)
-    result = train.fit(model, loader, data, mc)
+    result = trainer.fit(model, loader, data, mc)
     assert result.stopped_early and len(result.history) < 12
     maps = [r["val_map_at_12"] for r in result.history]
     assert result.best_metric == max(maps) and maps[result.best_epoch] == max(maps)
-    assert train.validate(model, data)["val_map_at_12"] == pytest.approx(max(maps))  # best weights restored
+    assert trainer.validate(model, data)["val_map_at_12"] == pytest.approx(max(maps))  # best weights restored
 
 
 def test_loaders_yield_every_training_row_once_per_epoch(lake, tmp_path):
@@ -288,8 +289,8 @@ def test_torch_distributor_trains_two_local_processes_on_shards(lake, tmp_path, 
     loader = memory_loader(rows, mc)
     model = two_tower(data, mc)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train.fit_distributed(model, loader, data, mc, checkpoint=tmp_path / "dist.pt")
+    result = trainer.fit_distributed(model, loader, data, mc, checkpoint=tmp_path / "dist.pt")
     assert [r["examples"] for r in result.history] == [(len(rows) + 1) // 2] * 2  # rank 0: its half
     assert not torch.equal(before["article_tower.id_embedding.weight"], model.state_dict()["article_tower.id_embedding.weight"])
-    assert result.history[-1]["val_recall_at_12"] > train.popularity_validation(data)["val_popularity_recall_at_12"]
-    assert train.read_checkpoint(tmp_path / "dist.pt")["state"]["epoch"] == 2
+    assert result.history[-1]["val_recall_at_12"] > trainer.popularity_validation(data)["val_popularity_recall_at_12"]
+    assert trainer.read_checkpoint(tmp_path / "dist.pt")["state"]["epoch"] == 2

@@ -1,0 +1,78 @@
+"""What every benchmark records besides its own numbers: the process tree's peak memory and CPU seconds, the
+machine and its load (wall times mean little on a machine that other jobs share), and the JSON result file."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+class ProcessTree:
+    """Peak resident memory and CPU seconds of this process and all its descendants (the Spark JVM, Python
+    workers), sampled in a thread. CPU seconds say what the work costs even when other jobs share the machine."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._cpu: dict[int, float] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._sample()
+        self._cpu_start = dict(self._cpu)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+                times = proc.cpu_times()
+                self._cpu[proc.pid] = times.user + times.system
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu.items())
+
+    @property
+    def peak_gib(self) -> float:
+        return round(self.peak / 2**30, 2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "ProcessTree":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def machine() -> str:
+    return (f"{psutil.cpu_count()} cores / {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"{platform.processor() or platform.machine()}")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -1,0 +1,91 @@
+"""The whole pipeline at full H&M size on this machine: synth (if absent), then every stage of
+`recsys --profile full pipeline` in order, each timed with its CPU seconds and the peak memory of the whole
+process tree (driver, Spark JVM, Python workers).
+
+Checks what a nightly run must deliver: every customer published with exactly K articles. Writes
+benchmarks/results/pipeline_full.json (`total_s`, `peak_rss_gib`, `customers_published`, `stages`, `date`,
+`load_avg`, and per stage its summary).
+
+    .venv/bin/python benchmarks/pipeline_full.py [--profile full] [--set KEY=VALUE ...] [--fresh]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.measure import ProcessTree, load_avg, machine, now, write_result  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "pipeline_full.json"
+
+
+def published(lake, k: int) -> dict:
+    """Customers in the published table, and how many of them do not have exactly K distinct articles."""
+    from pyspark.sql import functions as F
+
+    per = lake.read("recommendations").groupBy("customer_id").agg(
+        F.count(F.lit(1)).alias("n"), F.countDistinct("article_id").alias("distinct"))
+    row = per.agg(F.count(F.lit(1)).alias("customers"),
+                  F.sum(((F.col("n") != k) | (F.col("distinct") != k)).cast("int")).alias("wrong")).first()
+    return {"customers_published": int(row.customers), "customers_without_exactly_k": int(row.wrong or 0)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--fresh", action="store_true", help="delete the profile's tables and artifacts first")
+    parser.add_argument("--out", default=str(RESULT))
+    args = parser.parse_args()
+
+    from recsys import pipeline, synth
+    from recsys.config import load_config
+    from recsys.spark import get_spark
+    from recsys.tables import CUSTOMERS, RAW_FILES, Lakehouse
+
+    config = load_config(args.profile, args.set)
+    raw = config.path(config.paths.raw_dir)
+    result: dict = {"benchmark": "pipeline_full", "date": now(), "machine": machine(), "profile": config.profile,
+                    "load_avg_start": load_avg(), "stages": {}, "stage_details": {}}
+    if not all((raw / name).exists() for name in RAW_FILES.values()):
+        with ProcessTree() as tree:
+            started = time.perf_counter()
+            stats = synth.generate(config.synth, str(raw))
+        result["synth"] = {"seconds": round(time.perf_counter() - started, 1), "rows": stats["rows"],
+                           "peak_rss_gib": tree.peak_gib}
+        print(f"[   synth] {result['synth']}", flush=True)
+    if args.fresh:
+        for folder in (config.paths.tables_dir, config.paths.artifacts_dir, config.paths.checkpoint_dir):
+            shutil.rmtree(config.path(folder), ignore_errors=True)
+
+    peak, total_cpu, started_all = 0, 0.0, time.perf_counter()
+    for stage in pipeline.STAGES:
+        with ProcessTree() as tree:
+            started = time.perf_counter()
+            summary = pipeline.run(config, steps=[stage], force=True)
+            seconds = round(time.perf_counter() - started, 1)
+        peak, total_cpu = max(peak, tree.peak), total_cpu + tree.cpu_s
+        result["stages"][stage] = seconds
+        result["stage_details"][stage] = {"seconds": seconds, "cpu_s": round(tree.cpu_s, 1),
+                                          "peak_rss_gib": tree.peak_gib, "load_avg_end": load_avg(),
+                                          "summary": summary.get(stage)}
+        write_result(args.out, result)  # what ran so far survives a later failure
+    result["total_s"] = round(time.perf_counter() - started_all, 1)
+    result["cpu_s"] = round(total_cpu, 1)
+    result["peak_rss_gib"] = round(peak / 2**30, 2)
+    lake = Lakehouse(get_spark(config), config)
+    result.update(published(lake, config.scoring.k))
+    result["customers"] = lake.read(CUSTOMERS).count()
+    result["load_avg"] = load_avg()
+    write_result(args.out, result)
+    print({k: v for k, v in result.items() if k != "stage_details"}, flush=True)
+    return 0 if result["customers_without_exactly_k"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
