@@ -317,23 +317,12 @@ def demo(config: Config) -> int:
 
     lake = Lakehouse(get_spark(config), config)
     counts = lake.sql("SELECT count(DISTINCT customer_id) AS customers, count(*) AS rows FROM recommendations").first()
-    print(f"\nrecommendations: {counts.customers:,} customers, {counts.rows:,} rows")
-    print(lake.sql("SELECT source, count(*) AS rows FROM recommendations GROUP BY source ORDER BY rows DESC")
-          .toPandas().to_string(index=False))
+    sources = lake.sql("SELECT source, count(*) AS n FROM recommendations GROUP BY source ORDER BY n DESC").collect()
+    print(f"\nrecommendations: {counts.customers:,} customers, {counts.rows:,} rows; by source: "
+          + ", ".join(f"{r.source} {r.n:,}" for r in sources))
     for customer_id in _sample_customers(lake):
         print()
         print(recommend.format_list(recommend.lookup(lake, customer_id)))
-    print(f"\ntables (Delta) under {config.path(config.paths.tables_dir)}: {', '.join(lake.existing())}")
-    print(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri}")
-    if lake.exists("evaluation_runs"):
-        print("\nevaluation (MAP@12 and Recall@12 on the held-out week, from the `evaluation_runs` table):")
-        print(lake.sql(
-            "SELECT model, version, test_week, "
-            "round(max(CASE WHEN metric = 'map_at_12' THEN value END), 4) AS map_at_12, "
-            "round(max(CASE WHEN metric = 'recall_at_12' THEN value END), 4) AS recall_at_12 "
-            "FROM evaluation_runs WHERE segment = 'all' "
-            "AND test_week = (SELECT max(test_week) FROM evaluation_runs) "
-            "GROUP BY model, version, test_week ORDER BY map_at_12 DESC").toPandas().to_string(index=False))
     from recsys.evaluate import latest_decision
 
     decision = latest_decision(lake)
@@ -343,10 +332,15 @@ def demo(config: Config) -> int:
                      f"the best baseline ({decision['publish'].split(':', 1)[1]}): no model beat it on the week")
         print(f"\npublished: {published}\n  gate: {decision['reason']}")
     report = summary.get("evaluate", {}).get("report")
+    profile = f"--profile {config.profile}"
+    print("\nwhere to look next:")
+    print(f"  the page and the API   make serve PROFILE={config.profile}   (then http://127.0.0.1:8000/)")
     if report:
-        print(f"evaluation report: {report}")
-    print(f"try: .venv/bin/recsys --profile {config.profile} sql "
-          f"\"SELECT source, count(*) FROM recommendations GROUP BY source\"")
+        print(f"  evaluation report      {report}")
+    print(f"  SQL                    .venv/bin/recsys {profile} sql \"SELECT source, count(*) FROM recommendations "
+          f"GROUP BY source\"")
+    print(f"  MLflow                 .venv/bin/mlflow ui --backend-store-uri {config.tracking_uri}")
+    print(f"  Delta tables           {config.path(config.paths.tables_dir)}")
     return 0
 
 
