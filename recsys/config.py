@@ -208,6 +208,27 @@ class ServingConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    """Checks on the lists before they are published (recsys.monitor): crossing a `_warn` threshold warns,
+    crossing a `_block` one stops the publish and the previous lists stay."""
+
+    enabled: bool = True
+    fallback_share_warn: float = 0.8     # rows filled from popularity because the ranker had too few candidates
+    fallback_share_block: float = 0.99
+    coverage_warn: float = 0.001         # distinct recommended articles / catalogue (lower is worse)
+    coverage_block: float = 0.0          # 0: never blocks (a popularity baseline may rightly be published)
+    concentration_warn: float = 0.5      # share of all rows on the 12 most recommended articles
+    concentration_block: float = 1.0     # 1: never blocks (the same reason)
+    score_null_warn: float = 0.01
+    score_null_block: float = 0.5
+    overlap_warn: float = 0.02           # of each customer's previous articles, the share still recommended
+    overlap_block: float = 0.0           # 0: never blocks
+    psi_warn: float = 0.25               # population stability index of each numeric customer feature
+    psi_block: float = 1.0
+    psi_bins: int = 10
+
+
+@dataclass
 class Config:
     profile: str = "small"
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -223,6 +244,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def path(self, relative: str) -> Path:
         """Relative paths in config are relative to the working directory."""

@@ -287,7 +287,7 @@ def _headline(stage: str, result: dict[str, Any]) -> str:
         return f"best MAP@K {best[1]:.4f} ({best[0]}); publish: {result['gate']['publish']}"
     if isinstance(result.get("customers"), int):
         return (f"{result['customers']:,} customers x {result.get('k')} published ({result.get('published')}, "
-                f"{result.get('model_version')})")
+                f"{result.get('model_version')}); {result.get('checks', 'checks: n/a')}")
     return "published"
 
 

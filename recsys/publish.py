@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from recsys import monitor
 from recsys.tables import (
     ARTICLES, CUSTOMERS, RECOMMENDATIONS, RECOMMENDATIONS_NAMED, RECOMMENDATIONS_SCHEMA, RECOMMENDATIONS_STAGING,
     Lakehouse,
@@ -152,11 +153,12 @@ def write_for_lookup(lake: Lakehouse, recs: DataFrame, name: str = RECOMMENDATIO
 
 
 def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | None = None,
-            k: int | None = None) -> dict[str, Any]:
-    """Stage, validate, then atomically replace `recommendations` (and the named companion table).
+            k: int | None = None, as_of: dt.date | None = None) -> dict[str, Any]:
+    """Stage, validate, check (recsys.monitor), then replace `recommendations` (and the named companion table).
 
     `recs` needs customer_id, rank, article_id, score, source. Any failure, in the computation of `recs`,
-    the validation or either write, leaves both published tables at their previous version.
+    the validation, a blocking check or either write, leaves both published tables at their previous version.
+    `as_of`: the feature snapshot the lists were scored from (its drift against the one before is checked).
     """
     config = lake.config
     k = k or config.scoring.k
@@ -165,6 +167,7 @@ def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | 
     lake.write(staged_df, RECOMMENDATIONS_STAGING)  # the whole computation runs here, once
     staged = lake.read(RECOMMENDATIONS_STAGING)
     report = validate(staged, lake.read(CUSTOMERS), k)
+    checked = monitor.check_before_publish(lake, staged, run_id, as_of) if config.monitoring.enabled else []
     articles = lake.read(ARTICLES)
     with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
         with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version):
@@ -179,6 +182,7 @@ def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | 
         "rows": report["rows"],
         "k": k,
         "sources": {r["source"]: r["n"] for r in staged.groupBy("source").agg(F.count(F.lit(1)).alias("n")).collect()},
+        "checks": monitor.summary(checked) if config.monitoring.enabled else "checks: off (monitoring.enabled)",
     }
 
 

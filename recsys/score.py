@@ -250,7 +250,7 @@ def _lists(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None, customers
     popular = popularity_lists(lake, snapshot, k).cache()
     recs = complete_lists(candidates, segments, popular, k, exclude)
     return recs, {"as_of": snapshot.isoformat(), **facts, "exclude_purchased": scoring.exclude_purchased}, \
-        popular.unpersist()
+        popular.unpersist
 
 
 def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
@@ -302,7 +302,7 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
         version = f"{name}@{snapshot.isoformat()}"
     else:
         raise ValueError(f"gate_decisions: unknown publish choice {choice!r}")
-    summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=config.scoring.k)
+    summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=config.scoring.k, as_of=snapshot)
     return {**summary, "as_of": snapshot.isoformat(), "published": choice, "gate_test_week": str(
         decision["test_week"]), "reason": decision["reason"], "seconds": round(time.perf_counter() - started, 1)}
 
@@ -323,7 +323,8 @@ def run(lake: Lakehouse, model_uri: str | None = None, encoder: Any = None,
         encoder = load_encoder(model_uri, config.tracking_uri, config.registry_uri)
     recs, facts, cleanup = _lists(lake, encoder, as_of, None, mlflow_run_id)
     try:
-        summary = publish(lake, recs, model_version=_model_version(encoder), run_id=new_run_id(), k=config.scoring.k)
+        summary = publish(lake, recs, model_version=_model_version(encoder), run_id=new_run_id(), k=config.scoring.k,
+                          as_of=dt.date.fromisoformat(facts["as_of"]))
     finally:
         cleanup()
     return {**summary, "model_uri": model_uri, **facts, "seconds": round(time.perf_counter() - started, 1)}

@@ -36,6 +36,7 @@ EVALUATION = "evaluation"
 EVALUATION_RUNS = "evaluation_runs"  # one row per (model, version, test week, segment, metric)
 CANDIDATES = "candidates"            # first-stage lists: customer x article x source, partition as_of
 GATE_DECISIONS = "gate_decisions"    # one row per evaluation: what was compared, what gets published
+PUBLISH_CHECKS = "publish_checks"    # one row per check per scoring run: value, thresholds, ok | warn | block
 
 # customer_features / training_examples: the customer's last purchases, most recent first, zero-padded
 SEQ_ARTICLES = "seq_article_idx"   # array<int> of article_idx (0 = padding)
@@ -45,7 +46,7 @@ ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
     RECOMMENDATIONS, EVALUATION, CATEGORY_INDEX, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
-    CANDIDATES, GATE_DECISIONS,
+    CANDIDATES, GATE_DECISIONS, PUBLISH_CHECKS,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -150,6 +151,17 @@ GATE_DECISIONS_SCHEMA = T.StructType([
     T.StructField("champion", T.StringType(), False),          # JSON: the champion system after the gate
     T.StructField("reason", T.StringType(), False),
 ])
+PUBLISH_CHECKS_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType(), False),            # the publish run (recommendations' run_id)
+    T.StructField("as_of", T.DateType(), True),
+    T.StructField("checked_at", T.TimestampType(), False),
+    T.StructField("check", T.StringType(), False),
+    T.StructField("value", T.DoubleType(), True),
+    T.StructField("warn", T.DoubleType(), True),
+    T.StructField("block", T.DoubleType(), True),
+    T.StructField("direction", T.StringType(), False),         # max: higher is worse | min | none
+    T.StructField("status", T.StringType(), False),            # ok | warn | block
+])
 SCHEMAS = {
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
@@ -159,6 +171,7 @@ SCHEMAS = {
     RECOMMENDATIONS: RECOMMENDATIONS_SCHEMA,
     EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
     GATE_DECISIONS: GATE_DECISIONS_SCHEMA,
+    PUBLISH_CHECKS: PUBLISH_CHECKS_SCHEMA,
 }
 PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip the rest
 # Feature-store snapshots: one `as_of` folder each, replaced with replaceWhere, older ones stay readable.

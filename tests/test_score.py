@@ -6,12 +6,13 @@ import sys
 import numpy as np
 import pytest
 from pyspark import cloudpickle
+from pyspark.sql import functions as F
 
 import scoring_data as data
-from recsys import publish, score
+from recsys import monitor, publish, score
 from recsys.index import build_index
 from recsys.recommend import SOURCE_AGE_BUCKET, SOURCE_GLOBAL, SOURCE_MODEL
-from recsys.tables import RECOMMENDATIONS, RECOMMENDATIONS_NAMED
+from recsys.tables import CUSTOMER_FEATURES, PUBLISH_CHECKS, RECOMMENDATIONS, RECOMMENDATIONS_NAMED
 
 # Spark's Python workers cannot import the test folder: ship the test double by value.
 cloudpickle.register_pickle_by_value(data)
@@ -207,3 +208,38 @@ def test_real_two_tower_encoder_scores_through_spark(scored_lake):
         rows = got[got["customer_id"] == customer].sort_values("rank")
         assert set(rows["source"]) == {SOURCE_MODEL} and len(rows) == K
         assert np.allclose(rows["score"].to_numpy(), np.sort(row)[::-1][:K], atol=1e-5)
+
+
+def test_a_hard_threshold_blocks_the_publish_and_the_previous_lists_stay(scored, scored_lake):
+    lake, first = scored_lake, scored[1]
+    assert first["checks"].startswith("checks:")
+    version, run_id = lake.version(RECOMMENDATIONS), first["run_id"]
+    recorded = lake.read(PUBLISH_CHECKS).filter(f"run_id = '{run_id}'").collect()
+    assert {r.check for r in recorded} >= {"fallback_share", "catalogue_coverage", "overlap_with_previous"}
+    assert all(r.status != "block" for r in recorded)
+
+    # the same lists again, with a fallback threshold that every list with a popularity fill crosses
+    lake.config.monitoring.fallback_share_block = 0.0
+    with pytest.raises(monitor.PublishBlocked, match="fallback_share"):
+        score.run(lake, encoder=data.HashEncoder(model_version="blocked"))
+    assert lake.version(RECOMMENDATIONS) == version
+    assert publish.current_run(lake) == {"run_id": run_id, "model_version": "good"}
+    blocked = lake.read(PUBLISH_CHECKS).filter("status = 'block'").collect()
+    assert [r.check for r in blocked] == ["fallback_share"] and blocked[0].run_id != run_id
+
+
+def test_customer_feature_drift_is_measured_against_the_previous_snapshot(lake):
+    features = lake.read(CUSTOMER_FEATURES)
+    as_of = features.agg({"as_of": "max"}).first()[0]
+    numeric = [c for c in features.columns if c.startswith("num_")]
+    assert numeric, "the seed lake has numeric customer features"
+    earlier = features.withColumn("as_of", F.date_sub("as_of", 7))
+    lake.write(earlier, CUSTOMER_FEATURES, mode="append")
+    checked = monitor.check_before_publish(lake, data_lists(lake), "drift-test", as_of)
+    drift = {c.name: c.value for c in checked if c.name.startswith(monitor.DRIFT_PREFIX)}
+    assert set(drift) == {f"{monitor.DRIFT_PREFIX}{c}" for c in numeric}
+    assert all(v is None or v < 0.01 for v in drift.values())  # the same rows a week earlier: no drift
+
+
+def data_lists(lake):
+    return lake.spark.createDataFrame([(c, 1, data.ARTICLE_IDS[0], 1.0, "x") for c in data.CUSTOMER_IDS], "customer_id string, rank int, article_id string, score double, source string")
