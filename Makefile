@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 PROFILE ?= small
 
-.PHONY: setup test test-all demo serve bench bench-pipeline bench-real-week bench-lookup bench-serve clean lint-bundle
+.PHONY: setup test test-fast lint test-all demo serve bench bench-pipeline bench-real-week bench-lookup bench-serve clean lint-bundle
 
 setup: $(VENV)/.installed .cache/jars/.resolved
 
@@ -23,6 +23,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: setup
 	$(PY) -m pytest -q
+
+# The tests that need no Spark session (seconds): models, metrics, config, bundle, lookups, checks.
+test-fast: setup
+	$(PY) -m pytest -q -m 'not slow and not spark'
+
+lint: setup
+	$(VENV)/bin/ruff check recsys tests benchmarks jobs
 
 test-all: setup
 	$(PY) -m pytest -q -m ''

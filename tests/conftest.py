@@ -6,6 +6,14 @@ import pytest
 from recsys.config import load_config
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs a Spark session (directly or through a fixture) is marked `spark`: `make test-fast`
+    runs the others, in seconds."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.spark)
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("recsys")

@@ -76,6 +76,7 @@ def test_job_file_exits_with_the_cli_status(job, monkeypatch, capsys):
     assert exit_info.value.code == 2 and "model.epochz" in capsys.readouterr().err
 
 
+@pytest.mark.spark
 def test_spark_submit_reports_a_config_error_without_a_session(tmp_path):
     result = spark_submit("train", ["--profile", "tiny", "--set", "model.epochs=many"], tmp_path, timeout=180)
     # spark-submit's PythonRunner merges the job's stderr into its stdout

@@ -30,7 +30,7 @@ def setup(spark, tmp_path_factory):
         shutil.copy(generated / name, raw / name)
     lines = (generated / RAW_FILES[TRANSACTIONS]).read_text().splitlines(keepends=True)
     last_day = max(line[:10] for line in lines[1:])
-    (raw / RAW_FILES[TRANSACTIONS]).write_text("".join(l for l in lines if not l.startswith(last_day)))
+    (raw / RAW_FILES[TRANSACTIONS]).write_text("".join(line for line in lines if not line.startswith(last_day)))
     messages: list[str] = []
     summary = pipeline.run(config, out=messages.append)
     return config, Lakehouse(spark, config), summary, messages, generated, dt.date.fromisoformat(last_day)
