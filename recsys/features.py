@@ -78,7 +78,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from recsys.popularity import AGE_BUCKETS, UNKNOWN, age_bucket, decay_weight, popularity
-from recsys.split import as_date, before, days_before, last_date
+from recsys.split import as_date, before, days_before, day_after_last_purchase
 from recsys.tables import (
     ARTICLE_FEATURES,
     ARTICLE_INDEX,
@@ -460,8 +460,7 @@ def with_customer_state(examples: DataFrame, state: DataFrame) -> DataFrame:
 
 # --- the job around them --------------------------------------------------------------------------------
 def default_as_of(transactions: DataFrame) -> dt.date:
-    """The day after the last transaction: the snapshot that sees every purchase (what scoring uses)."""
-    return last_date(transactions) + dt.timedelta(days=1)
+    return day_after_last_purchase(transactions)
 
 
 def read_snapshot(lake: Lakehouse, table: str, as_of: dt.date | str | None = None) -> DataFrame:

@@ -51,12 +51,14 @@ class Context:
 
     # -- the dates, derived from the data once it is ingested
     def last_day(self) -> dt.date:
-        from pyspark.sql import functions as F
+        from recsys.split import last_date
 
-        return self.lake.read(TRANSACTIONS).agg(F.max("t_dat")).first()[0]
+        return last_date(self.lake.read(TRANSACTIONS))
 
     def publish_as_of(self) -> dt.date:
-        return self.as_of or self.last_day() + dt.timedelta(days=1)
+        from recsys.split import day_after_last_purchase
+
+        return self.as_of or day_after_last_purchase(self.lake.read(TRANSACTIONS))
 
     def test_start(self) -> dt.date:
         """The evaluation week: the last `test_days` before the publish snapshot."""

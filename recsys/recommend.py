@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from recsys.popularity import UNKNOWN, age_bucket, popularity
 from recsys.publish import NAME_COLUMNS, publish, with_article_names
-from recsys.split import as_date, last_date
+from recsys.split import as_date, day_after_last_purchase
 from recsys.tables import ARTICLES, CUSTOMERS, POPULARITY, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
 
 SOURCE_MODEL = "model"
@@ -139,8 +139,8 @@ def popularity_lists(lake: Lakehouse, as_of: dt.date, k: int) -> DataFrame:
 
 
 def default_cutoff(lake: Lakehouse) -> dt.date:
-    """The day after the last transaction: recommend for the week that follows the data."""
-    return last_date(lake.read(TRANSACTIONS)) + dt.timedelta(days=1)
+    """Recommend for the week that follows the data."""
+    return day_after_last_purchase(lake.read(TRANSACTIONS))
 
 
 def run_popularity(lake: Lakehouse, cutoff: dt.date | str | None = None) -> dict[str, Any]:

@@ -61,6 +61,11 @@ def last_date(transactions: DataFrame) -> dt.date:
     return last
 
 
+def day_after_last_purchase(transactions: DataFrame) -> dt.date:
+    """The snapshot date that sees every purchase: what scoring, publishing and the nightly run use."""
+    return last_date(transactions) + dt.timedelta(days=1)
+
+
 def default_test_start(transactions: DataFrame, test_days: int = 7) -> dt.date:
     """The first day of the last `test_days` days of data (2020-09-16 on the real data)."""
     return last_date(transactions) - dt.timedelta(days=test_days - 1)
