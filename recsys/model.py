@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as TF
 
 CAT_PREFIX = "cat_"
 NUM_PREFIX = "num_"
@@ -230,7 +230,7 @@ class HistoryPooling(nn.Module):
         if self.product_codes is not None:
             parts.append(self.product_codes(self.article_product[seq]))
         vectors = torch.cat(parts, dim=-1)
-        logits = self.position[None, : seq.shape[1]] - F.softplus(self.rate) * days / 7.0
+        logits = self.position[None, : seq.shape[1]] - TF.softplus(self.rate) * days / 7.0
         logits = logits.masked_fill(~valid, float("-inf"))
         weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a row of padding only: all weights 0
         return (weights.unsqueeze(-1) * vectors).sum(dim=1)
@@ -271,7 +271,7 @@ class Tower(nn.Module):
             parts.append(self.history(batch["seq"], batch["seq_days"]))
         if not parts:  # no input at all: one learned vector for everyone
             parts.append(torch.ones(len(batch["id"]), 1, device=self.mlp[0].weight.device))
-        return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
+        return TF.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
 
 
 class TwoTower(nn.Module):
