@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from recsys.config import Config
+from recsys.registry import CHALLENGER, Registry
 from recsys.tables import (
     ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRAINING_EXAMPLES, TRANSACTIONS, Lakehouse,
 )
@@ -100,10 +101,9 @@ def _versions(lake: Lakehouse, *names: str) -> list[int | None]:
     return [lake.version(name) for name in names]
 
 
-def _registry_version(config: Config, alias: str) -> str | None:
-    from recsys.evaluate import registry_versions
-
-    return registry_versions(config).get(alias)
+def _challenger_tower(config: Config) -> str | None:
+    """The two-tower version under `challenger`; None before the first training (an outage raises)."""
+    return Registry.of(config).alias_version(config.mlflow.registered_model, CHALLENGER)
 
 
 # --- the stages ---------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def stage_rank(ctx: Context) -> dict[str, Any]:
     from recsys.model import load_encoder
 
     config = ctx.config
-    tower = _registry_version(config, "challenger")
+    tower = _challenger_tower(config)
     if tower is None:
         raise ValueError(f"no '{config.mlflow.registered_model}@challenger' in the registry: run the train stage")
     encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{tower}", config.tracking_uri,
@@ -196,7 +196,7 @@ def fingerprint(stage: str, ctx: Context) -> str:
     if stage == "train":
         return _digest(_versions(lake, TRAINING_EXAMPLES), ctx.train_as_of(), config.model)
     if stage == "rank":
-        return _digest(_registry_version(config, "challenger"), ctx.test_start(), config.ranker, config.candidates)
+        return _digest(_challenger_tower(config), ctx.test_start(), config.ranker, config.candidates)
     if stage == "evaluate":
         return _digest(_system(config), ctx.test_start(), config.evaluation, config.scoring, config.candidates)
     return _digest(_decision(lake), _versions(lake, CUSTOMER_FEATURES), config.scoring, config.candidates,
@@ -235,13 +235,13 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
     started = time.perf_counter()
     for stage in selected:
         t0 = time.perf_counter()
-        key = fingerprint(stage, ctx) if stage != "ingest" or not since else None
-        if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
-            summary[stage] = {"status": "up to date", "seconds": 0.0}
-            out(f"[{stage:>8}] up to date (inputs unchanged; --force to redo)")
-            continue
-        out(f"[{stage:>8}] running ...")
-        try:
+        try:  # the fingerprint reads the registry too: an outage there fails the stage like any other error
+            key = fingerprint(stage, ctx) if stage != "ingest" or not since else None
+            if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
+                summary[stage] = {"status": "up to date", "seconds": 0.0}
+                out(f"[{stage:>8}] up to date (inputs unchanged; --force to redo)")
+                continue
+            out(f"[{stage:>8}] running ...")
             result = RUNNERS[stage](ctx)
         except Exception as exc:
             published = lake.version(RECOMMENDATIONS)

@@ -48,9 +48,9 @@ from recsys.loader import ExampleLoader, make_loader
 from recsys.model import (
     SEQ_ARTICLES, Encoder, FeatureSpec, FeatureTable, SideSpec, TwoTower, article_products, tower_config,
 )
+from recsys.registry import CHALLENGER
 from recsys.tables import ARTICLE_FEATURES, ARTICLE_INDEX, CUSTOMER_INDEX, TRAINING_EXAMPLES, Lakehouse
 
-CHALLENGER = "challenger"
 VALIDATION_K = 12
 
 
