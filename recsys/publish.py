@@ -153,10 +153,11 @@ def write_for_lookup(lake: Lakehouse, recs: DataFrame, name: str = RECOMMENDATIO
 
 def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | None = None,
             k: int | None = None) -> dict[str, Any]:
-    """Stage, validate, then atomically replace `recommendations` (and the named companion table).
+    """Stage, validate, then replace `recommendations` in one commit, and the named companion table after it.
 
-    `recs` needs customer_id, rank, article_id, score, source. Any failure, in the computation of `recs`,
-    the validation or either write, leaves both published tables at their previous version.
+    `recs` needs customer_id, rank, article_id, score, source. A failure in the computation of `recs` or the
+    validation writes nothing; a failure in either write puts both published tables back to their previous
+    version (`Lakehouse.restore_on_failure`).
     """
     config = lake.config
     k = k or config.scoring.k
@@ -166,7 +167,7 @@ def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | 
     staged = lake.read(RECOMMENDATIONS_STAGING)
     report = validate(staged, lake.read(CUSTOMERS), k)
     articles = lake.read(ARTICLES)
-    with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
+    with lake.restore_on_failure(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
         with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version):
             write_for_lookup(lake, staged)
             lake.write(with_article_names(staged, articles), RECOMMENDATIONS_NAMED)
@@ -222,7 +223,7 @@ def rollback(lake: Lakehouse) -> dict[str, Any]:
     target = rollback_target(history(lake), current["run_id"])
     named = {c["run_id"]: c["version"] for c in history(lake, RECOMMENDATIONS_NAMED)
              if c.get("action") == PUBLISH and c.get("run_id")} if lake.exists(RECOMMENDATIONS_NAMED) else {}
-    with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
+    with lake.restore_on_failure(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
         with commit_metadata(lake.spark, action=ROLLBACK, run_id=target["run_id"],
                              model_version=target.get("model_version"), from_run_id=current["run_id"]):
             lake.restore(RECOMMENDATIONS, target["version"])

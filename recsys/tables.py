@@ -1,7 +1,8 @@
 """Table names, schemas and Delta I/O in one place.
 
 Every stage reads and writes through `Lakehouse`, so a table lives at one path (local) or one name (Unity
-Catalog on Databricks), writes are Delta transactions, and a multi-table step can be rolled back as a whole.
+Catalog on Databricks), each write is one Delta commit, and a multi-table step puts its tables back when it
+fails (`restore_on_failure`).
 """
 from __future__ import annotations
 
@@ -253,14 +254,26 @@ class Lakehouse:
             self._delta_table(name).restoreToVersion(version)
 
     @contextlib.contextmanager
-    def transaction(self, *names: str) -> Iterator[None]:
-        """All-or-nothing over several tables: on any error each table goes back to its version before."""
+    def restore_on_failure(self, *names: str) -> Iterator[None]:
+        """If the block raises, put every table in `names` back to its version before the block, then re-raise.
+
+        Not a transaction: each write inside is its own commit, so readers can see the tables in between,
+        and a driver killed inside the block leaves them there (run the step again, or `restore` from
+        `history`). Every table is restored even when another's restore fails; the block's own error is what
+        is raised, with a note saying which tables went back and which did not."""
         before = {name: self.version(name) for name in names}
         try:
             yield
-        except BaseException:
+        except BaseException as error:
+            outcome = []
             for name, version in before.items():
-                self.restore(name, version)
+                target = "dropped (it did not exist)" if version is None else f"restored to version {version}"
+                try:
+                    self.restore(name, version)
+                    outcome.append(f"{name}: {target}")
+                except Exception as exc:  # noqa: BLE001 - reported in the note; the other tables still go back
+                    outcome.append(f"{name}: NOT {target}: {type(exc).__name__}: {exc}")
+            error.add_note("after the failure: " + "; ".join(outcome))
             raise
 
     # -- SQL by name

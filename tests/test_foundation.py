@@ -51,16 +51,42 @@ def test_spark_session_has_delta_and_round_trips(lake):
     assert lake.sql("SELECT sum(a) AS s FROM probe").first().s == 1
 
 
-def test_transaction_rolls_back_every_table(lake):
+def test_a_failure_half_way_puts_every_table_back(lake):
     spark = lake.spark
     lake.write(spark.createDataFrame([Row(a=1)]), "left")
-    with pytest.raises(RuntimeError):
-        with lake.transaction("left", "right"):
+    with pytest.raises(RuntimeError, match="fails half-way") as raised:
+        with lake.restore_on_failure("left", "right"):
             lake.write(spark.createDataFrame([Row(a=2), Row(a=3)]), "left")
             lake.write(spark.createDataFrame([Row(a=9)]), "right")
             raise RuntimeError("fails half-way")
     assert [r.a for r in lake.read("left").collect()] == [1]
     assert not lake.exists("right")
+    assert raised.value.__notes__ == ["after the failure: left: restored to version 0; "
+                                      "right: dropped (it did not exist)"]
+
+
+def test_a_failing_restore_still_restores_the_others_and_raises_the_original_error(lake, monkeypatch):
+    spark = lake.spark
+    lake.write(spark.createDataFrame([Row(a=1)]), "left")
+    lake.write(spark.createDataFrame([Row(a=1)]), "right")
+    real_restore = lake.restore
+
+    def restore(name, version):
+        if name == "left":
+            raise OSError("storage throttled (injected)")
+        real_restore(name, version)
+
+    monkeypatch.setattr(lake, "restore", restore)
+    with pytest.raises(ValueError, match="the write's own error") as raised:
+        with lake.restore_on_failure("left", "right"):
+            lake.write(spark.createDataFrame([Row(a=2)]), "left")
+            lake.write(spark.createDataFrame([Row(a=2)]), "right")
+            raise ValueError("the write's own error")
+    assert [r.a for r in lake.read("right").collect()] == [1] and lake.version("right") == 2
+    assert [r.a for r in lake.read("left").collect()] == [2]  # the one restore that failed
+    (note,) = raised.value.__notes__
+    assert "left: NOT restored to version 0: OSError: storage throttled (injected)" in note
+    assert "right: restored to version 0" in note
 
 
 def test_missing_table_error_names_it(lake):
