@@ -507,7 +507,7 @@ def _write_snapshot(lake: Lakehouse, df: DataFrame, table: str, as_of: dt.date) 
         return frame.select(*[F.col(c) if c in frame.columns else filler(c).alias(c) for c in columns])
 
     log.warning("%s: columns changed, rewriting every snapshot on %d columns", table, len(columns))
-    lake.write(align(old.where(F.col("as_of") != F.lit(as_of))).unionByName(align(df)), table)
+    lake.write(align(old.where(F.col("as_of") != F.lit(as_of))).unionByName(align(df)), table, evolve_schema=True)
     return read_snapshot(lake, table, as_of).count()
 
 

@@ -1,8 +1,8 @@
 """Table names, schemas and Delta I/O in one place.
 
 Every stage reads and writes through `Lakehouse`, so a table lives at one path (local) or one name (Unity
-Catalog on Databricks), each write is one Delta commit, and a multi-table step puts its tables back when it
-fails (`restore_on_failure`).
+Catalog on Databricks), each write is one Delta commit, a table declared in `SCHEMAS` is written with exactly
+its declared columns, and a multi-table step puts its tables back when it fails (`restore_on_failure`).
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from recsys.config import Config
@@ -151,13 +152,14 @@ GATE_DECISIONS_SCHEMA = T.StructType([
     T.StructField("champion", T.StringType(), False),          # JSON: the champion system after the gate
     T.StructField("reason", T.StringType(), False),
 ])
-SCHEMAS = {
+SCHEMAS = {  # the declared tables: `Lakehouse.write` refuses any other columns or types
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
     TRANSACTIONS: TRANSACTIONS_SCHEMA,
     QUARANTINE: QUARANTINE_SCHEMA,
     INGEST_RUNS: INGEST_RUNS_SCHEMA,
     RECOMMENDATIONS: RECOMMENDATIONS_SCHEMA,
+    RECOMMENDATIONS_STAGING: RECOMMENDATIONS_SCHEMA,
     EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
     GATE_DECISIONS: GATE_DECISIONS_SCHEMA,
 }
@@ -165,6 +167,45 @@ PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip
 # Feature-store snapshots: one `as_of` folder each, replaced with replaceWhere, older ones stay readable.
 PARTITIONS.update({name: ["as_of"] for name in (CUSTOMER_FEATURES, ARTICLE_FEATURES, POPULARITY, TRAINING_EXAMPLES,
                                                  CANDIDATES)})
+PARTITION_FIELDS = {  # partition columns a declared table stores beside its declared ones
+    "t_month": T.StructField("t_month", T.StringType(), False),  # yyyy-MM of t_dat
+}
+
+
+class SchemaMismatch(ValueError):
+    """A DataFrame written to a declared table does not have the declared columns and types."""
+
+
+def declared_schema(name: str) -> T.StructType | None:
+    """What a declared table stores: its `SCHEMAS` columns, then its partition columns; None if undeclared."""
+    if name not in SCHEMAS:
+        return None
+    extra = [PARTITION_FIELDS[c] for c in PARTITIONS.get(name, []) if c not in SCHEMAS[name].names]
+    return T.StructType(list(SCHEMAS[name].fields) + extra)
+
+
+def schema_problems(schema: T.StructType, declared: T.StructType) -> list[str]:
+    """Each column of `schema` that is not as `declared` (missing, extra or another type); empty when it fits."""
+    have = {f.name: f.dataType for f in schema.fields}
+    want = {f.name: f.dataType for f in declared.fields}
+    problems = [f"column '{c}' is missing ({want[c].simpleString()} declared)" for c in want if c not in have]
+    problems += [f"column '{c}' is not declared ({have[c].simpleString()})" for c in have if c not in want]
+    problems += [f"column '{c}' is {have[c].simpleString()}, declared {want[c].simpleString()}"
+                 for c in want if c in have and have[c] != want[c]]
+    return problems
+
+
+def not_null_checked(df: DataFrame, name: str, declared: T.StructType) -> DataFrame:
+    """`df` with each column declared NOT NULL (that Spark cannot prove non-null) checked row by row as the
+    write runs: a null fails the write, naming the table and the column. No extra pass over the data."""
+    required = {f.name for f in declared.fields if not f.nullable}
+
+    def checked(column: str) -> Column:
+        error = F.raise_error(F.lit(f"table '{name}': null in column '{column}', which is declared NOT NULL"))
+        return F.when(F.col(column).isNull(), error).otherwise(F.col(column)).alias(column)
+
+    return df.select(*[checked(f.name) if f.name in required and f.nullable else F.col(f.name)
+                       for f in df.schema.fields])
 
 
 class Lakehouse:
@@ -217,7 +258,7 @@ class Lakehouse:
     def history(self, name: str) -> DataFrame:
         return self._delta_table(name).history()
 
-    # -- writes (each one a Delta transaction)
+    # -- writes (each one a Delta commit)
     def write(
         self,
         df: DataFrame,
@@ -225,15 +266,34 @@ class Lakehouse:
         mode: str = "overwrite",
         replace_where: str | None = None,
         partition_by: list[str] | None = None,
+        evolve_schema: bool = False,
     ) -> None:
-        """Overwrite (whole table or `replace_where` slice) or append, atomically."""
+        """Overwrite (whole table or `replace_where` slice) or append, as one Delta commit.
+
+        A declared table (`SCHEMAS`) takes exactly its declared columns and types: anything else raises
+        `SchemaMismatch` naming the table and the columns, before anything is written, and a null in a column
+        declared NOT NULL fails the write. No write changes a table's schema by the way (Delta refuses new or
+        retyped columns; on a table that is not declared, a column left out is written as null).
+        `evolve_schema=True` is the deliberate step that replaces the schema with `df`'s (whole-table overwrite
+        only): a feature table that gained columns, a declaration that changed.
+        """
+        declared = declared_schema(name)
+        if declared is not None:
+            problems = schema_problems(df.schema, declared)
+            if problems:
+                raise SchemaMismatch(f"table '{name}' ({self.location(name)}): " + "; ".join(problems)
+                                     + ". Its schema is declared in recsys.tables.SCHEMAS")
+            df = not_null_checked(df, name, declared)
+        if evolve_schema and (mode != "overwrite" or replace_where):
+            raise ValueError(f"table '{name}': evolve_schema replaces the whole table (mode='overwrite', "
+                             "no replace_where)")
         writer = df.write.format("delta").mode(mode)
         partition_by = partition_by if partition_by is not None else PARTITIONS.get(name)
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         if replace_where:
             writer = writer.option("replaceWhere", replace_where)
-        elif mode == "overwrite":
+        if evolve_schema:
             writer = writer.option("overwriteSchema", "true")
         if self.catalog:
             writer.saveAsTable(self.location(name))
