@@ -13,8 +13,9 @@ split.test_days the first day of the evaluation week and A = E - ranker.label_da
 Publishing is the last step and one Delta transaction: a failure anywhere before it leaves the published
 `recommendations` as they were.
 
-A stage whose inputs did not change since its last success (fingerprints in `data_dir/pipeline_state.json`)
-is skipped unless `force`.
+A stage whose inputs did not change since its last success (fingerprints in the `pipeline_state` table, in
+the lake with the others, so a job cluster that starts bare resumes where the last run stopped) is skipped
+unless `force`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from typing import Any, Callable
 from recsys.config import Config
 from recsys.registry import CHALLENGER, Registry
 from recsys.tables import (
-    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRAINING_EXAMPLES, TRANSACTIONS, Lakehouse,
+    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, PIPELINE_STATE, PIPELINE_STATE_SCHEMA, RECOMMENDATIONS, TRAINING_EXAMPLES,
+    TRANSACTIONS, Lakehouse,
 )
 
 STAGES = ("ingest", "features", "train", "rank", "evaluate", "score")
@@ -69,21 +71,17 @@ class Context:
 
 
 # --- fingerprints: skip work whose inputs did not change ----------------------------------------------------
-def _state_path(config: Config) -> Path:
-    return config.path(config.paths.data_dir) / "pipeline_state.json"
+def load_state(lake: Lakehouse) -> dict[str, str]:
+    """stage -> the fingerprint of its last success (empty before the first run)."""
+    if not lake.exists(PIPELINE_STATE):
+        return {}
+    return {row.stage: row.fingerprint for row in lake.read(PIPELINE_STATE).collect()}
 
 
-def _load_state(config: Config) -> dict[str, str]:
-    path = _state_path(config)
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _save_state(config: Config, state: dict[str, str]) -> None:
-    path = _state_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    tmp.replace(path)
+def record_success(lake: Lakehouse, stage: str, key: str) -> None:
+    """Set `stage`'s row of `pipeline_state` to fingerprint `key` (one MERGE; the other stages' rows stay)."""
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    lake.upsert(lake.spark.createDataFrame([(stage, key, now)], PIPELINE_STATE_SCHEMA), PIPELINE_STATE, ["stage"])
 
 
 def _digest(*parts: Any) -> str:
@@ -230,7 +228,7 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
     lake = Lakehouse(get_spark(config, "recsys-pipeline"), config)
     ctx = Context(config, lake, force=force, as_of=dt.date.fromisoformat(as_of) if as_of else None, since=since,
                   out=out)
-    state = _load_state(config)
+    state = load_state(lake)
     summary: dict[str, Any] = {}
     started = time.perf_counter()
     for stage in selected:
@@ -251,8 +249,7 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
             ) from exc
         seconds = round(time.perf_counter() - t0, 1)
         summary[stage] = {"status": "done", "seconds": seconds, **_short(result)}
-        state[stage] = fingerprint(stage, ctx)
-        _save_state(config, state)
+        record_success(lake, stage, fingerprint(stage, ctx))
         out(f"[{stage:>8}] done in {seconds:.1f}s  {_headline(stage, result)}")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary

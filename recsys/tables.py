@@ -38,6 +38,7 @@ EVALUATION = "evaluation"
 EVALUATION_RUNS = "evaluation_runs"  # one row per (model, version, test week, segment, metric)
 CANDIDATES = "candidates"            # first-stage lists: customer x article x source, partition as_of
 GATE_DECISIONS = "gate_decisions"    # one row per evaluation: what was compared, what gets published
+PIPELINE_STATE = "pipeline_state"    # one row per pipeline stage: the fingerprint of its last success
 
 # customer_features / training_examples: the customer's last purchases, most recent first, zero-padded
 SEQ_ARTICLES = "seq_article_idx"   # array<int> of article_idx (0 = padding)
@@ -47,7 +48,7 @@ ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
     RECOMMENDATIONS, EVALUATION, CATEGORY_INDEX, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
-    CANDIDATES, GATE_DECISIONS,
+    CANDIDATES, GATE_DECISIONS, PIPELINE_STATE,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -152,6 +153,11 @@ GATE_DECISIONS_SCHEMA = T.StructType([
     T.StructField("champion", T.StringType(), False),          # JSON: the champion system after the gate
     T.StructField("reason", T.StringType(), False),
 ])
+PIPELINE_STATE_SCHEMA = T.StructType([
+    T.StructField("stage", T.StringType(), False),
+    T.StructField("fingerprint", T.StringType(), False),  # what the stage's output depended on (recsys.pipeline)
+    T.StructField("recorded_at", T.TimestampType(), False),
+])
 SCHEMAS = {  # the declared tables: `Lakehouse.write` refuses any other columns or types
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
@@ -162,6 +168,7 @@ SCHEMAS = {  # the declared tables: `Lakehouse.write` refuses any other columns 
     RECOMMENDATIONS_STAGING: RECOMMENDATIONS_SCHEMA,
     EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
     GATE_DECISIONS: GATE_DECISIONS_SCHEMA,
+    PIPELINE_STATE: PIPELINE_STATE_SCHEMA,
 }
 PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip the rest
 # Feature-store snapshots: one `as_of` folder each, replaced with replaceWhere, older ones stay readable.
@@ -277,13 +284,7 @@ class Lakehouse:
         `evolve_schema=True` is the deliberate step that replaces the schema with `df`'s (whole-table overwrite
         only): a feature table that gained columns, a declaration that changed.
         """
-        declared = declared_schema(name)
-        if declared is not None:
-            problems = schema_problems(df.schema, declared)
-            if problems:
-                raise SchemaMismatch(f"table '{name}' ({self.location(name)}): " + "; ".join(problems)
-                                     + ". Its schema is declared in recsys.tables.SCHEMAS")
-            df = not_null_checked(df, name, declared)
+        df = self._as_declared(df, name)
         if evolve_schema and (mode != "overwrite" or replace_where):
             raise ValueError(f"table '{name}': evolve_schema replaces the whole table (mode='overwrite', "
                              "no replace_where)")
@@ -299,6 +300,28 @@ class Lakehouse:
             writer.saveAsTable(self.location(name))
         else:
             writer.save(self.location(name))
+
+    def upsert(self, df: DataFrame, name: str, keys: list[str]) -> None:
+        """Insert `df`'s rows, replacing the rows that have the same `keys`, in one MERGE commit (the table is
+        created by the first call). Declared tables are checked as in `write`."""
+        if not self.exists(name):
+            self.write(df, name)
+            return
+        matched = " AND ".join(f"old.`{key}` = new.`{key}`" for key in keys)
+        (self._delta_table(name).alias("old").merge(self._as_declared(df, name).alias("new"), matched)
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+    def _as_declared(self, df: DataFrame, name: str) -> DataFrame:
+        """`df` itself for a table that is not declared; else `df` checked against the declaration (columns
+        and types now, NOT NULL as it is written), or SchemaMismatch naming the table and the columns."""
+        declared = declared_schema(name)
+        if declared is None:
+            return df
+        problems = schema_problems(df.schema, declared)
+        if problems:
+            raise SchemaMismatch(f"table '{name}' ({self.location(name)}): " + "; ".join(problems)
+                                 + ". Its schema is declared in recsys.tables.SCHEMAS")
+        return not_null_checked(df, name, declared)
 
     def restore(self, name: str, version: int | None) -> None:
         """Back to `version`; a table that did not exist before is dropped."""

@@ -130,3 +130,11 @@ def test_a_schema_changes_only_when_asked_to(lake):
         lake.write(spark.createDataFrame([Row(a=2, b="new")]), "probe", mode="append", evolve_schema=True)
     lake.write(spark.createDataFrame([Row(a=2, b="new")]), "probe", evolve_schema=True)
     assert lake.read("probe").columns == ["a", "b"] and lake.version("probe") == 1
+
+
+def test_upsert_replaces_the_rows_with_the_same_key_and_keeps_the_others(lake):
+    spark = lake.spark
+    lake.upsert(spark.createDataFrame([("a", 1), ("b", 1)], "k string, v int"), "kv", ["k"])
+    lake.upsert(spark.createDataFrame([("b", 2), ("c", 2)], "k string, v int"), "kv", ["k"])
+    assert sorted(map(tuple, lake.read("kv").collect())) == [("a", 1), ("b", 2), ("c", 2)]
+    assert lake.version("kv") == 1

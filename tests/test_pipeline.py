@@ -9,7 +9,7 @@ from pyspark.sql import functions as F
 
 from recsys import pipeline
 from recsys.config import load_config
-from recsys.tables import RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
+from recsys.tables import PIPELINE_STATE, RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,9 @@ def test_second_run_is_up_to_date(setup):
     again = pipeline.run(config, out=lambda m: None)
     assert all(again[s]["status"] == "up to date" for s in pipeline.STAGES)
     assert lake.version(RECOMMENDATIONS) == version
+    # the fingerprints live in the lake, next to the tables (a bare job cluster finds them), not in a local file
+    assert set(pipeline.load_state(lake)) == set(pipeline.STAGES) and lake.exists(PIPELINE_STATE)
+    assert not list(config.path(config.paths.data_dir).glob("pipeline_state*"))
 
 
 @pytest.mark.parametrize("stage, target", [
