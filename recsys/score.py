@@ -254,7 +254,7 @@ def _lists(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None, customers
     popular = popularity_lists(lake, snapshot, k).cache()
     recs = complete_lists(candidates, segments, popular, k, exclude)
     return recs, {"as_of": snapshot.isoformat(), **facts, "exclude_purchased": scoring.exclude_purchased}, \
-        popular.unpersist()
+        popular.unpersist
 
 
 def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
