@@ -11,6 +11,7 @@ import sys
 from typing import Callable
 
 from recsys.config import Config, ConfigError, load_config
+from recsys.registry import RegistryUnavailable
 
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {}
 
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (ConfigError, FileNotFoundError, ValueError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if isinstance(exc, RegistryUnavailable):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         raise
 
 

@@ -26,6 +26,7 @@ from pyspark.sql import functions as F
 from recsys import metrics as M
 from recsys.config import Config
 from recsys.popularity import UNKNOWN, age_bucket
+from recsys.registry import CHALLENGER, CHAMPION, Registry
 from recsys.split import as_date, backtest_starts, default_test_start, evaluation_customers, split
 from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_SCHEMA, TRANSACTIONS, Lakehouse
 
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 ALL = "all"
 RUN_COLUMNS = ["model", "version", "test_week", "segment", "metric", "value"]
 HEADLINE = ("map", "recall", "ndcg", "precision", "hit_rate", "coverage", "popularity_bias")
-CHAMPION, CHALLENGER = "champion", "challenger"
 TWO_TOWER = "two_tower"          # the challenger's two-tower alone, evaluated beside the full system
 MODEL_NAMES = (CHALLENGER, CHAMPION, TWO_TOWER)
 
@@ -391,33 +391,19 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
     return make
 
 
-def registry_versions(config: Config, name: str | None = None) -> dict[str, str]:
-    """alias -> version for the `challenger` and `champion` of a registered model (default: the two-tower);
-    missing aliases left out."""
-    from mlflow.exceptions import MlflowException
-
-    client = config.mlflow_client()
-    out = {}
-    for alias in (CHALLENGER, CHAMPION):
-        try:
-            out[alias] = str(client.get_model_version_by_alias(name or config.mlflow.registered_model, alias).version)
-        except MlflowException:
-            pass
-    return out
-
-
 def system_versions(config: Config) -> dict[str, dict[str, str]]:
     """alias -> the system under it: {two-tower name: version[, ranker name: version]}.
 
     A ranker version carries the two-tower version it was trained with (tag `two_tower_version`): that pair is
-    one system. A two-tower alias without a ranker is a system of its own (scored by the model alone)."""
-    client = config.mlflow_client()
-    towers = registry_versions(config)
-    rankers = registry_versions(config, config.mlflow.ranker_model)
+    one system. A two-tower alias without a ranker is a system of its own (scored by the model alone). A
+    registry that cannot answer raises `RegistryUnavailable`: it never reads as "no champion"."""
+    registry = Registry.of(config)
+    towers = registry.aliases(config.mlflow.registered_model)
+    rankers = registry.aliases(config.mlflow.ranker_model)
     out: dict[str, dict[str, str]] = {}
     for alias in (CHALLENGER, CHAMPION):
         if alias in rankers:
-            version = client.get_model_version(config.mlflow.ranker_model, rankers[alias])
+            version = registry.version(config.mlflow.ranker_model, rankers[alias])
             tower = version.tags.get("two_tower_version") or towers.get(alias)
             out[alias] = {config.mlflow.registered_model: str(tower), config.mlflow.ranker_model: rankers[alias]}
         elif alias in towers:
@@ -434,18 +420,20 @@ def system_label(config: Config, system: Mapping[str, str]) -> str:
 
 
 def system_recommender(lake: Lakehouse, system: Mapping[str, str], as_of: dt.date,
-                       customers: DataFrame | None) -> DataFrame:
-    """The lists of one registered system as of `as_of` (the two stages, or the two-tower alone)."""
+                       customers: DataFrame | None, write_candidates: bool = False) -> DataFrame:
+    """The lists of one registered system as of `as_of` (the two stages, or the two-tower alone), for
+    `customers` (None: everyone). `write_candidates`: keep the first stage's lists in `candidates` (publishing)."""
     from recsys import score, two_stage
     from recsys.model import load_encoder
 
     config = lake.config
+    ranker = (two_stage.load_ranker(config, system[config.mlflow.ranker_model])
+              if config.mlflow.ranker_model in system else None)
     encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{system[config.mlflow.registered_model]}",
                            config.tracking_uri, config.registry_uri)
-    label = system_label(config, system)
-    if config.mlflow.ranker_model in system:
-        ranker = two_stage.load_ranker(config, system[config.mlflow.ranker_model])
-        return two_stage.recommend(lake, encoder, ranker, as_of=as_of, customers=customers, model_version=label)
+    if ranker is not None:
+        return two_stage.recommend(lake, encoder, ranker, as_of=as_of, customers=customers,
+                                   model_version=system_label(config, system), write_candidates=write_candidates)
     return score.recommend(lake, encoder, as_of=as_of, customers=customers)
 
 
@@ -457,10 +445,7 @@ def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame
     from recsys.model import load_encoder
 
     config = lake.config
-    try:
-        systems = system_versions(config)
-    except Exception as exc:  # noqa: BLE001 - no tracking database yet is not an evaluation error
-        return {}, {}, [f"models skipped: no MLflow registry at {config.tracking_uri} ({exc})"]
+    systems = system_versions(config)
     if not systems:
         return {}, {}, [f"models skipped: {config.mlflow.registered_model!r} has no challenger/champion yet"]
     recs, labels = {}, {}
@@ -480,14 +465,14 @@ def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame
 
 def run_ids_of(config: Config, versions: Mapping[str, str]) -> dict[str, str]:
     """name -> the MLflow run that produced it: the ranker's run for a system, else the two-tower's."""
-    client = config.mlflow_client()
+    registry = Registry.of(config)
     systems = system_versions(config)
     out = {}
     for name in versions:
         system = systems.get(name) or {config.mlflow.registered_model: versions[name]}
         registered = config.mlflow.ranker_model if config.mlflow.ranker_model in system else \
             config.mlflow.registered_model
-        out[name] = client.get_model_version(registered, system[registered]).run_id
+        out[name] = registry.version(registered, system[registered]).run_id
     return out
 
 
@@ -790,12 +775,12 @@ def promote_if_better(config: Config, challenger_version: str | int, challenger_
     """Apply `gate`; on promote set the registry alias `champion` on the challenger version of every registered
     model of the system (`models`: registered name -> version; default the two-tower alone). The decision and
     the numbers go to the versions' tags and to their MLflow runs."""
-
-    client = config.mlflow_client()
+    registry = Registry.of(config)
+    client = registry.client
     models = dict(models or {config.mlflow.registered_model: str(challenger_version)})
     decision = gate(config, challenger_metrics, champion_metrics, baselines)
     decision.version = str(challenger_version)
-    decision.extra["previous_champion"] = {name: _alias_version(client, name, CHAMPION) for name in models}
+    decision.extra["previous_champion"] = {name: registry.alias_version(name, CHAMPION) for name in models}
     decision.extra["models"] = models
     verdict = "promoted" if decision.promote else "rejected"
     tags = {"gate.decision": verdict, "gate.metric": decision.metric, "gate.reason": decision.reason,
@@ -806,7 +791,7 @@ def promote_if_better(config: Config, challenger_version: str | int, challenger_
             client.set_registered_model_alias(name, CHAMPION, str(version))
         for key, value in {**tags, "gate.previous_champion": str(decision.extra["previous_champion"][name])}.items():
             client.set_model_version_tag(name, str(version), key, value)
-        run_id = client.get_model_version(name, str(version)).run_id
+        run_id = registry.version(name, version).run_id
         if run_id:
             for key, value in tags.items():
                 client.set_tag(run_id, key, value)
@@ -819,15 +804,6 @@ def promote_if_better(config: Config, challenger_version: str | int, challenger_
     log.info("champion/challenger: version %s %s (%s); publish %s", challenger_version, verdict, decision.reason,
              decision.publish)
     return decision
-
-
-def _alias_version(client, name: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
 
 
 # --- the decision record that `score` acts on ----------------------------------------------------------------

@@ -506,7 +506,7 @@ def _write_snapshot(lake: Lakehouse, df: DataFrame, table: str, as_of: dt.date) 
         return frame.select(*[F.col(c) if c in frame.columns else filler(c).alias(c) for c in columns])
 
     log.warning("%s: columns changed, rewriting every snapshot on %d columns", table, len(columns))
-    lake.write(align(old.where(F.col("as_of") != F.lit(as_of))).unionByName(align(df)), table)
+    lake.write(align(old.where(F.col("as_of") != F.lit(as_of))).unionByName(align(df)), table, evolve_schema=True)
     return read_snapshot(lake, table, as_of).count()
 
 
@@ -533,7 +533,7 @@ def _extend_index(
 
 def run(lake: Lakehouse, as_of: str | dt.date | None = None, training: bool = True) -> dict:
     """`recsys features`: extend the id maps, then write every snapshot table for `as_of` (default: the day
-    after the last transaction) in one all-or-nothing step. Returns rows and seconds per table.
+    after the last transaction); a failure puts every one of them back. Returns rows and seconds per table.
 
     `training=False` leaves out `training_examples` (a snapshot only scored from, never trained on)."""
     transactions = _require(
@@ -572,7 +572,7 @@ def _build(
 
     snapshot_tables = SNAPSHOT_TABLES if training else tuple(t for t in SNAPSHOT_TABLES if t != TRAINING_EXAMPLES)
     tables = (CUSTOMER_INDEX, ARTICLE_INDEX, CATEGORY_INDEX, *snapshot_tables)
-    with lake.transaction(*tables):
+    with lake.restore_on_failure(*tables):
         timed(CUSTOMER_INDEX, lambda: {"added": _extend_index(
             lake, CUSTOMER_INDEX, known_ids(customers, transactions, cutoff, "customer_id"), "customer_id",
             "customer_idx")})

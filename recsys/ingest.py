@@ -14,8 +14,8 @@ Why it is built this way:
   quote) is used on both paths, so a stray quote is "malformed" whichever path reads it.
 - Types come from the schemas in `recsys.tables` (one source of truth): a column's Delta type decides how
   its text is parsed, its nullability decides whether an empty field is "missing".
-- Nothing is written before every file has been found and its header checked; all writes run in one
-  `Lakehouse.transaction`, so a failure half-way leaves the previous version of every table in place.
+- Nothing is written before every file has been found and its header checked; all writes run inside
+  `Lakehouse.restore_on_failure`, so a failure half-way puts every table back to its previous version.
 """
 from __future__ import annotations
 
@@ -569,7 +569,7 @@ def run(
             if table == ARTICLES:
                 article_ids = canonical(ARTICLES, df).select("article_id")
 
-        with lake.transaction(ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS):
+        with lake.restore_on_failure(ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS):
             for table in INGEST_ORDER:
                 rows = canonical(table, classified[table])
                 expected = report.file(table).rows_written

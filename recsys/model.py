@@ -421,13 +421,19 @@ def load_encoder(model_uri: str, tracking_uri: str | None = None, registry_uri: 
 
 
 def _registry_version(model_uri: str) -> str:
+    import mlflow
     from mlflow import MlflowClient
+
+    from recsys.registry import Registry
 
     name_part = model_uri[len("models:/"):].strip("/")
     client = MlflowClient()
     if "@" in name_part:
         name, alias = name_part.split("@", 1)
-        return str(client.get_model_version_by_alias(name, alias).version)
+        version = Registry(client, mlflow.get_registry_uri()).alias_version(name, alias)
+        if version is None:
+            raise LookupError(f"{model_uri}: registered model {name!r} has no alias {alias!r}")
+        return version
     name, _, ref = name_part.partition("/")
     if ref.isdigit():
         return ref

@@ -13,8 +13,9 @@ split.test_days the first day of the evaluation week and A = E - ranker.label_da
 Publishing is the last step and one Delta transaction: a failure anywhere before it leaves the published
 `recommendations` as they were.
 
-A stage whose inputs did not change since its last success (fingerprints in `data_dir/pipeline_state.json`)
-is skipped unless `force`.
+A stage whose inputs did not change since its last success (fingerprints in the `pipeline_state` table, in
+the lake with the others, so a job cluster that starts bare resumes where the last run stopped) is skipped
+unless `force`.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from recsys.config import Config
+from recsys.registry import CHALLENGER, Registry
 from recsys.tables import (
-    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRAINING_EXAMPLES, TRANSACTIONS, Lakehouse,
+    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, PIPELINE_STATE, PIPELINE_STATE_SCHEMA, RECOMMENDATIONS, TRAINING_EXAMPLES,
+    TRANSACTIONS, Lakehouse,
 )
 
 STAGES = ("ingest", "features", "train", "rank", "evaluate", "score")
@@ -70,21 +73,17 @@ class Context:
 
 
 # --- fingerprints: skip work whose inputs did not change ----------------------------------------------------
-def _state_path(config: Config) -> Path:
-    return config.path(config.paths.data_dir) / "pipeline_state.json"
+def load_state(lake: Lakehouse) -> dict[str, str]:
+    """stage -> the fingerprint of its last success (empty before the first run)."""
+    if not lake.exists(PIPELINE_STATE):
+        return {}
+    return {row.stage: row.fingerprint for row in lake.read(PIPELINE_STATE).collect()}
 
 
-def _load_state(config: Config) -> dict[str, str]:
-    path = _state_path(config)
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _save_state(config: Config, state: dict[str, str]) -> None:
-    path = _state_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    tmp.replace(path)
+def record_success(lake: Lakehouse, stage: str, key: str) -> None:
+    """Set `stage`'s row of `pipeline_state` to fingerprint `key` (one MERGE; the other stages' rows stay)."""
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    lake.upsert(lake.spark.createDataFrame([(stage, key, now)], PIPELINE_STATE_SCHEMA), PIPELINE_STATE, ["stage"])
 
 
 def _digest(*parts: Any) -> str:
@@ -102,10 +101,9 @@ def _versions(lake: Lakehouse, *names: str) -> list[int | None]:
     return [lake.version(name) for name in names]
 
 
-def _registry_version(config: Config, alias: str) -> str | None:
-    from recsys.evaluate import registry_versions
-
-    return registry_versions(config).get(alias)
+def _challenger_tower(config: Config) -> str | None:
+    """The two-tower version under `challenger`; None before the first training (an outage raises)."""
+    return Registry.of(config).alias_version(config.mlflow.registered_model, CHALLENGER)
 
 
 # --- the stages ---------------------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def stage_rank(ctx: Context) -> dict[str, Any]:
     from recsys.model import load_encoder
 
     config = ctx.config
-    tower = _registry_version(config, "challenger")
+    tower = _challenger_tower(config)
     if tower is None:
         raise ValueError(f"no '{config.mlflow.registered_model}@challenger' in the registry: run the train stage")
     encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{tower}", config.tracking_uri,
@@ -198,7 +196,7 @@ def fingerprint(stage: str, ctx: Context) -> str:
     if stage == "train":
         return _digest(_versions(lake, TRAINING_EXAMPLES), ctx.train_as_of(), config.model)
     if stage == "rank":
-        return _digest(_registry_version(config, "challenger"), ctx.test_start(), config.ranker, config.candidates)
+        return _digest(_challenger_tower(config), ctx.test_start(), config.ranker, config.candidates)
     if stage == "evaluate":
         return _digest(_system(config), ctx.test_start(), config.evaluation, config.scoring, config.candidates)
     return _digest(_decision(lake), _versions(lake, CUSTOMER_FEATURES), config.scoring, config.candidates,
@@ -232,18 +230,18 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
     lake = Lakehouse(get_spark(config, "recsys-pipeline"), config)
     ctx = Context(config, lake, force=force, as_of=dt.date.fromisoformat(as_of) if as_of else None, since=since,
                   out=out)
-    state = _load_state(config)
+    state = load_state(lake)
     summary: dict[str, Any] = {}
     started = time.perf_counter()
     for stage in selected:
         t0 = time.perf_counter()
-        key = fingerprint(stage, ctx) if stage != "ingest" or not since else None
-        if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
-            summary[stage] = {"status": "up to date", "seconds": 0.0}
-            out(f"[{stage:>8}] up to date (inputs unchanged; --force to redo)")
-            continue
-        out(f"[{stage:>8}] running ...")
-        try:
+        try:  # the fingerprint reads the registry too: an outage there fails the stage like any other error
+            key = fingerprint(stage, ctx) if stage != "ingest" or not since else None
+            if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
+                summary[stage] = {"status": "up to date", "seconds": 0.0}
+                out(f"[{stage:>8}] up to date (inputs unchanged; --force to redo)")
+                continue
+            out(f"[{stage:>8}] running ...")
             result = RUNNERS[stage](ctx)
         except Exception as exc:
             published = lake.version(RECOMMENDATIONS)
@@ -253,8 +251,7 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
             ) from exc
         seconds = round(time.perf_counter() - t0, 1)
         summary[stage] = {"status": "done", "seconds": seconds, **_short(result)}
-        state[stage] = fingerprint(stage, ctx)
-        _save_state(config, state)
+        record_success(lake, stage, fingerprint(stage, ctx))
         out(f"[{stage:>8}] done in {seconds:.1f}s  {_headline(stage, result)}")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary

@@ -154,11 +154,13 @@ def write_for_lookup(lake: Lakehouse, recs: DataFrame, name: str = RECOMMENDATIO
 
 def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | None = None,
             k: int | None = None, as_of: dt.date | None = None) -> dict[str, Any]:
-    """Stage, validate, check (recsys.monitor), then replace `recommendations` (and the named companion table).
+    """Stage, validate, check (recsys.monitor), then replace `recommendations` in one commit, and the named
+    companion table after it.
 
-    `recs` needs customer_id, rank, article_id, score, source. Any failure, in the computation of `recs`,
-    the validation, a blocking check or either write, leaves both published tables at their previous version.
-    `as_of`: the feature snapshot the lists were scored from (its drift against the one before is checked).
+    `recs` needs customer_id, rank, article_id, score, source. A failure in the computation of `recs`, the
+    validation or a blocking check writes nothing to the published tables; a failure in either write puts both
+    back to their previous version (`Lakehouse.restore_on_failure`). `as_of`: the feature snapshot the lists
+    were scored from (its drift against the one before is checked).
     """
     config = lake.config
     k = k or config.scoring.k
@@ -169,7 +171,7 @@ def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | 
     report = validate(staged, lake.read(CUSTOMERS), k)
     checked = monitor.check_before_publish(lake, staged, run_id, as_of) if config.monitoring.enabled else []
     articles = lake.read(ARTICLES)
-    with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
+    with lake.restore_on_failure(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
         with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version):
             write_for_lookup(lake, staged)
             lake.write(with_article_names(staged, articles), RECOMMENDATIONS_NAMED)
@@ -226,7 +228,7 @@ def rollback(lake: Lakehouse) -> dict[str, Any]:
     target = rollback_target(history(lake), current["run_id"])
     named = {c["run_id"]: c["version"] for c in history(lake, RECOMMENDATIONS_NAMED)
              if c.get("action") == PUBLISH and c.get("run_id")} if lake.exists(RECOMMENDATIONS_NAMED) else {}
-    with lake.transaction(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
+    with lake.restore_on_failure(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
         with commit_metadata(lake.spark, action=ROLLBACK, run_id=target["run_id"],
                              model_version=target.get("model_version"), from_run_id=current["run_id"]):
             lake.restore(RECOMMENDATIONS, target["version"])

@@ -28,38 +28,42 @@ from recsys.popularity import UNKNOWN
 from recsys.publish import conform, new_run_id, publish
 from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, customer_segments, popularity_lists
 from recsys.features import read_snapshot
+from recsys.registry import CHALLENGER, CHAMPION, Registry
 from recsys.split import as_date, before
 from recsys.tables import ARTICLE_FEATURES, CUSTOMER_FEATURES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
-ALIASES = ("champion", "challenger")  # the default model: the gate's pick, else the latest trained one
+PREFERENCE = (CHAMPION, CHALLENGER)  # the default model: the gate's pick, else the latest trained one
 
 # Per Python worker: the deserialised (encoder, index) of the current scoring run, keyed by a run token.
 _WORKER_STATE: dict[str, Any] = {}
 
 
 def resolve_model(config, model_uri: str | None = None) -> tuple[str, str | None]:
-    """(model URI, MLflow run id of that model or None). Default: registry alias `champion`, else `challenger`."""
+    """(model URI, MLflow run id of that model or None). Default: registry alias `champion`, else `challenger`;
+    a registry that cannot answer raises `RegistryUnavailable` rather than falling back to the challenger."""
     import mlflow
 
     mlflow.set_tracking_uri(config.tracking_uri)
-    client = config.mlflow_client()
+    registry = Registry.of(config)
     name = config.mlflow.registered_model
     if model_uri:
         run_id = None
         if model_uri.startswith("runs:/"):
             run_id = model_uri[len("runs:/"):].split("/", 1)[0]
         elif model_uri.startswith(f"models:/{name}@"):
-            run_id = client.get_model_version_by_alias(name, model_uri.split("@", 1)[1]).run_id
+            alias = model_uri.split("@", 1)[1]
+            version = registry.alias(name, alias)
+            if version is None:
+                raise ValueError(f"--model-uri {model_uri}: registered model {name!r} has no alias {alias!r}")
+            run_id = version.run_id
         return model_uri, run_id
-    for alias in ALIASES:
-        try:
-            version = client.get_model_version_by_alias(name, alias)
-        except Exception:  # noqa: BLE001 - MLflow raises a generic error for an unknown alias/model
-            continue
-        return f"models:/{name}@{alias}", version.run_id
+    for alias in PREFERENCE:
+        version = registry.alias(name, alias)
+        if version is not None:
+            return f"models:/{name}@{alias}", version.run_id
     raise ValueError(
-        f"no model to score with: registered model {name!r} has neither alias {' nor '.join(ALIASES)} at "
-        f"{config.tracking_uri}; run `recsys train` first or pass --model-uri"
+        f"no model to score with: registered model {name!r} has neither alias {' nor '.join(PREFERENCE)} at "
+        f"{config.registry_uri}; run `recsys train` first or pass --model-uri"
     )
 
 
@@ -268,7 +272,7 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
     """Publish what the latest gate decided (`gate_decisions`): the champion system's lists, or, when no model
     beat the best baseline on the evaluated week, that baseline's lists (source = its name), as of `as_of`
     (default: the latest feature snapshot) for every customer."""
-    from recsys import baselines, evaluate, two_stage
+    from recsys import baselines, evaluate
 
     config = lake.config
     started = time.perf_counter()
@@ -283,16 +287,7 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
         if not system:
             raise ValueError("the latest gate decision publishes the model, but names no champion system")
         version = evaluate.system_label(config, system)
-        if config.mlflow.ranker_model in system:
-            from recsys.model import load_encoder
-
-            encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{system[config.mlflow.registered_model]}",
-                                   config.tracking_uri, config.registry_uri)
-            ranker = two_stage.load_ranker(config, system[config.mlflow.ranker_model])
-            recs = two_stage.recommend(lake, encoder, ranker, as_of=snapshot, model_version=version,
-                                       write_candidates=True)
-        else:
-            recs = evaluate.system_recommender(lake, system, snapshot, None)
+        recs = evaluate.system_recommender(lake, system, snapshot, None, write_candidates=True)
     elif choice.startswith("baseline:"):
         name = choice.split(":", 1)[1]
         transactions = lake.read(TRANSACTIONS)

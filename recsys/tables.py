@@ -1,7 +1,8 @@
 """Table names, schemas and Delta I/O in one place.
 
 Every stage reads and writes through `Lakehouse`, so a table lives at one path (local) or one name (Unity
-Catalog on Databricks), writes are Delta transactions, and a multi-table step can be rolled back as a whole.
+Catalog on Databricks), each write is one Delta commit, a table declared in `SCHEMAS` is written with exactly
+its declared columns, and a multi-table step puts its tables back when it fails (`restore_on_failure`).
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from recsys.config import Config
@@ -37,6 +39,7 @@ EVALUATION_RUNS = "evaluation_runs"  # one row per (model, version, test week, s
 CANDIDATES = "candidates"            # first-stage lists: customer x article x source, partition as_of
 GATE_DECISIONS = "gate_decisions"    # one row per evaluation: what was compared, what gets published
 PUBLISH_CHECKS = "publish_checks"    # one row per check per scoring run: value, thresholds, ok | warn | block
+PIPELINE_STATE = "pipeline_state"    # one row per pipeline stage: the fingerprint of its last success
 
 # customer_features / training_examples: the customer's last purchases, most recent first, zero-padded
 SEQ_ARTICLES = "seq_article_idx"   # array<int> of article_idx (0 = padding)
@@ -46,7 +49,7 @@ ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
     RECOMMENDATIONS, EVALUATION, CATEGORY_INDEX, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
-    CANDIDATES, GATE_DECISIONS, PUBLISH_CHECKS,
+    CANDIDATES, GATE_DECISIONS, PUBLISH_CHECKS, PIPELINE_STATE,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -162,21 +165,67 @@ PUBLISH_CHECKS_SCHEMA = T.StructType([
     T.StructField("direction", T.StringType(), False),         # max: higher is worse | min | none
     T.StructField("status", T.StringType(), False),            # ok | warn | block
 ])
-SCHEMAS = {
+PIPELINE_STATE_SCHEMA = T.StructType([
+    T.StructField("stage", T.StringType(), False),
+    T.StructField("fingerprint", T.StringType(), False),  # what the stage's output depended on (recsys.pipeline)
+    T.StructField("recorded_at", T.TimestampType(), False),
+])
+SCHEMAS = {  # the declared tables: `Lakehouse.write` refuses any other columns or types
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
     TRANSACTIONS: TRANSACTIONS_SCHEMA,
     QUARANTINE: QUARANTINE_SCHEMA,
     INGEST_RUNS: INGEST_RUNS_SCHEMA,
     RECOMMENDATIONS: RECOMMENDATIONS_SCHEMA,
+    RECOMMENDATIONS_STAGING: RECOMMENDATIONS_SCHEMA,
     EVALUATION_RUNS: EVALUATION_RUNS_SCHEMA,
     GATE_DECISIONS: GATE_DECISIONS_SCHEMA,
     PUBLISH_CHECKS: PUBLISH_CHECKS_SCHEMA,
+    PIPELINE_STATE: PIPELINE_STATE_SCHEMA,
 }
 PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip the rest
 # Feature-store snapshots: one `as_of` folder each, replaced with replaceWhere, older ones stay readable.
 PARTITIONS.update({name: ["as_of"] for name in (CUSTOMER_FEATURES, ARTICLE_FEATURES, POPULARITY, TRAINING_EXAMPLES,
                                                  CANDIDATES)})
+PARTITION_FIELDS = {  # partition columns a declared table stores beside its declared ones
+    "t_month": T.StructField("t_month", T.StringType(), False),  # yyyy-MM of t_dat
+}
+
+
+class SchemaMismatch(ValueError):
+    """A DataFrame written to a declared table does not have the declared columns and types."""
+
+
+def declared_schema(name: str) -> T.StructType | None:
+    """What a declared table stores: its `SCHEMAS` columns, then its partition columns; None if undeclared."""
+    if name not in SCHEMAS:
+        return None
+    extra = [PARTITION_FIELDS[c] for c in PARTITIONS.get(name, []) if c not in SCHEMAS[name].names]
+    return T.StructType(list(SCHEMAS[name].fields) + extra)
+
+
+def schema_problems(schema: T.StructType, declared: T.StructType) -> list[str]:
+    """Each column of `schema` that is not as `declared` (missing, extra or another type); empty when it fits."""
+    have = {f.name: f.dataType for f in schema.fields}
+    want = {f.name: f.dataType for f in declared.fields}
+    problems = [f"column '{c}' is missing ({want[c].simpleString()} declared)" for c in want if c not in have]
+    problems += [f"column '{c}' is not declared ({have[c].simpleString()})" for c in have if c not in want]
+    problems += [f"column '{c}' is {have[c].simpleString()}, declared {want[c].simpleString()}"
+                 for c in want if c in have and have[c] != want[c]]
+    return problems
+
+
+def not_null_checked(df: DataFrame, name: str, declared: T.StructType) -> DataFrame:
+    """`df` with each column declared NOT NULL (that Spark cannot prove non-null) checked row by row as the
+    write runs: a null fails the write, naming the table and the column. No extra pass over the data."""
+    required = {f.name for f in declared.fields if not f.nullable}
+
+    def checked(column: str) -> Column:
+        error = F.raise_error(F.lit(f"table '{name}': null in column '{column}', which is declared NOT NULL"))
+        return F.when(F.col(column).isNull(), error).otherwise(F.col(column)).alias(column)
+
+    return df.select(*[checked(f.name) if f.name in required and f.nullable else F.col(f.name)
+                       for f in df.schema.fields])
 
 
 class Lakehouse:
@@ -229,7 +278,7 @@ class Lakehouse:
     def history(self, name: str) -> DataFrame:
         return self._delta_table(name).history()
 
-    # -- writes (each one a Delta transaction)
+    # -- writes (each one a Delta commit)
     def write(
         self,
         df: DataFrame,
@@ -237,20 +286,55 @@ class Lakehouse:
         mode: str = "overwrite",
         replace_where: str | None = None,
         partition_by: list[str] | None = None,
+        evolve_schema: bool = False,
     ) -> None:
-        """Overwrite (whole table or `replace_where` slice) or append, atomically."""
+        """Overwrite (whole table or `replace_where` slice) or append, as one Delta commit.
+
+        A declared table (`SCHEMAS`) takes exactly its declared columns and types: anything else raises
+        `SchemaMismatch` naming the table and the columns, before anything is written, and a null in a column
+        declared NOT NULL fails the write. No write changes a table's schema by the way (Delta refuses new or
+        retyped columns; on a table that is not declared, a column left out is written as null).
+        `evolve_schema=True` is the deliberate step that replaces the schema with `df`'s (whole-table overwrite
+        only): a feature table that gained columns, a declaration that changed.
+        """
+        df = self._as_declared(df, name)
+        if evolve_schema and (mode != "overwrite" or replace_where):
+            raise ValueError(f"table '{name}': evolve_schema replaces the whole table (mode='overwrite', "
+                             "no replace_where)")
         writer = df.write.format("delta").mode(mode)
         partition_by = partition_by if partition_by is not None else PARTITIONS.get(name)
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         if replace_where:
             writer = writer.option("replaceWhere", replace_where)
-        elif mode == "overwrite":
+        if evolve_schema:
             writer = writer.option("overwriteSchema", "true")
         if self.catalog:
             writer.saveAsTable(self.location(name))
         else:
             writer.save(self.location(name))
+
+    def upsert(self, df: DataFrame, name: str, keys: list[str]) -> None:
+        """Insert `df`'s rows, replacing the rows that have the same `keys`, in one MERGE commit (the table is
+        created by the first call). Declared tables are checked as in `write`."""
+        if not self.exists(name):
+            self.write(df, name)
+            return
+        matched = " AND ".join(f"old.`{key}` = new.`{key}`" for key in keys)
+        (self._delta_table(name).alias("old").merge(self._as_declared(df, name).alias("new"), matched)
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+    def _as_declared(self, df: DataFrame, name: str) -> DataFrame:
+        """`df` itself for a table that is not declared; else `df` checked against the declaration (columns
+        and types now, NOT NULL as it is written), or SchemaMismatch naming the table and the columns."""
+        declared = declared_schema(name)
+        if declared is None:
+            return df
+        problems = schema_problems(df.schema, declared)
+        if problems:
+            raise SchemaMismatch(f"table '{name}' ({self.location(name)}): " + "; ".join(problems)
+                                 + ". Its schema is declared in recsys.tables.SCHEMAS")
+        return not_null_checked(df, name, declared)
 
     def restore(self, name: str, version: int | None) -> None:
         """Back to `version`; a table that did not exist before is dropped."""
@@ -266,14 +350,26 @@ class Lakehouse:
             self._delta_table(name).restoreToVersion(version)
 
     @contextlib.contextmanager
-    def transaction(self, *names: str) -> Iterator[None]:
-        """All-or-nothing over several tables: on any error each table goes back to its version before."""
+    def restore_on_failure(self, *names: str) -> Iterator[None]:
+        """If the block raises, put every table in `names` back to its version before the block, then re-raise.
+
+        Not a transaction: each write inside is its own commit, so readers can see the tables in between,
+        and a driver killed inside the block leaves them there (run the step again, or `restore` from
+        `history`). Every table is restored even when another's restore fails; the block's own error is what
+        is raised, with a note saying which tables went back and which did not."""
         before = {name: self.version(name) for name in names}
         try:
             yield
-        except BaseException:
+        except BaseException as error:
+            outcome = []
             for name, version in before.items():
-                self.restore(name, version)
+                target = "dropped (it did not exist)" if version is None else f"restored to version {version}"
+                try:
+                    self.restore(name, version)
+                    outcome.append(f"{name}: {target}")
+                except Exception as exc:  # noqa: BLE001 - reported in the note; the other tables still go back
+                    outcome.append(f"{name}: NOT {target}: {type(exc).__name__}: {exc}")
+            error.add_note("after the failure: " + "; ".join(outcome))
             raise
 
     # -- SQL by name

@@ -41,9 +41,9 @@ from recsys.loader import make_loader
 from recsys.model import (
     SEQ_ARTICLES, Encoder, SideSpec, TwoTower, article_products, tower_config,
 )
+from recsys.registry import CHALLENGER
 from recsys.tables import ARTICLE_FEATURES, ARTICLE_INDEX, CUSTOMER_INDEX, TRAINING_EXAMPLES, Lakehouse
 
-CHALLENGER = "challenger"
 
 
 def _snapshot_date(lake: Lakehouse, as_of: str | None) -> str:

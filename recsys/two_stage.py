@@ -31,12 +31,12 @@ from recsys import ranker as R
 from recsys.config import Config
 from recsys.publish import conform
 from recsys.recommend import complete_lists, popularity_lists
+from recsys.registry import CHALLENGER, Registry
 from recsys.score import check_model_date, customer_rows, model_candidates, retrieval, snapshot_of
 from recsys.tables import ARTICLES, CANDIDATES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
 TWO_TOWER = "two_tower"
 SIMILARITY = "similarity"  # long rows carrying the two-tower similarity of a pair: a feature, not a source
-CHALLENGER, CHAMPION = "challenger", "champion"
 
 
 # --- candidates -----------------------------------------------------------------------------------------
@@ -242,7 +242,8 @@ def log_ranker(config: Config, fit: RankerFit, two_tower_version: str, until: dt
     from recsys.train import configure_mlflow
 
     configure_mlflow(config)
-    client = config.mlflow_client()
+    registry = Registry.of(config)
+    client = registry.client
     importances = fit.model.importances()
     with mlflow.start_run(run_name=f"ranker until {until}") as active:
         run_id = active.info.run_id
@@ -265,10 +266,7 @@ def log_ranker(config: Config, fit: RankerFit, two_tower_version: str, until: dt
                 mlflow.log_artifact(str(folder / name), "ranker")
             mlflow.log_artifact(str(folder / "ranker.json"), "model")
     name = config.mlflow.ranker_model
-    try:
-        client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - first version: create the registered model
-        client.create_registered_model(name)
+    registry.ensure_model(name)
     version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
                                           tags={"two_tower_version": two_tower_version, "until": until.isoformat()})
     client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -279,8 +277,7 @@ def load_ranker(config: Config, version: str) -> R.RankerModel:
     """A registered ranker version -> RankerModel (its `version` set)."""
     from mlflow.artifacts import download_artifacts
 
-    client = config.mlflow_client()
-    registered = client.get_model_version(config.mlflow.ranker_model, str(version))
+    registered = Registry.of(config).version(config.mlflow.ranker_model, version)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_artifacts(run_id=registered.run_id, artifact_path="model/ranker.json", dst_path=tmp,
                                   tracking_uri=config.tracking_uri)

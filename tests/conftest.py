@@ -50,3 +50,17 @@ def lake(spark, config, tmp_path):
 
     local = load_config("tiny", [f"paths.tables_dir={tmp_path}/delta", f"paths.data_dir={tmp_path}"])
     return Lakehouse(spark, local)
+
+
+@pytest.fixture()
+def registry_down(monkeypatch):
+    """Every model-registry read of `MlflowClient` fails as an outage would: 503 TEMPORARILY_UNAVAILABLE."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import RestException
+
+    def down(*args, **kwargs):
+        raise RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected: the registry is down"})
+
+    for method in ("get_model_version_by_alias", "get_model_version", "get_registered_model", "search_model_versions",
+                   "get_model_version_download_uri", "get_latest_versions"):
+        monkeypatch.setattr(MlflowClient, method, down)

@@ -1,10 +1,14 @@
 """Config, session factory and Delta I/O: the ground every stage stands on."""
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from pyspark.sql import Row
+from pyspark.sql import functions as F
 
 from recsys.config import ConfigError, load_config, parse_override
+from recsys.tables import RECOMMENDATIONS, RECOMMENDATIONS_SCHEMA, TRANSACTIONS, TRANSACTIONS_SCHEMA, SchemaMismatch
 
 
 def test_profiles_load_with_their_sizes():
@@ -51,18 +55,86 @@ def test_spark_session_has_delta_and_round_trips(lake):
     assert lake.sql("SELECT sum(a) AS s FROM probe").first().s == 1
 
 
-def test_transaction_rolls_back_every_table(lake):
+def test_a_failure_half_way_puts_every_table_back(lake):
     spark = lake.spark
     lake.write(spark.createDataFrame([Row(a=1)]), "left")
-    with pytest.raises(RuntimeError):
-        with lake.transaction("left", "right"):
+    with pytest.raises(RuntimeError, match="fails half-way") as raised:
+        with lake.restore_on_failure("left", "right"):
             lake.write(spark.createDataFrame([Row(a=2), Row(a=3)]), "left")
             lake.write(spark.createDataFrame([Row(a=9)]), "right")
             raise RuntimeError("fails half-way")
     assert [r.a for r in lake.read("left").collect()] == [1]
     assert not lake.exists("right")
+    assert raised.value.__notes__ == ["after the failure: left: restored to version 0; "
+                                      "right: dropped (it did not exist)"]
+
+
+def test_a_failing_restore_still_restores_the_others_and_raises_the_original_error(lake, monkeypatch):
+    spark = lake.spark
+    lake.write(spark.createDataFrame([Row(a=1)]), "left")
+    lake.write(spark.createDataFrame([Row(a=1)]), "right")
+    real_restore = lake.restore
+
+    def restore(name, version):
+        if name == "left":
+            raise OSError("storage throttled (injected)")
+        real_restore(name, version)
+
+    monkeypatch.setattr(lake, "restore", restore)
+    with pytest.raises(ValueError, match="the write's own error") as raised:
+        with lake.restore_on_failure("left", "right"):
+            lake.write(spark.createDataFrame([Row(a=2)]), "left")
+            lake.write(spark.createDataFrame([Row(a=2)]), "right")
+            raise ValueError("the write's own error")
+    assert [r.a for r in lake.read("right").collect()] == [1] and lake.version("right") == 2
+    assert [r.a for r in lake.read("left").collect()] == [2]  # the one restore that failed
+    (note,) = raised.value.__notes__
+    assert "left: NOT restored to version 0: OSError: storage throttled (injected)" in note
+    assert "right: restored to version 0" in note
 
 
 def test_missing_table_error_names_it(lake):
     with pytest.raises(FileNotFoundError, match="'nothing'"):
         lake.read("nothing")
+
+
+def test_a_contract_table_refuses_an_added_dropped_or_retyped_column(lake):
+    spark = lake.spark
+    row = ("c" * 64, 1, "0108775015", 0.5, "two_tower", "v1", "run1", dt.datetime(2020, 9, 22))
+    good = spark.createDataFrame([row], RECOMMENDATIONS_SCHEMA)
+    lake.write(good, RECOMMENDATIONS)
+    refused = {
+        "extra": (good.withColumn("extra", F.lit(1)), r"column 'extra' is not declared \(int\)"),
+        "dropped": (good.drop("score"), r"column 'score' is missing \(double declared\)"),
+        "retyped": (good.withColumn("rank", F.col("rank").cast("long")), r"column 'rank' is bigint, declared int"),
+    }
+    for df, message in refused.values():
+        with pytest.raises(SchemaMismatch, match=rf"table 'recommendations' .*{message}"):
+            lake.write(df, RECOMMENDATIONS)
+    nullable = RECOMMENDATIONS_SCHEMA.simpleString()  # the same columns, none of them NOT NULL
+    null_source = spark.createDataFrame([row[:4] + (None,) + row[5:]], nullable)
+    with pytest.raises(Exception, match="table 'recommendations': null in column 'source', which is declared NOT NULL"):
+        lake.write(null_source, RECOMMENDATIONS)
+    assert lake.version(RECOMMENDATIONS) == 0 and lake.read(RECOMMENDATIONS).collect() == good.collect()
+    # a declared partition column is part of the contract too
+    with pytest.raises(SchemaMismatch, match="column 't_month' is missing"):
+        lake.write(spark.createDataFrame([(dt.date(2020, 9, 1), "c", "a", 0.1, 1)], TRANSACTIONS_SCHEMA), TRANSACTIONS)
+
+
+def test_a_schema_changes_only_when_asked_to(lake):
+    spark = lake.spark
+    lake.write(spark.createDataFrame([Row(a=1)]), "probe")
+    with pytest.raises(Exception, match="schema mismatch"):  # Delta refuses: no silent overwriteSchema
+        lake.write(spark.createDataFrame([Row(a=2, b="new")]), "probe")
+    with pytest.raises(ValueError, match="evolve_schema replaces the whole table"):
+        lake.write(spark.createDataFrame([Row(a=2, b="new")]), "probe", mode="append", evolve_schema=True)
+    lake.write(spark.createDataFrame([Row(a=2, b="new")]), "probe", evolve_schema=True)
+    assert lake.read("probe").columns == ["a", "b"] and lake.version("probe") == 1
+
+
+def test_upsert_replaces_the_rows_with_the_same_key_and_keeps_the_others(lake):
+    spark = lake.spark
+    lake.upsert(spark.createDataFrame([("a", 1), ("b", 1)], "k string, v int"), "kv", ["k"])
+    lake.upsert(spark.createDataFrame([("b", 2), ("c", 2)], "k string, v int"), "kv", ["k"])
+    assert sorted(map(tuple, lake.read("kv").collect())) == [("a", 1), ("b", 2), ("c", 2)]
+    assert lake.version("kv") == 1

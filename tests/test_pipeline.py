@@ -1,4 +1,5 @@
-"""The whole pipeline on tiny generated data: every stage, idempotence, failure injection, and a nightly day."""
+"""The whole pipeline on tiny generated data: every stage, idempotence, failure injection (a registry outage
+included), and a nightly day."""
 from __future__ import annotations
 
 import datetime as dt
@@ -9,7 +10,8 @@ from pyspark.sql import functions as F
 
 from recsys import pipeline
 from recsys.config import load_config
-from recsys.tables import RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
+from recsys.registry import RegistryUnavailable
+from recsys.tables import GATE_DECISIONS, PIPELINE_STATE, RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,9 @@ def test_second_run_is_up_to_date(setup):
     again = pipeline.run(config, out=lambda m: None)
     assert all(again[s]["status"] == "up to date" for s in pipeline.STAGES)
     assert lake.version(RECOMMENDATIONS) == version
+    # the fingerprints live in the lake, next to the tables (a bare job cluster finds them), not in a local file
+    assert set(pipeline.load_state(lake)) == set(pipeline.STAGES) and lake.exists(PIPELINE_STATE)
+    assert not list(config.path(config.paths.data_dir).glob("pipeline_state*"))
 
 
 @pytest.mark.parametrize("stage, target", [
@@ -91,6 +96,23 @@ def test_a_failing_stage_leaves_the_published_table(setup, monkeypatch, stage, t
         pipeline.run(config, steps=[stage], force=True, out=lambda m: None)
     assert lake.version(RECOMMENDATIONS) == before
     assert lake.read(RECOMMENDATIONS).orderBy("customer_id", "rank").collect() == rows
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "score"])
+def test_a_registry_outage_fails_the_stage_and_publishes_nothing(setup, registry_down, monkeypatch, stage):
+    config, lake, summary, _, _, _ = setup
+    before = {table: lake.version(table) for table in (RECOMMENDATIONS, GATE_DECISIONS)}
+    if stage == "score":  # a decision to publish the model: scoring has to read the registry for it
+        system = {config.mlflow.registered_model: summary["rank"]["two_tower_version"],
+                  config.mlflow.ranker_model: summary["rank"]["ranker_version"]}
+        decided = {"decided_at": dt.datetime.now(), "publish": "model", "champion": system, "test_week": None,
+                   "reason": "injected"}
+        monkeypatch.setattr("recsys.evaluate.latest_decision", lambda lake: decided)
+    with pytest.raises(pipeline.StageFailed, match=f"stage '{stage}' failed: RegistryUnavailable.*"
+                                                   "TEMPORARILY_UNAVAILABLE") as raised:
+        pipeline.run(config, steps=[stage], force=True, out=lambda m: None)
+    assert isinstance(raised.value.__cause__, RegistryUnavailable)
+    assert {table: lake.version(table) for table in before} == before  # nothing decided, nothing published
 
 
 def test_nightly_adds_the_day_and_republishes(setup):
