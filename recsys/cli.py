@@ -228,6 +228,17 @@ def next_steps(config: Config) -> str:
     ])
 
 
+@command("status")
+def _status(config: Config, args: argparse.Namespace) -> int:
+    from recsys import status
+
+    _, lake = _spark(config, "status")
+    state = status.collect(lake)
+    print(status.format_text(state))
+    print(f"(also in {status.write_html(lake, state)})")
+    return 0
+
+
 @command("sql")
 def _sql(config: Config, args: argparse.Namespace) -> int:
     spark, lake = _spark(config, "sql")
@@ -326,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", parents=[common], help="synth + pipeline on the profile's data, then show some recommendations")
 
+    sub.add_parser("status", parents=[common], help="the last run, what is published and its checks, the gate, warnings")
     p = sub.add_parser("sql", parents=[common], help="SQL over the project's tables by name")
     p.add_argument("query")
     p.add_argument("--limit", type=int, default=50)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +32,8 @@ from typing import Any, Callable
 from recsys.config import Config
 from recsys.registry import CHALLENGER, Registry
 from recsys.tables import (
-    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, PIPELINE_STATE, PIPELINE_STATE_SCHEMA, RECOMMENDATIONS, TRAINING_EXAMPLES,
-    TRANSACTIONS, Lakehouse,
+    ARTICLES, CUSTOMER_FEATURES, CUSTOMERS, PIPELINE_RUNS, PIPELINE_RUNS_SCHEMA, PIPELINE_STATE, PIPELINE_STATE_SCHEMA,
+    RECOMMENDATIONS, TRAINING_EXAMPLES, TRANSACTIONS, Lakehouse,
 )
 
 STAGES = ("ingest", "features", "train", "rank", "evaluate", "score")
@@ -231,30 +232,65 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
     ctx = Context(config, lake, force=force, as_of=dt.date.fromisoformat(as_of) if as_of else None, since=since,
                   out=out)
     state = load_state(lake)
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"run_id": uuid.uuid4().hex[:12]}
     started = time.perf_counter()
     for stage in selected:
-        t0 = time.perf_counter()
+        t0, began, before = time.perf_counter(), _now(), lake.versions()
         try:  # the fingerprint reads the registry too: an outage there fails the stage like any other error
             key = fingerprint(stage, ctx) if stage != "ingest" or not since else None
             if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
                 summary[stage] = {"status": "up to date", "seconds": 0.0}
                 out(f"[{stage:>8}] up to date (inputs unchanged; --force to redo)")
+                record_run(lake, summary["run_id"], stage, began, "up to date", before, None, "inputs unchanged")
                 continue
             out(f"[{stage:>8}] running ...")
             result = RUNNERS[stage](ctx)
         except Exception as exc:
             published = lake.version(RECOMMENDATIONS)
+            message = f"{type(exc).__name__}: {exc}"
+            try:
+                record_run(lake, summary["run_id"], stage, began, "failed", before, None, message)
+            except Exception as record_error:  # noqa: BLE001 - the stage's own error is the one to raise
+                exc.add_note(f"(and its failure could not be recorded in {PIPELINE_RUNS}: {record_error})")
             raise StageFailed(
-                f"stage '{stage}' failed: {type(exc).__name__}: {exc}. The published recommendations are "
-                f"unchanged (version {published})."
+                f"stage '{stage}' failed: {message}. The published recommendations are unchanged "
+                f"(version {published})."
             ) from exc
         seconds = round(time.perf_counter() - t0, 1)
         summary[stage] = {"status": "done", "seconds": seconds, **_short(result)}
         record_success(lake, stage, fingerprint(stage, ctx))
-        out(f"[{stage:>8}] done in {seconds:.1f}s  {_headline(stage, result)}")
+        headline = _headline(stage, result)
+        record_run(lake, summary["run_id"], stage, began, "done", before, _rows(result), headline)
+        out(f"[{stage:>8}] done in {seconds:.1f}s  {headline}")
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    if "score" in selected:
+        from recsys import status
+
+        summary["status_page"] = str(status.write_html(lake))
     return summary
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _rows(result: dict[str, Any]) -> int | None:
+    """The stage's main output size: published rows, training rows, transactions..."""
+    for key in ("rows", "training_rows", "examples"):
+        if isinstance(result.get(key), int):
+            return result[key]
+    return None
+
+
+def record_run(lake: Lakehouse, run_id: str, stage: str, began: dt.datetime, status: str,
+               before: dict[str, int], rows: int | None, message: str) -> None:
+    """Append one `pipeline_runs` row: the table versions the stage started from, and those it moved."""
+    after = lake.versions()
+    written = {name: v for name, v in after.items() if before.get(name) != v and name != PIPELINE_STATE}
+    ended = _now()
+    row = (run_id, stage, began, ended, status, round((ended - began).total_seconds(), 1), rows,
+           json.dumps(before, sort_keys=True), json.dumps(written, sort_keys=True), message[:4000])
+    lake.write(lake.spark.createDataFrame([row], PIPELINE_RUNS_SCHEMA), PIPELINE_RUNS, mode="append")
 
 
 def _select(steps: list[str] | None, from_stage: str | None) -> list[str]:
@@ -340,6 +376,10 @@ def demo(config: Config) -> int:
           f"GROUP BY source\"")
     print(f"  MLflow                 .venv/bin/mlflow ui --backend-store-uri {config.tracking_uri}")
     print(f"  Delta tables           {config.path(config.paths.tables_dir)}")
+    print(f"  run status             .venv/bin/recsys {profile} status   ({summary.get('status_page', '')})")
+    from recsys import status
+
+    print("\n" + status.format_text(status.collect(lake)))
     return 0
 
 

@@ -40,6 +40,7 @@ CANDIDATES = "candidates"            # first-stage lists: customer x article x s
 GATE_DECISIONS = "gate_decisions"    # one row per evaluation: what was compared, what gets published
 PUBLISH_CHECKS = "publish_checks"    # one row per check per scoring run: value, thresholds, ok | warn | block
 PIPELINE_STATE = "pipeline_state"    # one row per pipeline stage: the fingerprint of its last success
+PIPELINE_RUNS = "pipeline_runs"      # one row per stage run: when, outcome, rows, table versions read/written
 
 # customer_features / training_examples: the customer's last purchases, most recent first, zero-padded
 SEQ_ARTICLES = "seq_article_idx"   # array<int> of article_idx (0 = padding)
@@ -49,7 +50,7 @@ ALL_TABLES = (
     ARTICLES, CUSTOMERS, TRANSACTIONS, QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, ARTICLE_FEATURES,
     POPULARITY, CUSTOMER_INDEX, ARTICLE_INDEX, TRAINING_EXAMPLES, CUSTOMER_EMBEDDINGS, ARTICLE_EMBEDDINGS,
     RECOMMENDATIONS, EVALUATION, CATEGORY_INDEX, RECOMMENDATIONS_STAGING, RECOMMENDATIONS_NAMED, EVALUATION_RUNS,
-    CANDIDATES, GATE_DECISIONS, PUBLISH_CHECKS, PIPELINE_STATE,
+    CANDIDATES, GATE_DECISIONS, PUBLISH_CHECKS, PIPELINE_STATE, PIPELINE_RUNS,
 )
 
 # --- raw file contract (the Kaggle CSVs, exactly) ---------------------------------------------------------
@@ -170,6 +171,18 @@ PIPELINE_STATE_SCHEMA = T.StructType([
     T.StructField("fingerprint", T.StringType(), False),  # what the stage's output depended on (recsys.pipeline)
     T.StructField("recorded_at", T.TimestampType(), False),
 ])
+PIPELINE_RUNS_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType(), False),            # one `recsys pipeline` / `nightly` invocation
+    T.StructField("stage", T.StringType(), False),
+    T.StructField("started_at", T.TimestampType(), False),
+    T.StructField("ended_at", T.TimestampType(), False),
+    T.StructField("status", T.StringType(), False),            # done | up to date | failed
+    T.StructField("seconds", T.DoubleType(), False),
+    T.StructField("rows", T.LongType(), True),                 # the stage's main output rows, when it has one
+    T.StructField("tables_read", T.StringType(), False),       # JSON: table -> version when the stage started
+    T.StructField("tables_written", T.StringType(), False),    # JSON: table -> new version, for those it changed
+    T.StructField("message", T.StringType(), True),            # the stage's summary line, or the error
+])
 SCHEMAS = {  # the declared tables: `Lakehouse.write` refuses any other columns or types
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
@@ -182,6 +195,7 @@ SCHEMAS = {  # the declared tables: `Lakehouse.write` refuses any other columns 
     GATE_DECISIONS: GATE_DECISIONS_SCHEMA,
     PUBLISH_CHECKS: PUBLISH_CHECKS_SCHEMA,
     PIPELINE_STATE: PIPELINE_STATE_SCHEMA,
+    PIPELINE_RUNS: PIPELINE_RUNS_SCHEMA,
 }
 PARTITIONS = {TRANSACTIONS: ["t_month"]}  # month folders: date-range reads skip the rest
 # Feature-store snapshots: one `as_of` folder each, replaced with replaceWhere, older ones stay readable.
@@ -266,7 +280,16 @@ class Lakehouse:
     def version(self, name: str) -> int | None:
         if not self.exists(name):
             return None
+        if not self.catalog:  # the newest commit file of the log: no Spark job for a local table
+            commits = [int(p.name[:20]) for p in (Path(self.location(name)) / "_delta_log").glob("*.json")
+                       if p.name[:20].isdigit()]
+            if commits:
+                return max(commits)
         return int(self._delta_table(name).history(1).select("version").first()[0])
+
+    def versions(self) -> dict[str, int]:
+        """Every existing table's current version (what a stage read, or wrote when it changed)."""
+        return {name: self.version(name) for name in self.existing()}
 
     def _delta_table(self, name: str):
         from delta.tables import DeltaTable

@@ -3,6 +3,7 @@ included), and a nightly day."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from pyspark.sql import functions as F
 from recsys import pipeline
 from recsys.config import load_config
 from recsys.registry import RegistryUnavailable
-from recsys.tables import GATE_DECISIONS, PIPELINE_STATE, RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
+from recsys.tables import GATE_DECISIONS, PIPELINE_RUNS, PIPELINE_STATE, RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,23 @@ def test_every_stage_runs_and_publishes_k_per_customer(setup):
     assert summary["score"]["published"] == gate["publish"]
 
 
+def test_every_stage_run_is_recorded_and_the_status_says_what_is_published(setup):
+    from recsys import status
+
+    config, lake, summary, _, _, _ = setup
+    runs = lake.read(PIPELINE_RUNS).filter(F.col("run_id") == summary["run_id"]).orderBy("started_at").collect()
+    assert [r.stage for r in runs] == list(pipeline.STAGES) and {r.status for r in runs} == {"done"}
+    score_run = runs[-1]
+    assert json.loads(score_run.tables_written)[RECOMMENDATIONS] == lake.version(RECOMMENDATIONS)
+    assert json.loads(runs[0].tables_read) == {}  # the first ingest found an empty lake
+    state = status.collect(lake)
+    assert state["published"]["version"] == lake.version(RECOMMENDATIONS)
+    assert state["published"]["checks"] and [r["stage"] for r in state["runs"]] == list(pipeline.STAGES)
+    text = status.format_text(state)
+    assert f"published: version {lake.version(RECOMMENDATIONS)}" in text and "warnings:" in text
+    assert config.path(summary["status_page"]).read_text().count("<tr>") > len(pipeline.STAGES)
+
+
 def test_second_run_is_up_to_date(setup):
     config, lake, _, _, _, _ = setup
     version = lake.version(RECOMMENDATIONS)
@@ -95,6 +113,8 @@ def test_a_failing_stage_leaves_the_published_table(setup, monkeypatch, stage, t
     with pytest.raises(pipeline.StageFailed, match=f"stage '{stage}' failed.*injected failure"):
         pipeline.run(config, steps=[stage], force=True, out=lambda m: None)
     assert lake.version(RECOMMENDATIONS) == before
+    failed = lake.read(PIPELINE_RUNS).orderBy(F.desc("started_at")).first()
+    assert (failed.stage, failed.status) == (stage, "failed") and "injected failure" in failed.message
     assert lake.read(RECOMMENDATIONS).orderBy("customer_id", "rank").collect() == rows
 
 
