@@ -205,9 +205,8 @@ def fingerprint(stage: str, ctx: Context) -> str:
     if stage == "features":
         return _digest(_versions(lake, ARTICLES, CUSTOMERS, TRANSACTIONS), ctx.publish_as_of(), config.features,
                        ctx.train_as_of())
-    if stage == "train":  # a warm refresh starts from the champion: another champion, another model
-        champion = _registry_version(config, "champion") if config.model.refresh == "warm" else None
-        return _digest(_versions(lake, TRAINING_EXAMPLES), ctx.train_as_of(), config.model, champion)
+    if stage == "train":  # not the champion a warm refresh starts from: the gate moves it after this stage
+        return _digest(_versions(lake, TRAINING_EXAMPLES), ctx.train_as_of(), config.model)
     if stage == "rank":
         return _digest(_registry_version(config, "challenger"), ctx.test_start(), config.ranker, config.candidates)
     if stage == "evaluate":
