@@ -362,3 +362,17 @@ def test_synth_writes_daily_drops_that_continue_the_main_file(tmp_path):
     assert list(again["drops"].values()) == list(stats["drops"].values())
     assert (tmp_path / "again" / "landing" / "transactions" / f"{days[0]}.csv").read_bytes() == (
         folder / f"{days[0]}.csv").read_bytes()
+
+
+def test_a_table_from_before_the_row_key_names_the_fix(lake, tmp_path):
+    spark = lake.spark
+    lake.write(spark.createDataFrame([("0108775015",)], "article_id string"), ARTICLES)
+    old = spark.createDataFrame([(date(2020, 9, 22), cid(1), "0108775015", 0.05, 2)],
+                                "t_dat date, customer_id string, article_id string, price double, "
+                                "sales_channel_id short").withColumn("t_month", F.lit("2020-09"))
+    lake.write(old, TRANSACTIONS)
+    write_drop(tmp_path, FIRST, [tx(FIRST.isoformat())])
+    before = lake.version(TRANSACTIONS)
+    with pytest.raises(ingest.IngestError, match="has no 'unit' column .* run a full `recsys ingest` once"):
+        drop.load_day(lake, str(tmp_path), FIRST, today=TODAY)
+    assert lake.version(TRANSACTIONS) == before
