@@ -21,7 +21,6 @@ Why it is built this way:
 """
 from __future__ import annotations
 
-import posixpath
 import re
 import uuid
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from recsys import ingest
 from recsys.ingest import FileReport, IngestError, IngestReport, MissingRawFile
 from recsys.tables import (
     ARTICLES,
+    DROP_FOLDER,
     INGEST_RUNS,
     INGEST_RUNS_SCHEMA,
     QUARANTINE,
@@ -65,7 +65,7 @@ def resolve_day(landing_dir: str, text: str | date) -> date:
             return date.fromisoformat(text)
         except ValueError:
             raise IngestError(f"--date {text!r}: expected a day YYYY-MM-DD or '{LATEST}'") from None
-    folder = posixpath.dirname(drop_path(landing_dir, date.today()))
+    folder = f"{str(landing_dir).rstrip('/')}/{DROP_FOLDER}"
     local = ingest.local_file(folder)
     if local is None:
         raise IngestError(f"--date {LATEST} lists a local folder (or a /Volumes path), not {folder}: give the day")

@@ -68,10 +68,13 @@ RAW_COLUMNS = {
 }
 
 
+DROP_FOLDER = TRANSACTIONS  # daily drops of new purchases, under paths.landing_dir
+
+
 def drop_file(day) -> str:
-    """A daily drop of new purchases (the columns of transactions_train.csv, one day), relative to
-    `paths.landing_dir`: `transactions/YYYY-MM-DD.csv`. Its `source_file` in `quarantine` and `ingest_runs`."""
-    return f"{TRANSACTIONS}/{day.isoformat()}.csv"
+    """A daily drop (the columns of transactions_train.csv, one day's rows) relative to `paths.landing_dir`:
+    `transactions/YYYY-MM-DD.csv`; also its `source_file` in `quarantine` and `ingest_runs`."""
+    return f"{DROP_FOLDER}/{day.isoformat()}.csv"
 
 
 ARTICLE_INT_COLUMNS = {
