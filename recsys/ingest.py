@@ -391,12 +391,12 @@ class FileReport:
     def balanced(self) -> bool:
         return self.rows_read == self.rows_written + self.rows_quarantined + self.rows_skipped
 
-    HEADER = f"{'file':<24} {'table':<13} {'read':>12} {'written':>12} {'quarantined':>12} {'skipped':>10}"
+    HEADER = f"{'file':<28} {'table':<13} {'read':>12} {'written':>12} {'quarantined':>12} {'skipped':>10}"
 
     def lines(self) -> list[str]:
         """The file's row of the report, then its quarantine reasons, most frequent first."""
         out = [
-            f"{self.source_file:<24} {self.table:<13} {self.rows_read:>12,} {self.rows_written:>12,} "
+            f"{self.source_file:<28} {self.table:<13} {self.rows_read:>12,} {self.rows_written:>12,} "
             f"{self.rows_quarantined:>12,} {self.rows_skipped:>10,}" + ("" if self.balanced else "   <- does not add up")
         ]
         for reason, count in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
