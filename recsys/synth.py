@@ -644,8 +644,8 @@ def generate(synth_cfg: SynthConfig, out_dir: str, drop_days: int = 0, landing_d
     `drop_days` > 0: the simulation runs that many days past `end_date`, and each of those days is written as a
     daily drop `<landing_dir>/transactions/YYYY-MM-DD.csv` (the nightly's input; `landing_dir` defaults to
     `landing` beside `out_dir`). Same customers, catalogue and article life cycles as the main file, so a drop
-    continues it; the main file is then cut from the longer simulation (not byte-equal to a run without drops).
-    """
+    continues it. The whole simulation depends on its length, so the main file and the drops differ with N (each
+    is deterministic for the seed and N)."""
     t0 = time.perf_counter()
     if synth_cfg.n_customers < 1 or (synth_cfg.n_articles < 1 and not synth_cfg.articles_path):
         raise ValueError(f"synth: n_customers ({synth_cfg.n_customers}) and n_articles "
