@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 PROFILE ?= small
 
-.PHONY: setup test test-fast lint test-all demo serve bench bench-pipeline bench-real-week bench-lookup bench-serve clean lint-bundle
+.PHONY: setup test test-fast lint test-all demo serve bench bench-pipeline bench-real-week bench-nightly bench-lookup bench-serve clean lint-bundle
 
 setup: $(VENV)/.installed .cache/jars/.resolved
 
@@ -64,6 +64,11 @@ bench-lookup: setup
 
 bench-serve: setup
 	$(PY) benchmarks/serve_full.py
+
+# The nightly from a daily drop at full size: synth + one drop, ingest, `recsys nightly --date D`, then the same
+# day again (nothing to do); benchmarks/results/nightly_full.json. NIGHTLY_ARGS=--prime refreshes a published system.
+bench-nightly: setup
+	$(PY) benchmarks/nightly_full.py --scale full $(NIGHTLY_ARGS)
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log

@@ -47,7 +47,8 @@ def _synth(config: Config, args: argparse.Namespace) -> int:
     if args.articles:
         config.synth.articles_path = args.articles
     out = args.out or config.paths.raw_dir
-    stats = synth.generate(config.synth, out)
+    landing = None if args.out else config.landing_dir  # beside --out, like the default landing_dir
+    stats = synth.generate(config.synth, out, drop_days=args.drop_days, landing_dir=landing)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -183,7 +184,8 @@ def _pipeline(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
 
     result = pipeline.run(config, steps=args.steps.split(",") if args.steps else None, as_of=args.as_of,
-                          force=args.force, from_stage=args.from_stage, since=args.since)
+                          force=args.force, from_stage=args.from_stage, since=args.since, drop_day=args.date,
+                          replace_day=args.replace_day)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -192,7 +194,7 @@ def _pipeline(config: Config, args: argparse.Namespace) -> int:
 def _nightly(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
 
-    result = pipeline.nightly(config, args.date)
+    result = pipeline.nightly(config, args.date, force=args.force, replace_day=args.replace_day)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -251,6 +253,15 @@ def _sql(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def drop_options(p: argparse.ArgumentParser, required: bool) -> None:
+    """--date / --replace-day: the ingest step merges one day's drop from paths.landing_dir (recsys.drop)."""
+    p.add_argument("--date", required=required, default=None,
+                   help="load the drop <paths.landing_dir>/transactions/DATE.csv (YYYY-MM-DD, or 'latest': the "
+                        "newest file there) instead of the raw CSVs")
+    p.add_argument("--replace-day", dest="replace_day", action="store_true",
+                   help="the day is already loaded with other rows: replace them with the file's (one MERGE)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     def options(suppress: bool) -> argparse.ArgumentParser:
         # Sub-commands accept the global options too, without resetting values given before them.
@@ -273,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: paths.raw_dir)")
     p.add_argument("--articles", default=None, help="a real articles.csv or .parquet to use as the catalogue")
     p.add_argument("--compare", default=None, metavar="DIR", help="print the statistics of DIR next to the real ones")
+    p.add_argument("--drop-days", dest="drop_days", type=int, default=0, metavar="N",
+                   help="also N days after the end, one daily drop each: <landing>/transactions/YYYY-MM-DD.csv "
+                        "(paths.landing_dir; beside --out when given)")
 
     p = sub.add_parser("ingest", parents=[common], help="raw CSVs -> validated Delta tables (+ quarantine)")
     p.add_argument("--raw", default=None, help="folder with the three CSVs (default: paths.raw_dir)")
@@ -331,9 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", dest="as_of", default=None, help="publish snapshot date (default: day after the data)")
     p.add_argument("--force", action="store_true", help="recompute stages whose inputs did not change")
     p.add_argument("--since", default=None, help="ingest only the purchases from this date on (incremental)")
+    drop_options(p, required=False)
 
-    p = sub.add_parser("nightly", parents=[common], help="add day DATE's purchases, refresh, retrain, gate, score, publish")
-    p.add_argument("--date", required=True, help="the new day, YYYY-MM-DD")
+    p = sub.add_parser("nightly", parents=[common],
+                       help="merge day DATE's drop file, then refresh, retrain, gate, score, publish")
+    drop_options(p, required=True)
+    p.add_argument("--force", action="store_true", help="recompute stages whose inputs did not change")
 
     sub.add_parser("demo", parents=[common], help="synth + pipeline on the profile's data, then show some recommendations")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class ConfigError(ValueError):
 class PathsConfig:
     data_dir: str = "data"
     raw_dir: str = "data/raw"            # the three Kaggle CSVs (real or synthetic)
+    landing_dir: str = ""                # daily drops: <landing_dir>/transactions/YYYY-MM-DD.csv; empty: next to raw_dir
     tables_dir: str = "data/delta"       # one Delta table per folder when `catalog` is empty
     catalog: str = ""                    # e.g. "main.recsys" on Databricks: tables by name, not by path
     artifacts_dir: str = "data/artifacts"
@@ -105,6 +107,8 @@ class ModelConfig:
     log_q_correction: bool = True
     torch_threads: int = 2
     distributed_processes: int = 0       # >1: TorchDistributor with that many local processes
+    refresh: str = "full"                # full: fresh weights, the whole training window | warm: see warm_weeks
+    warm_weeks: int = 2                  # warm: start from the champion's weights, train on the last N weeks only
 
 
 @dataclass
@@ -251,6 +255,11 @@ class Config:
         return Path(relative).expanduser().resolve()
 
     @property
+    def landing_dir(self) -> str:
+        """Where daily drops arrive: `paths.landing_dir`, or `landing` beside `raw_dir`."""
+        return self.paths.landing_dir or landing_beside(self.paths.raw_dir)
+
+    @property
     def tracking_uri(self) -> str:
         if self.paths.mlflow_tracking_uri:
             return self.paths.mlflow_tracking_uri
@@ -269,6 +278,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def landing_beside(raw_dir: str) -> str:
+    """The default landing folder: `landing` next to the raw folder (a path or a URI), e.g. data/tiny/landing."""
+    return f"{posixpath.dirname(str(raw_dir).rstrip('/')) or '.'}/landing"
 
 
 def from_dict(values: dict[str, Any], source: str = "a mapping") -> Config:

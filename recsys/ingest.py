@@ -44,6 +44,7 @@ from recsys.tables import (
     QUARANTINE_SCHEMA,
     RAW_COLUMNS,
     RAW_FILES,
+    TRANSACTION_KEY,
     TRANSACTIONS,
     TRANSACTIONS_SCHEMA,
     Lakehouse,
@@ -343,20 +344,30 @@ def with_status(since: date | None):
     return transform
 
 
+def with_units(rows: DataFrame) -> DataFrame:
+    """+ `unit`: the row's ordinal (1, 2, ...) among the identical rows of its day, so that every purchase row
+    has a unique key (`TRANSACTION_KEY`) although the data has no purchase id: identical rows are real (several
+    units of one article bought at one price through one channel on one day). Lines are numbered in file order."""
+    same = Window.partitionBy(*TRANSACTION_KEY[:-1]).orderBy("line_number")
+    return rows.withColumn("unit", F.row_number().over(same).cast("int"))
+
+
 def canonical(table: str, df: DataFrame) -> DataFrame:
-    """Written rows in the table's canonical schema (+ `t_month` partition column for transactions)."""
-    rows = df.where(F.col("_status") == "written").select(
-        *[F.col(c.name).cast(c.dataType) for c in SCHEMAS[table]]
-    )
+    """Written rows in the table's canonical schema (transactions: + the `unit` of the row key and the `t_month`
+    partition column)."""
+    rows = df.where(F.col("_status") == "written")
+    extra = []
     if table == TRANSACTIONS:
-        rows = rows.withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
-    return rows
+        rows = rows.transform(with_units)
+        extra = [F.col("unit"), F.date_format("t_dat", "yyyy-MM").alias("t_month")]
+    return rows.select(*[F.col(c.name).cast(c.dataType) for c in SCHEMAS[table]], *extra)
 
 
-def quarantined(table: str, df: DataFrame, run_id: str, ingested_at: datetime) -> DataFrame:
+def quarantined(table: str, df: DataFrame, run_id: str, ingested_at: datetime, source_file: str | None = None
+                ) -> DataFrame:
     day = F.col("t_dat") if table == TRANSACTIONS else F.lit(None).cast("date")
     values = {
-        "source_file": F.lit(RAW_FILES[table]), "line_number": F.col("line_number"),
+        "source_file": F.lit(source_file or RAW_FILES[table]), "line_number": F.col("line_number"),
         "raw_line": F.col("raw_line"), "reason": F.col("reason"), "run_id": F.lit(run_id),
         "ingested_at": F.lit(ingested_at), "t_dat": day,
     }
@@ -380,6 +391,18 @@ class FileReport:
     def balanced(self) -> bool:
         return self.rows_read == self.rows_written + self.rows_quarantined + self.rows_skipped
 
+    HEADER = f"{'file':<28} {'table':<13} {'read':>12} {'written':>12} {'quarantined':>12} {'skipped':>10}"
+
+    def lines(self) -> list[str]:
+        """The file's row of the report, then its quarantine reasons, most frequent first."""
+        out = [
+            f"{self.source_file:<28} {self.table:<13} {self.rows_read:>12,} {self.rows_written:>12,} "
+            f"{self.rows_quarantined:>12,} {self.rows_skipped:>10,}" + ("" if self.balanced else "   <- does not add up")
+        ]
+        for reason, count in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            out.append(f"    {count:>10,}  {reason}")
+        return out
+
 
 @dataclass
 class IngestReport:
@@ -396,16 +419,9 @@ class IngestReport:
     def format(self) -> str:
         head = f"ingest {self.run_id} from {self.raw_dir}" + (f" (since {self.since})" if self.since else "")
         seconds = (self.finished_at - self.started_at).total_seconds() if self.finished_at else 0.0
-        lines = [head + f", {seconds:.1f} s", ""]
-        lines.append(f"{'file':<24} {'table':<13} {'read':>12} {'written':>12} {'quarantined':>12} {'skipped':>10}")
+        lines = [head + f", {seconds:.1f} s", "", FileReport.HEADER]
         for f in self.files:
-            lines.append(
-                f"{f.source_file:<24} {f.table:<13} {f.rows_read:>12,} {f.rows_written:>12,} "
-                f"{f.rows_quarantined:>12,} {f.rows_skipped:>10,}"
-                + ("" if f.balanced else "   <- does not add up")
-            )
-            for reason, count in sorted(f.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
-                lines.append(f"    {count:>10,}  {reason}")
+            lines.extend(f.lines())
         lines.append("")
         lines.append("rows read = written + quarantined + skipped for every file; bad rows: table `quarantine`")
         return "\n".join(lines)
@@ -435,23 +451,24 @@ def read_header(spark: SparkSession, path: str) -> list[str] | None:
     return split_fields(line) if _LINE_RE.fullmatch(line) else [line]
 
 
+def header_problem(spark: SparkSession, path: str, table: str) -> tuple[str, bool] | None:
+    """What is wrong with `path` as the raw file of `table` (message, file missing), or None when it exists with
+    exactly the Kaggle header."""
+    expected = ", ".join(RAW_COLUMNS[table])
+    found = read_header(spark, path)
+    if found is None:
+        return f"{path}: file not found (expected columns: {expected})", True
+    if found != RAW_COLUMNS[table]:
+        return f"{path}: header does not match. expected columns: {expected}; found: {', '.join(found)}", False
+    return None
+
+
 def check_sources(spark: SparkSession, raw_dir: str) -> None:
     """Every raw file present with exactly the Kaggle header; otherwise one error listing every problem."""
-    problems, missing_files = [], False
-    for table in INGEST_ORDER:
-        path = raw_path(raw_dir, table)
-        found = read_header(spark, path)
-        if found is None:
-            missing_files = True
-            problems.append(f"{path}: file not found (expected columns: {', '.join(RAW_COLUMNS[table])})")
-        elif found != RAW_COLUMNS[table]:
-            problems.append(
-                f"{path}: header does not match. expected columns: {', '.join(RAW_COLUMNS[table])}; "
-                f"found: {', '.join(found)}"
-            )
+    problems = [p for p in (header_problem(spark, raw_path(raw_dir, t), t) for t in INGEST_ORDER) if p]
     if problems:
-        error = MissingRawFile if missing_files else IngestError
-        raise error("nothing was ingested:\n  " + "\n  ".join(problems))
+        error = MissingRawFile if any(missing for _, missing in problems) else IngestError
+        raise error("nothing was ingested:\n  " + "\n  ".join(message for message, _ in problems))
 
 
 def parse_since(since: str | date | None) -> date | None:
@@ -467,10 +484,11 @@ def parse_since(since: str | date | None) -> date | None:
 
 # --- the run -------------------------------------------------------------------------------------------------
 def classify(
-    lake: Lakehouse, raw_dir: str, table: str, since: date | None, today: date, article_ids: DataFrame | None
+    lake: Lakehouse, path: str, table: str, since: date | None, today: date, article_ids: DataFrame | None
 ) -> tuple[DataFrame, int]:
-    """One raw file -> every record with its typed columns, `reason` and `_status` (persisted), rows read."""
-    spark, path, n_fields = lake.spark, raw_path(raw_dir, table), len(RAW_COLUMNS[table])
+    """One raw file of `table` -> every record with its typed columns, `reason` and `_status` (persisted), rows
+    read. Transactions are checked against `article_ids`, the valid catalogue."""
+    spark, n_fields = lake.spark, len(RAW_COLUMNS[table])
     records, rows_read = (
         read_records_local(spark, path, n_fields) if table == ARTICLES else read_lines(spark, path)
     )
@@ -487,8 +505,8 @@ def classify(
     return df.persist(StorageLevel.MEMORY_AND_DISK), rows_read
 
 
-def count_file(table: str, df: DataFrame, rows_read: int) -> FileReport:
-    report = FileReport(RAW_FILES[table], table, rows_read)
+def count_file(table: str, df: DataFrame, rows_read: int, source_file: str | None = None) -> FileReport:
+    report = FileReport(source_file or RAW_FILES[table], table, rows_read)
     for row in df.groupBy("_status", "reason").count().collect():
         if row["_status"] == "written":
             report.rows_written += row["count"]
@@ -522,6 +540,15 @@ def write_checked(lake: Lakehouse, df: DataFrame, table: str, expected: int, rep
     written = rows_added(lake, table, before)
     if written != expected:
         raise IngestError(f"{table}: Delta wrote {written} rows, {expected} expected")
+
+
+def require_row_key(lake: Lakehouse) -> None:
+    """A `transactions` table from before the row key cannot take a partial write; say how to fix it."""
+    if lake.exists(TRANSACTIONS) and "unit" not in lake.read(TRANSACTIONS).columns:
+        raise IngestError(
+            f"table '{TRANSACTIONS}' at {lake.location(TRANSACTIONS)} has no 'unit' column (part of its row key; the "
+            f"table was written by an older version): run a full `recsys ingest` once, then load days again"
+        )
 
 
 def runs_rows(report: IngestReport) -> list[tuple]:
@@ -558,12 +585,14 @@ def run(
     started = datetime.now(timezone.utc).replace(tzinfo=None)
     report = IngestReport(uuid.uuid4().hex[:12], str(raw_dir), since_day, started)
     check_sources(spark, raw_dir)
+    if since_day is not None:
+        require_row_key(lake)
 
     classified: dict[str, DataFrame] = {}
     try:
         article_ids = None
         for table in INGEST_ORDER:
-            df, rows_read = classify(lake, raw_dir, table, since_day, today, article_ids)
+            df, rows_read = classify(lake, raw_path(raw_dir, table), table, since_day, today, article_ids)
             classified[table] = df
             report.files.append(count_file(table, df, rows_read))
             if table == ARTICLES:

@@ -332,6 +332,85 @@ def tower_config(model_config) -> TowerConfig:
     )
 
 
+# --- warm start: a new model from a trained one ----------------------------------------------------------
+@dataclass
+class WarmStart:
+    """What `warm_start` took from the trained model: whole tensors, embedding rows, and what stayed fresh."""
+
+    copied: list[str] = field(default_factory=list)          # tensors taken whole
+    extended: dict[str, tuple[int, int]] = field(default_factory=dict)   # embedding -> (rows copied, rows now)
+    fresh: list[str] = field(default_factory=list)           # tensors left as initialised
+
+    def describe(self) -> str:
+        grown = "; ".join(f"{name} {copied:,} of {rows:,} rows" for name, (copied, rows) in self.extended.items())
+        return (f"{len(self.copied)} tensors copied, {len(self.extended)} embeddings extended"
+                + (f" ({grown})" if grown else "") + f", {len(self.fresh)} fresh"
+                + (f" ({', '.join(self.fresh)})" if self.fresh else ""))
+
+
+def _side_of(name: str, spec: FeatureSpec) -> SideSpec:
+    return spec.customer if name.startswith("customer_tower.") else spec.article
+
+
+def _layout(side: SideSpec) -> tuple:
+    """What a side's dense layers read, in order: the same layout means a copied weight means the same thing."""
+    return tuple(side.cat_columns), tuple(side.num_columns), side.seq_length
+
+
+def keep_scale(spec: FeatureSpec, trained: FeatureSpec) -> None:
+    """Standardise numbers with the trained model's means and deviations (where it has the same numeric
+    columns), so that its copied projection reads them on the scale it learned."""
+    for side, old in ((spec.customer, trained.customer), (spec.article, trained.article)):
+        if side.num_columns == old.num_columns:
+            side.num_mean, side.num_std = list(old.num_mean), list(old.num_std)
+
+
+def warm_start(model: TwoTower, trained: Encoder) -> WarmStart:
+    """Initialise `model` from `trained` wherever a weight means the same thing in both.
+
+    Ids and category codes are append-only (recsys.features), so row i of an id or category embedding is the same
+    customer, article or value in both models: those rows are copied, and rows of ids the trained model never
+    knew keep their fresh initialisation. A category embedding is matched by its column name. The dense layers
+    (numeric projection, MLP, history weights) are copied only when their side reads the same columns in the same
+    order; otherwise they stay fresh. Buffers (the article -> product code table) stay the new model's own.
+    """
+    if trained.tower != model.tower_config:
+        raise ValueError(f"warm start needs the same tower sizes: trained {trained.tower}, new {model.tower_config}")
+    out = WarmStart()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            source = _source_name(name, model.spec, trained.spec)
+            weight = trained.state.get(source) if source else None
+            if weight is None:
+                out.fresh.append(name)
+                continue
+            weight = torch.from_numpy(np.asarray(weight))
+            if "embedding" in name and weight.ndim == 2 and weight.shape[1] == param.shape[1]:
+                rows = min(weight.shape[0], param.shape[0])
+                param[:rows] = weight[:rows]
+                if rows == param.shape[0] == weight.shape[0]:
+                    out.copied.append(name)
+                else:
+                    out.extended[name] = (rows, param.shape[0])
+            elif weight.shape == param.shape and _layout(_side_of(name, model.spec)) == _layout(
+                    _side_of(name, trained.spec)):
+                param.copy_(weight)
+                out.copied.append(name)
+            else:
+                out.fresh.append(name)
+    return out
+
+
+def _source_name(name: str, spec: FeatureSpec, trained: FeatureSpec) -> str | None:
+    """The trained model's name for parameter `name`: a category embedding by its column, anything else as is."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[1] == "cat_embeddings":
+        column = _side_of(name, spec).cat_columns[int(parts[2])]
+        old = _side_of(name, trained).cat_columns
+        return ".".join([parts[0], parts[1], str(old.index(column)), *parts[3:]]) if column in old else None
+    return name
+
+
 # --- the scoring-side handle -----------------------------------------------------------------------------
 class Encoder:
     """A trained model packaged for scoring: feature rows in, L2-normalised float32 vectors out.

@@ -16,6 +16,10 @@ Publishing is the last step and one Delta transaction: a failure anywhere before
 A stage whose inputs did not change since its last success (fingerprints in the `pipeline_state` table, in
 the lake with the others, so a job cluster that starts bare resumes where the last run stopped) is skipped
 unless `force`.
+
+The nightly (`nightly`, or `run(drop_day=...)`) is the same run with one difference: ingest merges the day's drop
+file from `paths.landing_dir` into `transactions` (recsys.drop) instead of reading the raw CSVs again. A day
+loaded again writes nothing, so every later stage finds its inputs unchanged and is skipped.
 """
 from __future__ import annotations
 
@@ -49,7 +53,9 @@ class Context:
     lake: Lakehouse
     force: bool = False
     as_of: dt.date | None = None          # publish snapshot (default: the day after the last purchase)
-    since: str | None = None              # ingest only the days from here (nightly)
+    since: str | None = None              # ingest only the days from here (the big CSV again)
+    drop_day: str | None = None           # ingest only this day's drop (YYYY-MM-DD or 'latest'): the nightly
+    replace_day: bool = False             # a drop for a day already loaded with other rows replaces it
     results: dict[str, Any] = field(default_factory=dict)
     out: Callable[[str], None] = print
 
@@ -109,11 +115,17 @@ def _challenger_tower(config: Config) -> str | None:
 
 # --- the stages ---------------------------------------------------------------------------------------------
 def stage_ingest(ctx: Context) -> dict[str, Any]:
-    from recsys import ingest
+    """The raw CSVs (all of them, or with `since` the transactions from that day on), or one day's drop."""
+    from recsys import drop, ingest
 
-    report = ingest.run(ctx.lake, ctx.config.paths.raw_dir, since=ctx.since)
-    ctx.out(report.format())
-    return {"rows": ctx.lake.read(TRANSACTIONS).count(), "last_day": ctx.last_day().isoformat()}
+    summary: dict[str, Any] = {}
+    if ctx.drop_day:
+        loaded = drop.load_day(ctx.lake, ctx.config.landing_dir, ctx.drop_day, replace=ctx.replace_day)
+        ctx.out(loaded.format())
+        summary = {"day": loaded.day.isoformat(), "drop": loaded.outcome}
+    else:
+        ctx.out(ingest.run(ctx.lake, ctx.config.paths.raw_dir, since=ctx.since).format())
+    return {**summary, "rows": ctx.lake.read(TRANSACTIONS).count(), "last_day": ctx.last_day().isoformat()}
 
 
 def stage_features(ctx: Context) -> dict[str, Any]:
@@ -132,7 +144,7 @@ def stage_train(ctx: Context) -> dict[str, Any]:
     from recsys import train
 
     result = train.run(ctx.lake, as_of=ctx.train_as_of().isoformat())
-    return {k: result[k] for k in ("run_id", "model_version", "as_of", "metrics")}
+    return {k: result[k] for k in ("run_id", "model_version", "as_of", "refresh", "metrics")}
 
 
 def stage_rank(ctx: Context) -> dict[str, Any]:
@@ -194,7 +206,7 @@ def fingerprint(stage: str, ctx: Context) -> str:
     if stage == "features":
         return _digest(_versions(lake, ARTICLES, CUSTOMERS, TRANSACTIONS), ctx.publish_as_of(), config.features,
                        ctx.train_as_of())
-    if stage == "train":
+    if stage == "train":  # not the champion a warm refresh starts from: the gate moves it after this stage
         return _digest(_versions(lake, TRAINING_EXAMPLES), ctx.train_as_of(), config.model)
     if stage == "rank":
         return _digest(_challenger_tower(config), ctx.test_start(), config.ranker, config.candidates)
@@ -223,21 +235,29 @@ def _outputs_exist(stage: str, lake: Lakehouse) -> bool:
 
 
 def run(config: Config, steps: list[str] | None = None, as_of: str | None = None, force: bool = False,
-        from_stage: str | None = None, since: str | None = None, out: Callable[[str], None] = print) -> dict:
-    """Run the stages in order; returns per stage its status, seconds and summary."""
+        from_stage: str | None = None, since: str | None = None, out: Callable[[str], None] = print,
+        drop_day: str | None = None, replace_day: bool = False) -> dict:
+    """Run the stages in order; returns per stage its status, seconds and summary.
+
+    `drop_day` (YYYY-MM-DD or 'latest'): ingest merges that day's drop instead of reading the raw CSVs."""
     from recsys.spark import get_spark
 
     selected = _select(steps, from_stage)
+    if since and drop_day:
+        raise ValueError("--since re-reads the raw CSVs from a day on, --date loads one day's drop: give one of them")
+    if replace_day and not drop_day:
+        raise ValueError("--replace-day replaces the day of a drop: give the day with --date")
     lake = Lakehouse(get_spark(config, "recsys-pipeline"), config)
     ctx = Context(config, lake, force=force, as_of=dt.date.fromisoformat(as_of) if as_of else None, since=since,
-                  out=out)
+                  drop_day=drop_day, replace_day=replace_day, out=out)
     state = load_state(lake)
     summary: dict[str, Any] = {"run_id": uuid.uuid4().hex[:12]}
     started = time.perf_counter()
     for stage in selected:
         t0, began, before = time.perf_counter(), _now(), lake.versions()
         try:  # the fingerprint reads the registry too: an outage there fails the stage like any other error
-            key = fingerprint(stage, ctx) if stage != "ingest" or not since else None
+            # partial ingests always run: they are idempotent, and cheap next to a fingerprint of their inputs
+            key = fingerprint(stage, ctx) if stage != "ingest" or not (since or drop_day) else None
             if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
                 summary[stage] = {"status": "up to date", "seconds": 0.0}
                 out(f"[{stage:>8}] up to date (inputs unchanged; --force to redo)")
@@ -263,6 +283,8 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
         record_run(lake, summary["run_id"], stage, began, "done", before, _rows(result), headline)
         out(f"[{stage:>8}] done in {seconds:.1f}s  {headline}")
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    if summary.get("ingest", {}).get("drop") == "unchanged":
+        out(_unchanged_day(summary, selected))
     if "score" in selected:
         from recsys import status
 
@@ -293,6 +315,17 @@ def record_run(lake: Lakehouse, run_id: str, stage: str, began: dt.datetime, sta
     lake.write(lake.spark.createDataFrame([row], PIPELINE_RUNS_SCHEMA), PIPELINE_RUNS, mode="append")
 
 
+def _unchanged_day(summary: dict[str, Any], selected: list[str]) -> str:
+    """What a run whose drop was already loaded did: nothing, or the stages that had not finished before."""
+    head = f"nightly {summary['ingest']['day']}: the day was already loaded with the same rows"
+    again = [s for s in selected if s != "ingest" and summary[s]["status"] == "done"]
+    if again:
+        return f"{head}; {', '.join(again)} ran again because their inputs had changed since their last success"
+    if set(selected) == set(STAGES):
+        return f"{head} and every stage is up to date: nothing new is published"
+    return f"{head}; {', '.join(selected)}: nothing changed"
+
+
 def _select(steps: list[str] | None, from_stage: str | None) -> list[str]:
     unknown = [s for s in (steps or []) + ([from_stage] if from_stage else []) if s not in STAGES]
     if unknown:
@@ -309,11 +342,13 @@ def _short(result: dict[str, Any]) -> dict[str, Any]:
 
 def _headline(stage: str, result: dict[str, Any]) -> str:
     if stage == "ingest":
-        return f"{result['rows']:,} transactions up to {result['last_day']}"
+        day = f"day {result['day']} {result['drop']}; " if "drop" in result else ""
+        return f"{day}{result['rows']:,} transactions up to {result['last_day']}"
     if stage == "features":
         return "snapshots " + ", ".join(result)
     if stage == "train":
-        return f"two-tower version {result['model_version']} (training rows before {result['as_of']})"
+        return (f"two-tower version {result['model_version']} (training rows before {result['as_of']}; "
+                f"{result['refresh'].split(':')[0]})")
     if stage == "rank":
         return (f"ranker version {result['ranker_version']} on two-tower {result['two_tower_version']} "
                 f"(labels {result['label_window']})")
@@ -326,10 +361,12 @@ def _headline(stage: str, result: dict[str, Any]) -> str:
     return "published"
 
 
-def nightly(config: Config, date: str, force: bool = False) -> dict:
-    """Add day `date`'s purchases (ingest from that day), refresh features, retrain, evaluate, gate, publish."""
-    day = dt.date.fromisoformat(date)
-    return run(config, since=day.isoformat(), as_of=(day + dt.timedelta(days=1)).isoformat(), force=force)
+def nightly(config: Config, date: str, force: bool = False, replace_day: bool = False,
+            out: Callable[[str], None] = print) -> dict:
+    """Merge day `date`'s drop (YYYY-MM-DD or 'latest') into `transactions`, then every later stage as of the day
+    after the newest purchase (the day after `date` when it is the newest): features, training (`model.refresh`),
+    rank, evaluate + gate, score + publish. A day already loaded with the same rows changes nothing, and says so."""
+    return run(config, drop_day=date, force=force, replace_day=replace_day, out=out)
 
 
 # --- the demo -----------------------------------------------------------------------------------------------

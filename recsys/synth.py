@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.config import PROJECT_ROOT, SynthConfig
-from recsys.tables import ARTICLE_INT_COLUMNS, ARTICLES, CUSTOMERS, RAW_COLUMNS, RAW_FILES, TRANSACTIONS
+from recsys.config import PROJECT_ROOT, SynthConfig, landing_beside
+from recsys.tables import ARTICLE_INT_COLUMNS, ARTICLES, CUSTOMERS, RAW_COLUMNS, RAW_FILES, TRANSACTIONS, drop_file
 
 # --- vocabulary (hand-written, H&M-like; not copied from the real files) --------------------------------------
 # index_group_no, name, share of the real catalogue
@@ -638,58 +638,87 @@ def write_customers(frame: pd.DataFrame, path: Path) -> None:
     frame.to_csv(path, index=False, lineterminator="\n", na_rep="")
 
 
-def generate(synth_cfg: SynthConfig, out_dir: str) -> dict:
-    """Write articles.csv, customers.csv and transactions_train.csv to `out_dir`; deterministic for the seed."""
+def generate(synth_cfg: SynthConfig, out_dir: str, drop_days: int = 0, landing_dir: str | None = None) -> dict:
+    """Write articles.csv, customers.csv and transactions_train.csv to `out_dir`; deterministic for the seed.
+
+    `drop_days` > 0: the simulation runs that many days past `end_date`, and each of those days is written as a
+    daily drop `<landing_dir>/transactions/YYYY-MM-DD.csv` (the nightly's input; `landing_dir` defaults to
+    `landing` beside `out_dir`). Same customers, catalogue and article life cycles as the main file, so a drop
+    continues it. The whole simulation depends on its length, so the main file and the drops differ with N (each
+    is deterministic for the seed and N)."""
     t0 = time.perf_counter()
     if synth_cfg.n_customers < 1 or (synth_cfg.n_articles < 1 and not synth_cfg.articles_path):
         raise ValueError(f"synth: n_customers ({synth_cfg.n_customers}) and n_articles "
                          f"({synth_cfg.n_articles}) must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if drop_days < 0:
+        raise ValueError(f"synth: drop_days must be >= 0, got {drop_days}")
     start = date.fromisoformat(synth_cfg.start_date)
     n_days = _n_days(synth_cfg)
+    total_days = n_days + drop_days
     seed = synth_cfg.seed
 
     if synth_cfg.articles_path:
         frame = read_articles(synth_cfg.articles_path)
     else:
         frame = make_articles(synth_cfg.n_articles, seed)
-    cat = build_catalogue(frame, seed, n_days)
-    pop = make_customers(synth_cfg.n_customers, seed, n_days, synth_cfg.rows_per_customer)
+    cat = build_catalogue(frame, seed, total_days)
+    pop = make_customers(synth_cfg.n_customers, seed, total_days, synth_cfg.rows_per_customer)
     paths = {name: out / RAW_FILES[name] for name in (ARTICLES, CUSTOMERS, TRANSACTIONS)}
     write_articles(cat.frame, paths[ARTICLES])
     write_customers(pop.frame, paths[CUSTOMERS])
     t_static = time.perf_counter()
 
-    sim = _Simulator(cat, pop, seed, start, n_days)
+    sim = _Simulator(cat, pop, seed, start, total_days)
     price_text, _ = _price_table(cat.price_cents)
     cust_text = _fixed([(c + ",").encode() for c in pop.frame["customer_id"]], 65)
     art_text = _fixed([(str(int(a)) + ",").encode() for a in cat.frame["article_id"]], 11)
     channel_text = _fixed([b"", b"1\n", b"2\n"], 2)
+    header = (",".join(RAW_COLUMNS[TRANSACTIONS]) + "\n").encode()
+
+    def day_lines(d: int) -> tuple[bytes, int]:
+        """Day `d`'s transactions as CSV lines, and how many."""
+        result = sim.day(d)
+        if result is None:
+            return b"", 0
+        row_cust, art, factor, channel = result
+        day_text = _fixed([f"{start + timedelta(d)},".encode()], 11)
+        return _assemble([
+            np.repeat(day_text, len(art), axis=0), cust_text[row_cust], art_text[art],
+            price_text[art, factor].view(np.uint8).reshape(len(art), 20), channel_text[channel],
+        ]), len(art)
+
     n_rows = 0
     tmp = paths[TRANSACTIONS].with_suffix(".csv.tmp")
     with open(tmp, "wb") as fh:
-        fh.write((",".join(RAW_COLUMNS[TRANSACTIONS]) + "\n").encode())
+        fh.write(header)
         pending: list[bytes] = []
         for d in range(n_days):
-            result = sim.day(d)
-            if result is not None:
-                row_cust, art, factor, channel = result
-                day_text = _fixed([f"{start + timedelta(d)},".encode()], 11)
-                pending.append(_assemble([
-                    np.repeat(day_text, len(art), axis=0), cust_text[row_cust], art_text[art],
-                    price_text[art, factor].view(np.uint8).reshape(len(art), 20), channel_text[channel],
-                ]))
-                n_rows += len(art)
+            lines, rows = day_lines(d)
+            pending.append(lines)
+            n_rows += rows
             if d % 7 == 6 or d == n_days - 1:
                 fh.write(b"".join(pending))
                 pending = []
     tmp.replace(paths[TRANSACTIONS])
+    drops = {}
+    if drop_days:
+        folder = Path(landing_dir or landing_beside(out_dir))
+        for d in range(n_days, total_days):
+            lines, rows = day_lines(d)
+            path = folder / drop_file(start + timedelta(d))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(".csv.tmp")  # renamed when complete: a file trigger never sees half a drop
+            part.write_bytes(header + lines)
+            part.replace(path)
+            drops[str(path)] = rows
     seconds = time.perf_counter() - t0
     return {
         "out_dir": str(out),
         "paths": {k: str(v) for k, v in paths.items()},
         "rows": {ARTICLES: len(cat.frame), CUSTOMERS: len(pop.frame), TRANSACTIONS: n_rows},
+        "drops": drops,
         "seed": seed,
         "start_date": synth_cfg.start_date,
         "end_date": synth_cfg.end_date,

@@ -71,6 +71,17 @@ RAW_COLUMNS = {
     CUSTOMERS: ["customer_id", "FN", "Active", "club_member_status", "fashion_news_frequency", "age", "postal_code"],
     TRANSACTIONS: ["t_dat", "customer_id", "article_id", "price", "sales_channel_id"],
 }
+
+
+DROP_FOLDER = TRANSACTIONS  # daily drops of new purchases, under paths.landing_dir
+
+
+def drop_file(day) -> str:
+    """A daily drop (the columns of transactions_train.csv, one day's rows) relative to `paths.landing_dir`:
+    `transactions/YYYY-MM-DD.csv`; also its `source_file` in `quarantine` and `ingest_runs`."""
+    return f"{DROP_FOLDER}/{day.isoformat()}.csv"
+
+
 ARTICLE_INT_COLUMNS = {
     "product_code", "product_type_no", "graphical_appearance_no", "colour_group_code", "perceived_colour_value_id",
     "perceived_colour_master_id", "department_no", "index_group_no", "section_no", "garment_group_no",
@@ -100,6 +111,12 @@ TRANSACTIONS_SCHEMA = T.StructType([
     T.StructField("price", T.DoubleType(), False),
     T.StructField("sales_channel_id", T.ShortType(), False),
 ])
+# The row key of `transactions`: the purchase's columns + `unit`, its ordinal among the identical rows of that
+# day (the data has no purchase id, and identical rows are real: several units bought). The daily drop MERGEs
+# on it (recsys.drop); ingest writes `unit` with every row (recsys.ingest.with_units).
+TRANSACTION_KEY = ["t_dat", "customer_id", "article_id", "price", "sales_channel_id", "unit"]
+TRANSACTIONS_TABLE_SCHEMA = T.StructType(  # what the table stores: the file's columns + the key's `unit`
+    list(TRANSACTIONS_SCHEMA.fields) + [T.StructField("unit", T.IntegerType(), False)])
 QUARANTINE_SCHEMA = T.StructType([
     T.StructField("source_file", T.StringType(), False),
     T.StructField("line_number", T.LongType(), False),
@@ -186,7 +203,7 @@ PIPELINE_RUNS_SCHEMA = T.StructType([
 SCHEMAS = {  # the declared tables: `Lakehouse.write` refuses any other columns or types
     ARTICLES: ARTICLES_SCHEMA,
     CUSTOMERS: CUSTOMERS_SCHEMA,
-    TRANSACTIONS: TRANSACTIONS_SCHEMA,
+    TRANSACTIONS: TRANSACTIONS_TABLE_SCHEMA,
     QUARANTINE: QUARANTINE_SCHEMA,
     INGEST_RUNS: INGEST_RUNS_SCHEMA,
     RECOMMENDATIONS: RECOMMENDATIONS_SCHEMA,
@@ -358,6 +375,19 @@ class Lakehouse:
             raise SchemaMismatch(f"table '{name}' ({self.location(name)}): " + "; ".join(problems)
                                  + ". Its schema is declared in recsys.tables.SCHEMAS")
         return not_null_checked(df, name, declared)
+
+    def merge(self, df: DataFrame, name: str, keys: list[str], scope: str, delete_missing: bool = False) -> dict:
+        """One Delta MERGE of `df` (alias `s`) into the rows of `name` (alias `t`) that satisfy `scope` (SQL over
+        `t.` columns, e.g. a partition and a date), matched on `keys`: rows with a new key are inserted, rows
+        already there are left alone, and with `delete_missing` the rows in `scope` whose key is not in `df` are
+        deleted. Returns Delta's operation metrics of the commit (numTargetRowsInserted, numTargetRowsDeleted)."""
+        on = " AND ".join([f"({scope})"] + [f"t.`{k}` = s.`{k}`" for k in keys])
+        merge = self._delta_table(name).alias("t").merge(self._as_declared(df, name).alias("s"), on).whenNotMatchedInsertAll()
+        if delete_missing:
+            merge = merge.whenNotMatchedBySourceDelete(condition=scope)
+        merge.execute()
+        last = self.history(name).orderBy("version", ascending=False).select("operationMetrics").first()
+        return dict(last["operationMetrics"] or {})
 
     def restore(self, name: str, version: int | None) -> None:
         """Back to `version`; a table that did not exist before is dropped."""

@@ -39,7 +39,7 @@ from recsys.features import read_snapshot
 from recsys.trainer import TrainingData, article_embeddings, fit, fit_distributed, popularity_validation, read_checkpoint
 from recsys.loader import make_loader
 from recsys.model import (
-    SEQ_ARTICLES, Encoder, SideSpec, TwoTower, article_products, tower_config,
+    SEQ_ARTICLES, Encoder, SideSpec, TwoTower, article_products, keep_scale, tower_config, warm_start,
 )
 from recsys.registry import CHALLENGER
 from recsys.tables import ARTICLE_FEATURES, ARTICLE_INDEX, CUSTOMER_INDEX, TRAINING_EXAMPLES, Lakehouse
@@ -93,8 +93,11 @@ def customer_spec(rows: DataFrame, num_ids: int, use_history: bool = True) -> Si
     )
 
 
-def load_training_data(lake: Lakehouse, as_of: str | None, mc: ModelConfig) -> tuple[TrainingData, DataFrame]:
-    """Training rows + article snapshot -> (in-memory data, the Spark DataFrame of training rows to stream)."""
+def load_training_data(lake: Lakehouse, as_of: str | None, mc: ModelConfig, recent_weeks: int = 0
+                       ) -> tuple[TrainingData, DataFrame]:
+    """Training rows + article snapshot -> (in-memory data, the Spark DataFrame of training rows to stream).
+
+    `recent_weeks` > 0 keeps only the training rows of that many weeks before the held-out days (a warm refresh)."""
     as_of = _snapshot_date(lake, as_of)
     article_pdf = read_snapshot(lake, ARTICLE_FEATURES, as_of).toPandas()  # the catalogue: bounded
     if article_pdf.empty:
@@ -108,6 +111,8 @@ def load_training_data(lake: Lakehouse, as_of: str | None, mc: ModelConfig) -> t
     validation_start = date.fromisoformat(as_of) - timedelta(days=mc.validation_days)
     held_out = F.col("t_dat") >= F.lit(validation_start.isoformat()).cast("date")
     train = examples.filter(~held_out) if mc.validation_days > 0 else examples
+    if recent_weeks > 0:
+        train = train.filter(F.col("t_dat") >= F.lit(validation_start - timedelta(weeks=recent_weeks)).cast("date"))
     if mc.max_train_rows > 0:
         train = train.orderBy(F.col("t_dat").desc(), "customer_idx", "article_idx").limit(mc.max_train_rows)
     if not mc.use_history:
@@ -115,7 +120,8 @@ def load_training_data(lake: Lakehouse, as_of: str | None, mc: ModelConfig) -> t
     train = train.select("customer_idx", "article_idx", "weight", *columns)
     counts = train.groupBy("article_idx").count().toPandas()
     if counts.empty:
-        raise ValueError(f"table '{TRAINING_EXAMPLES}' as_of={as_of}: no rows before the "
+        window = f"in the {recent_weeks} weeks " if recent_weeks > 0 else ""
+        raise ValueError(f"table '{TRAINING_EXAMPLES}' as_of={as_of}: no rows {window}before the "
                          f"{mc.validation_days} held-out days (lower model.validation_days)")
     known = lake.read(CUSTOMER_INDEX).agg(F.max("customer_idx")).first()[0] if lake.exists(CUSTOMER_INDEX) else 0
     spec = customer_spec(train, (known or 0) + 1, mc.use_history)
@@ -232,6 +238,31 @@ def register(model_uri: str, name: str, as_of: str, run_id: str) -> str:
     return str(version)
 
 
+REFRESHES = ("full", "warm")
+
+
+def warm_source(config: Config) -> tuple[Encoder | None, str]:
+    """The model a warm refresh starts from (the champion two-tower), or None and why a full refresh it is."""
+    mc = config.model
+    if mc.refresh not in REFRESHES:
+        raise ValueError(f"model.refresh: unknown value {mc.refresh!r} (expected one of {', '.join(REFRESHES)})")
+    if mc.refresh == "full":
+        return None, "model.refresh=full"
+    if mc.warm_weeks < 1:
+        raise ValueError(f"model.warm_weeks must be at least 1 for model.refresh=warm, got {mc.warm_weeks}")
+    from recsys.model import load_encoder
+    from recsys.registry import CHAMPION, Registry
+
+    version = Registry.of(config).alias_version(config.mlflow.registered_model, CHAMPION)
+    if version is None:
+        return None, f"no '{config.mlflow.registered_model}@{CHAMPION}' to start from: a full refresh"
+    champion = load_encoder(f"models:/{config.mlflow.registered_model}/{version}", config.tracking_uri,
+                            config.registry_uri)
+    if champion.tower != tower_config(mc):
+        return None, f"the champion (version {version}) has other tower sizes: a full refresh"
+    return champion, f"warm from the champion, version {version}, on the last {mc.warm_weeks} weeks"
+
+
 def checkpoint_path(config: Config, as_of: str) -> Path:
     """One checkpoint per (snapshot, model settings): a changed setting starts afresh instead of resuming."""
     settings = {k: v for k, v in asdict(config.model).items() if k not in ("epochs", "patience", "device")}
@@ -244,11 +275,17 @@ def run(lake: Lakehouse, as_of: str | None = None) -> dict[str, Any]:
     config = lake.config
     mc = config.model
     torch.set_num_threads(mc.torch_threads)
-    data, train_rows = load_training_data(lake, as_of, mc)
+    champion, refresh = warm_source(config)
+    data, train_rows = load_training_data(lake, as_of, mc, recent_weeks=mc.warm_weeks if champion else 0)
     experiment_id = configure_mlflow(config)
     checkpoint = checkpoint_path(config, data.as_of)
     saved = read_checkpoint(checkpoint)
+    if champion is not None:
+        keep_scale(data.spec, champion.spec)
     model = TwoTower(data.spec, tower_config(mc), article_products(data.spec, data.articles))
+    if champion is not None:
+        refresh += ": " + warm_start(model, champion).describe()
+    print(f"two-tower refresh: {refresh}")
     with mlflow.start_run(run_id=saved.get("run_id") if saved else None,
                           run_name=None if saved else f"two-tower as_of {data.as_of}") as active:
         run_id = active.info.run_id
@@ -258,7 +295,10 @@ def run(lake: Lakehouse, as_of: str | None = None) -> dict[str, Any]:
                                "articles": data.spec.article.num_ids - 1,
                                "train_examples": int(data.article_counts.sum()),
                                "validation_customers": len(data.validation)})
-            mlflow.set_tags({"feature_as_of": data.as_of, "stage": "train"})
+            mlflow.set_tags({"feature_as_of": data.as_of, "stage": "train",
+                             "refresh": "warm" if champion else "full",
+                             "warm_start_from": champion.model_version if champion else "",
+                             "refresh_detail": refresh[:5000]})
             mlflow.log_metrics(popularity_validation(data))
         loader = make_loader(mc.loader, train_rows, mc.batch_size, mc.seed,
                              config.path(config.paths.checkpoint_dir) / "petastorm",
@@ -294,6 +334,7 @@ def run(lake: Lakehouse, as_of: str | None = None) -> dict[str, Any]:
         "model_uri": model_uri,
         "model_version": version,
         "as_of": data.as_of,
+        "refresh": refresh,
         "metrics": {**final, **popularity_validation(data), "best_epoch": result.best_epoch,
                     "epochs_run": len(result.history), "resumed_from_epoch": result.resumed_from},
         "tracking_uri": config.tracking_uri,

@@ -28,6 +28,7 @@ SCHEMA = ROOT / ".." / "shared" / "databricks" / "bundle-schema.json"
 STAGES = list(PIPELINE_STAGES)
 RUNTIME = "15.4.x-cpu-ml-scala2.12"
 REFERENCE = re.compile(r"\$\{([^}]+)\}")
+JOB_PARAMETER = re.compile(r"\{\{job\.parameters\.([^}]+)\}\}")  # a dynamic value reference, filled at run time
 
 
 def bundle_files() -> dict[Path, dict]:
@@ -86,6 +87,18 @@ def resolve(value, context: dict, where: str):
         if not n:
             return value
     raise AssertionError(f"{where}: interpolation loop in {value!r}")
+
+
+def with_job_parameters(params: list, job: dict, where: str) -> list:
+    """What Databricks passes at run time: each `{{job.parameters.NAME}}` replaced by the run's value, here the
+    job's default; a name the job does not declare is an error."""
+    defaults = {p["name"]: p["default"] for p in job.get("parameters", [])}
+
+    def lookup(match: re.Match) -> str:
+        assert match.group(1) in defaults, f"{where}: {match.group(0)} names no parameter of the job"
+        return str(defaults[match.group(1)])
+
+    return [JOB_PARAMETER.sub(lookup, p) if isinstance(p, str) else p for p in params]
 
 
 def target_context(bundle: dict, target: str, extra_vars: dict | None = None) -> dict:
@@ -227,7 +240,8 @@ def test_wheel_task_parameters_are_accepted_by_the_cli(target):
     model = resolve(context["resources"]["registered_models"]["two_tower"], context, "registered model")
     steps, options = [], set()
     for name, job, task in job_tasks(bundle):
-        params = resolve(task["python_wheel_task"]["parameters"], context, f"{name}.{task['task_key']}")
+        where = f"{name}.{task['task_key']}"
+        params = with_job_parameters(resolve(task["python_wheel_task"]["parameters"], context, where), job, where)
         args = build_parser().parse_args(params)  # SystemExit here is an unknown option or command
         assert args.command == "pipeline" and args.command in COMMANDS
         steps.append(args.steps)
@@ -239,6 +253,7 @@ def test_wheel_task_parameters_are_accepted_by_the_cli(target):
         assert config.tracking_uri == "databricks" and config.registry_uri == "databricks-uc"
         assert config.mlflow.registered_model == f"{model['catalog_name']}.{model['schema_name']}.{model['name']}"
         assert config.scoring.k == int(values["k"])
+        assert args.date == "latest" and config.model.refresh == "warm"  # the newest drop, a warm refresh
     assert steps == STAGES
     assert len(options) == 1, "every stage must get the same options (tables, volume, model, K)"
 

@@ -226,11 +226,11 @@ def test_valid_rows_have_canonical_types_and_values(broken):
     assert customers[cid(3)].club_member_status == "ACTIVE" and customers[cid(3)].age == 25
     tx_schema = dict(lake.read(TRANSACTIONS).dtypes)
     assert tx_schema == {"t_dat": "date", "customer_id": "string", "article_id": "string", "price": "double",
-                         "sales_channel_id": "smallint", "t_month": "string"}
-    assert rows(lake, TRANSACTIONS) == [
-        (date(2020, 9, 20), cid(1), "0108775015", 0.0508, 2, "2020-09"),
-        (date(2020, 9, 20), cid(1), "0108775015", 0.0508, 2, "2020-09"),
-        (date(2020, 9, 21), cid(1), "0110065001", 0.0508, 1, "2020-09"),
+                         "sales_channel_id": "smallint", "unit": "int", "t_month": "string"}
+    assert rows(lake, TRANSACTIONS) == [  # identical rows are units 1, 2, ... of one purchase: the row key
+        (date(2020, 9, 20), cid(1), "0108775015", 0.0508, 2, 1, "2020-09"),
+        (date(2020, 9, 20), cid(1), "0108775015", 0.0508, 2, 2, "2020-09"),
+        (date(2020, 9, 21), cid(1), "0110065001", 0.0508, 1, 1, "2020-09"),
     ]
     text = report.format()
     assert "transactions_train.csv" in text and ingest.UNKNOWN_ARTICLE in text

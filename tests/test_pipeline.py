@@ -135,16 +135,29 @@ def test_a_registry_outage_fails_the_stage_and_publishes_nothing(setup, registry
     assert {table: lake.version(table) for table in before} == before  # nothing decided, nothing published
 
 
-def test_nightly_adds_the_day_and_republishes(setup):
+def test_nightly_merges_the_day_s_drop_and_republishes_then_a_rerun_changes_nothing(setup):
     config, lake, _, _, generated, last_day = setup
     assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == last_day).count() == 0
     before = lake.version(RECOMMENDATIONS)
-    shutil.copy(generated / RAW_FILES[TRANSACTIONS], config.path(config.paths.raw_dir) / RAW_FILES[TRANSACTIONS])
-    summary = pipeline.nightly(config, last_day.isoformat())
-    assert summary["ingest"]["status"] == "done" and summary["score"]["status"] == "done"
-    assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == last_day).count() > 0
+    lines = (generated / RAW_FILES[TRANSACTIONS]).read_text().splitlines(keepends=True)
+    landing = config.path(config.landing_dir) / "transactions"
+    landing.mkdir(parents=True)
+    (landing / f"{last_day}.csv").write_text(lines[0] + "".join(line for line in lines if line.startswith(str(last_day))))
+    config.model.refresh = "warm"  # from the champion when the first run's gate promoted one, else full
+    summary = pipeline.nightly(config, last_day.isoformat(), out=lambda m: None)
+    assert summary["ingest"]["drop"] == "loaded" and summary["score"]["status"] == "done"
+    assert summary["train"]["refresh"].startswith(("warm from the champion", "no 'recsys-two-tower@champion'"))
+    day_rows = sum(1 for line in lines if line.startswith(str(last_day)))
+    assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == last_day).count() == day_rows
     assert lake.version(RECOMMENDATIONS) > before
     assert str(summary["score"]["as_of"]) == (last_day + dt.timedelta(days=1)).isoformat()
+    published = lake.version(RECOMMENDATIONS)
+    messages: list[str] = []
+    again = pipeline.nightly(config, last_day.isoformat(), out=messages.append)
+    assert again["ingest"]["drop"] == "unchanged"
+    assert all(again[s]["status"] == "up to date" for s in pipeline.STAGES[1:])
+    assert messages[-1].endswith("every stage is up to date: nothing new is published")
+    assert lake.version(RECOMMENDATIONS) == published
 
 
 def test_unknown_stage_is_an_error(setup):

@@ -1,0 +1,113 @@
+"""The nightly refresh from a daily drop, timed: `recsys nightly --date D`, then the same day again.
+
+Steps, in a fresh folder <data_dir>/bench-nightly (raw/, landing/, delta/, mlflow, checkpoints):
+  1. synth the profile's data plus one daily drop (the day after the two years), from the same simulation;
+  2. a full ingest of the raw CSVs (the tables the nightly starts from); with --prime, the whole pipeline too,
+     so that the nightly refreshes a trained, gated, published system (the steady state) rather than training
+     its first model;
+  3. `pipeline.nightly(D)`, timed: nightly_s;
+  4. the same call again, timed: rerun_s. It must load nothing and skip every later stage (checked).
+Peak memory is that of the whole process tree (driver, Spark JVM, Python workers) over steps 3 and 4, sampled
+by `ingest_full.ProcessTree`. Setup times (synth, ingest, prime) are recorded too, but are not the benchmark.
+
+Usage: python benchmarks/nightly_full.py [--scale full|small|tiny] [--prime] [--set K=V] [--out FILE]
+Writes benchmarks/results/nightly_<scale>.json (nightly_full.json at the default scale).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results"
+
+from ingest_full import ProcessTree  # noqa: E402  (one memory sampler for every benchmark)
+
+
+def timed(step, *args, **kwargs) -> tuple[object, float]:
+    started = time.perf_counter()
+    result = step(*args, **kwargs)
+    return result, round(time.perf_counter() - started, 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="full", choices=["tiny", "small", "full"])
+    parser.add_argument("--prime", action="store_true", help="run the whole pipeline before the nightly (untimed)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/nightly_<scale>.json")
+    args = parser.parse_args()
+
+    from recsys import ingest, pipeline, synth
+    from recsys.config import load_config
+    from recsys.spark import get_spark
+    from recsys.tables import RECOMMENDATIONS, TRANSACTIONS, Lakehouse
+
+    base = Path(load_config(args.scale).paths.data_dir).resolve() / "bench-nightly"
+    shutil.rmtree(base, ignore_errors=True)
+    config = load_config(args.scale, [
+        *args.set, f"paths.data_dir={base}", f"paths.raw_dir={base}/raw", f"paths.tables_dir={base}/delta",
+        f"paths.artifacts_dir={base}/artifacts", f"paths.checkpoint_dir={base}/checkpoints",
+    ])
+    day = dt.date.fromisoformat(config.synth.end_date) + dt.timedelta(days=1)
+    stats, synth_s = timed(synth.generate, config.synth, config.paths.raw_dir, drop_days=1,
+                           landing_dir=config.landing_dir)
+    lake = Lakehouse(get_spark(config, "bench-nightly"), config)
+    _, ingest_s = timed(ingest.run, lake, config.paths.raw_dir)
+    prime_s = timed(pipeline.run, config, out=print)[1] if args.prime else None
+
+    load_before = os.getloadavg()
+    messages: list[str] = []
+
+    def say(message: str) -> None:
+        messages.append(message)
+        print(message, flush=True)
+
+    with ProcessTree() as tree:
+        first, nightly_s = timed(pipeline.nightly, config, day.isoformat(), out=say)
+        published = lake.version(RECOMMENDATIONS)
+        again, rerun_s = timed(pipeline.nightly, config, day.isoformat(), out=say)
+    skipped = [s for s in pipeline.STAGES[1:] if again[s]["status"] == "up to date"]
+    if again["ingest"]["drop"] != "unchanged" or len(skipped) != len(pipeline.STAGES) - 1 \
+            or lake.version(RECOMMENDATIONS) != published:
+        raise SystemExit(f"the rerun of {day} was not a no-op: {json.dumps(again, default=str)}")
+    result = {
+        "benchmark": "nightly_full",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{psutil.cpu_count()} cores / {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+                   f"{platform.processor() or platform.machine()}",
+        "scale": args.scale,
+        "overrides": args.set,
+        "day": day.isoformat(),
+        "drop_rows": sum(stats["drops"].values()),
+        "transactions": lake.read(TRANSACTIONS).count(),
+        "nightly_s": nightly_s,
+        "rerun_s": rerun_s,
+        "peak_rss_gib": round(tree.peak / 2**30, 2),
+        "cpu_s": round(tree.cpu_s, 1),
+        "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+        "stages": {s: {k: first[s].get(k) for k in ("status", "seconds")} for s in pipeline.STAGES},
+        "train_refresh": first["train"].get("refresh"),
+        "rerun_says": messages[-1],
+        "setup_s": {"synth": synth_s, "ingest": ingest_s, "prime_pipeline": prime_s},
+    }
+    out = Path(args.out or RESULTS / f"nightly_{args.scale}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
