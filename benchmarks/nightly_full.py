@@ -8,7 +8,7 @@ Steps, in a fresh folder <data_dir>/bench-nightly (raw/, landing/, delta/, mlflo
   3. `pipeline.nightly(D)`, timed: nightly_s;
   4. the same call again, timed: rerun_s. It must load nothing and skip every later stage (checked).
 Peak memory is that of the whole process tree (driver, Spark JVM, Python workers) over steps 3 and 4, sampled
-by `ingest_full.ProcessTree`. Setup times (synth, ingest, prime) are recorded too, but are not the benchmark.
+by `measure.ProcessTree`. Setup times (synth, ingest, prime) are recorded too, but are not the benchmark.
 
 Usage: python benchmarks/nightly_full.py [--scale full|small|tiny] [--prime] [--set K=V] [--out FILE]
 Writes benchmarks/results/nightly_<scale>.json (nightly_full.json at the default scale).
@@ -19,20 +19,17 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from ingest_full import ProcessTree  # noqa: E402  (one memory sampler for every benchmark)
+from benchmarks.measure import ProcessTree, machine  # noqa: E402  (one memory sampler for every benchmark)
 
 
 def timed(step, *args, **kwargs) -> tuple[object, float]:
@@ -85,8 +82,7 @@ def main() -> int:
     result = {
         "benchmark": "nightly_full",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{psutil.cpu_count()} cores / {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-                   f"{platform.processor() or platform.machine()}",
+        "machine": machine(),
         "scale": args.scale,
         "overrides": args.set,
         "day": day.isoformat(),
