@@ -198,6 +198,9 @@ def test_every_task_runs_on_the_ml_runtime_with_retries():
 def test_targets_dev_in_development_mode_and_prod():
     targets = merged_bundle()["targets"]
     assert targets["dev"]["mode"] == "development" and targets["prod"]["mode"] == "production"
+    # prod pages someone on failure besides the email: a notification destination, per target
+    paging = targets["prod"]["resources"]["jobs"]["recsys_nightly"]["webhook_notifications"]["on_failure"]
+    assert paging == [{"id": "${var.failure_webhook_id}"}]
     assert set(merged_bundle()["variables"]) >= {"catalog", "schema", "model_name", "k"}
 
 
@@ -235,7 +238,8 @@ def test_artifact_builds_this_project_and_tasks_install_it():
 @pytest.mark.parametrize("target", ["dev", "prod"])
 def test_wheel_task_parameters_are_accepted_by_the_cli(target):
     bundle = merged_bundle()
-    context = target_context(bundle, target, {"alert_email": "oncall@example.com"} if target == "prod" else None)
+    context = target_context(bundle, target, {"alert_email": "oncall@example.com", "failure_webhook_id": "0a1b2c"}
+                             if target == "prod" else None)
     values = resolve(context["var"], context, f"target {target} variables")
     model = resolve(context["resources"]["registered_models"]["two_tower"], context, "registered model")
     steps, options = [], set()
