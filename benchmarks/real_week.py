@@ -238,13 +238,20 @@ def main() -> int:
             "feature_importance": fit.model.importances().head(15).round(4).to_dict(orient="records"),
             "notes": notes,
         }
+        def save() -> None:  # after the headline and after each ablation variant: a long run keeps what it has
+            result["timings"] = {**bench.timings, "total_s": round(time.perf_counter() - started, 1)}
+            RESULT.parent.mkdir(parents=True, exist_ok=True)
+            RESULT.write_text(json.dumps(result, indent=2, default=str))
+            write_section(result)
+
+        save()
+        print(json.dumps(result["metrics"], indent=1, default=str), flush=True)
         if args.ablation:
-            result["ablation"] = ablation(bench, encoder, scores)
-        result["timings"] = {**bench.timings, "total_s": round(time.perf_counter() - started, 1)}
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(result, indent=2, default=str))
-        write_section(result)
-        print(json.dumps(result["metrics"], indent=1, default=str))
+            result["ablation"] = []
+            for row in ablation(bench, encoder, scores):
+                result["ablation"].append(row)
+                print(f"ablation: {row}", flush=True)
+                save()
         print(f"wrote {RESULT} and the '{SECTION}' section of {DOC}")
     finally:
         if not args.keep:
@@ -252,23 +259,23 @@ def main() -> int:
     return 0
 
 
-def ablation(bench: Bench, encoder, full: dict) -> list[dict]:
-    """MAP@12 / Recall@12 of the system with each source removed, of a plain merge, and of two-tower variants."""
+def ablation(bench: Bench, encoder, full: dict):
+    """MAP@12 / Recall@12 of the system with each source removed, of a plain merge, and of two-tower variants,
+    one row at a time as each is measured."""
     sources = list(bench.config.candidates.sources)
-    out = [{"variant": "full system", **_pick(full["two_stage"])}]
+    yield {"variant": "full system", **_pick(full["two_stage"])}
     with bench.timed("ablation_s"):
         for source in sources:
             _, lists = bench.system(encoder, [s for s in sources if s != source])
-            out.append({"variant": f"without {source}", **_pick(bench.scores({"x": lists}).loc["x"])})
+            yield {"variant": f"without {source}", **_pick(bench.scores({"x": lists}).loc["x"])}
             lists.unpersist()
-        out.append({"variant": "plain merge of the sources (no ranker)",
-                    **_pick(bench.scores({"x": bench.merged(encoder)}).loc["x"])})
-        out.append({"variant": "two-tower alone (history + id)", **_pick(full["two_tower"])})
+        yield {"variant": "plain merge of the sources (no ranker)",
+               **_pick(bench.scores({"x": bench.merged(encoder)}).loc["x"])}
+        yield {"variant": "two-tower alone (history + id)", **_pick(full["two_tower"])}
         for label, model in (("two-tower alone, no history input", {"use_history": False}),
                              ("two-tower alone, no customer-id embedding", {"customer_id_embedding": False})):
             variant, _ = bench.two_tower(**model)
-            out.append({"variant": label, **_pick(bench.scores({"x": bench.two_tower_lists(variant)}).loc["x"])})
-    return out
+            yield {"variant": label, **_pick(bench.scores({"x": bench.two_tower_lists(variant)}).loc["x"])}
 
 
 def _pick(row) -> dict:
