@@ -105,6 +105,7 @@ def catalogue_popularity(catalogue: DataFrame, train: DataFrame | None) -> DataF
         sold = articles.select("article_id", F.lit(0).alias("n")).limit(0)
     else:
         sold = train.groupBy("article_id").agg(F.count(F.lit(1)).alias("n"))
+    # whole-catalogue count and rank on one partition, on purpose: one row per article (<= 105 K rows)
     whole = Window.partitionBy()
     return (
         articles.join(sold, "article_id", "left")

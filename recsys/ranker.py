@@ -185,7 +185,8 @@ def training_rows(labelled: DataFrame, negatives_per_customer: int, seed: int) -
     order = Window.partitionBy("customer_id", LABEL).orderBy(F.rand(seed))
     kept = useful.withColumn("_n", F.row_number().over(order)).filter(
         (F.col(LABEL) == 1) | (F.col("_n") <= negatives_per_customer)).drop("_n")
-    # XGBoost wants a non-negative integer query id, sorted: number the (few) customers, not the rows
+    # XGBoost wants a non-negative integer query id, sorted: number the customers, not the rows; one partition
+    # on purpose (one row per customer who bought in the label window: tens of thousands at full scale)
     ids = kept.select("customer_id").distinct().withColumn(
         "qid", F.row_number().over(Window.orderBy("customer_id")).cast("int"))
     return kept.join(ids, "customer_id")
