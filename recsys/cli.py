@@ -203,10 +203,19 @@ def _nightly(config: Config, args: argparse.Namespace) -> int:
 def _demo(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
 
-    status = pipeline.demo(config)
-    if status == 0:
+    outcome = pipeline.demo(config)
+    if outcome == 0:
+        from recsys import status
+        from recsys.spark import get_spark
+        from recsys.tables import Lakehouse
+
+        lake = Lakehouse(get_spark(config), config)
+        state = status.collect(lake)
         print(next_steps(config))
-    return status
+        print(f"  run status   {'.venv/bin/recsys --profile ' + config.profile} status    "
+              f"({status.write_html(lake, state)})")
+        print("\n" + status.format_text(state))
+    return outcome
 
 
 def next_steps(config: Config) -> str:

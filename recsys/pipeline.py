@@ -381,7 +381,7 @@ def demo(config: Config) -> int:
         stats = synth.generate(config.synth, str(raw))
         print(f"[   synth] done: {json.dumps({k: v for k, v in stats.items() if k != 'paths'}, default=str)}")
     try:
-        summary = run(config)
+        run(config)
     except StageFailed as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
@@ -403,20 +403,6 @@ def demo(config: Config) -> int:
                      if decision["publish"] == "model" else
                      f"the best baseline ({decision['publish'].split(':', 1)[1]}): no model beat it on the week")
         print(f"\npublished: {published}\n  gate: {decision['reason']}")
-    report = summary.get("evaluate", {}).get("report")
-    profile = f"--profile {config.profile}"
-    print("\nwhere to look next:")
-    print(f"  the page and the API   make serve PROFILE={config.profile}   (then http://127.0.0.1:8000/)")
-    if report:
-        print(f"  evaluation report      {report}")
-    print(f"  SQL                    .venv/bin/recsys {profile} sql \"SELECT source, count(*) FROM recommendations "
-          f"GROUP BY source\"")
-    print(f"  MLflow                 .venv/bin/mlflow ui --backend-store-uri {config.tracking_uri}")
-    print(f"  Delta tables           {config.path(config.paths.tables_dir)}")
-    print(f"  run status             .venv/bin/recsys {profile} status   ({summary.get('status_page', '')})")
-    from recsys import status
-
-    print("\n" + status.format_text(status.collect(lake)))
     return 0
 
 

@@ -18,3 +18,13 @@ def with_declared_columns(df: DataFrame, table: str) -> DataFrame:
         return F.lit(value).cast(field.dataType).alias(field.name)
 
     return df.select(*[F.col(f.name) if f.name in df.columns else filler(f) for f in declared_schema(table).fields])
+
+
+def with_units(transactions: DataFrame) -> DataFrame:
+    """+ `unit`, the row key's ordinal among identical rows of a day (as ingest numbers them, in row order)."""
+    from pyspark.sql import Window
+
+    from recsys.tables import TRANSACTION_KEY
+
+    same = Window.partitionBy(*TRANSACTION_KEY[:-1]).orderBy(F.monotonically_increasing_id())
+    return transactions.withColumn("unit", F.row_number().over(same).cast("int"))

@@ -17,6 +17,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from declared import with_units
 from recsys.config import load_config
 from recsys.tables import (
     ARTICLE_FEATURES, ARTICLES, ARTICLES_SCHEMA, CUSTOMER_FEATURES, CUSTOMERS, CUSTOMERS_SCHEMA, TRANSACTIONS,
@@ -78,7 +79,7 @@ def transactions_rows() -> list[tuple]:
 
 def _transactions(spark: SparkSession):
     df = spark.createDataFrame(transactions_rows(), TRANSACTIONS_SCHEMA)
-    return df.withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
+    return with_units(df).withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
 
 
 def _customer_features(spark: SparkSession):

@@ -7,7 +7,7 @@ import random
 
 import pandas as pd
 import pytest
-from declared import with_declared_columns
+from declared import with_declared_columns, with_units
 from pyspark.sql import functions as F
 
 from recsys import evaluate as E
@@ -118,7 +118,7 @@ def week_lake(lake, spark):
             rows.append((start + dt.timedelta(days=day), f"cust{c}", article, 0.01, 2))
     tx = spark.createDataFrame(rows, "t_dat date, customer_id string, article_id string, price double, sales_channel_id int")
     tx = tx.withColumn("sales_channel_id", F.col("sales_channel_id").cast("short")).withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
-    lake.write(tx, TRANSACTIONS)
+    lake.write(with_units(tx), TRANSACTIONS)
     customers = spark.createDataFrame([(f"cust{c}", 20 + 10 * c) for c in range(7)], "customer_id string, age int")
     articles = spark.createDataFrame([(f"{i:010d}", "Ladieswear") for i in range(8)],
                                      "article_id string, index_group_name string")

@@ -17,7 +17,7 @@ import datetime as dt
 
 import pytest
 from chispa import assert_approx_df_equality, assert_df_equality
-from declared import with_declared_columns
+from declared import with_declared_columns, with_units
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -281,7 +281,7 @@ def _load(lake, customers, articles, transactions) -> None:
     # ingest would quarantine C (no graphical appearance): the lake holds it with A's
     valid = articles.fillna({"graphical_appearance_no": 1010016})
     lake.write(with_declared_columns(valid, ARTICLES), ARTICLES)
-    lake.write(transactions.withColumn("t_month", F.date_format("t_dat", "yyyy-MM")), TRANSACTIONS)
+    lake.write(with_units(transactions).withColumn("t_month", F.date_format("t_dat", "yyyy-MM")), TRANSACTIONS)
 
 
 def _ids(lake, table, key, idx) -> dict[str, int]:

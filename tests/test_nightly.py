@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from declared import with_declared_columns
 from pyspark.sql import functions as F
 from test_ingest import GOOD_CUSTOMER, article_line, cid, tx, write_raw
 from test_train import configure, planted_taste, write_world
@@ -366,11 +367,12 @@ def test_synth_writes_daily_drops_that_continue_the_main_file(tmp_path):
 
 def test_a_table_from_before_the_row_key_names_the_fix(lake, tmp_path):
     spark = lake.spark
-    lake.write(spark.createDataFrame([("0108775015",)], "article_id string"), ARTICLES)
+    lake.write(with_declared_columns(spark.createDataFrame([("0108775015",)], "article_id string"), ARTICLES),
+               ARTICLES)
     old = spark.createDataFrame([(date(2020, 9, 22), cid(1), "0108775015", 0.05, 2)],
                                 "t_dat date, customer_id string, article_id string, price double, "
                                 "sales_channel_id short").withColumn("t_month", F.lit("2020-09"))
-    lake.write(old, TRANSACTIONS)
+    old.write.format("delta").partitionBy("t_month").save(lake.location(TRANSACTIONS))  # as the old code wrote it
     write_drop(tmp_path, FIRST, [tx(FIRST.isoformat())])
     before = lake.version(TRANSACTIONS)
     with pytest.raises(ingest.IngestError, match="has no 'unit' column .* run a full `recsys ingest` once"):

@@ -11,6 +11,7 @@ from pyspark import cloudpickle
 from pyspark.sql import functions as F
 
 import scoring_data as data
+from declared import with_units
 from recsys import evaluate, score, two_stage
 from recsys.tables import RECOMMENDATIONS, TRANSACTIONS, TRANSACTIONS_SCHEMA
 
@@ -48,7 +49,8 @@ def test_the_ranker_learns_only_from_the_label_window_before_the_evaluation_week
     # purchases in the evaluation week (on or after `until`) change nothing
     future = [(until + dt.timedelta(days=d), c, data.ARTICLE_IDS[33], 0.05, 2) for d in range(3)
               for c in data.WITH_HISTORY]
-    extra = spark.createDataFrame(future, TRANSACTIONS_SCHEMA).withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
+    extra = with_units(spark.createDataFrame(future, TRANSACTIONS_SCHEMA)).withColumn(
+        "t_month", F.date_format("t_dat", "yyyy-MM"))
     other = data.copy_lake(spark, seed, tmp_path / "with-future", *SETTINGS)
     other.write(extra, TRANSACTIONS, mode="append")
     _, again, _ = two_stage.ranker_rows(other, None, until)
