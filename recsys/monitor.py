@@ -147,9 +147,12 @@ def feature_drift(current: DataFrame, previous: DataFrame | None, columns: list[
 
 # --- thresholds ------------------------------------------------------------------------------------------------
 def checks(mc: MonitoringConfig, stats: dict[str, Any], kept: float | None,
-           drift: dict[str, float | None]) -> list[Check]:
+           drift: dict[str, float | None], popularity_only: bool = False) -> list[Check]:
+    """Every measurement against its thresholds. `popularity_only` lists are all fill by design: their fallback
+    share is recorded without thresholds."""
+    fallback = (None, None) if popularity_only else (mc.fallback_share_warn, mc.fallback_share_block)
     out = [
-        Check("fallback_share", stats.get("fallback_share"), mc.fallback_share_warn, mc.fallback_share_block, "max"),
+        Check("fallback_share", stats.get("fallback_share"), *fallback, "max" if not popularity_only else "none"),
         Check("catalogue_coverage", stats.get("catalogue_coverage"), mc.coverage_warn, mc.coverage_block, "min"),
         Check("concentration", stats.get("concentration"), mc.concentration_warn, mc.concentration_block, "max"),
         Check("score_null_share", stats.get("score_null_share"), mc.score_null_warn, mc.score_null_block, "max"),
@@ -177,7 +180,8 @@ def previous_snapshot(lake, table: str, as_of: dt.date) -> DataFrame | None:
     return None if before is None else df.where(F.col("as_of") == F.lit(before))
 
 
-def check_before_publish(lake, staged: DataFrame, run_id: str, as_of: dt.date | None) -> list[Check]:
+def check_before_publish(lake, staged: DataFrame, run_id: str, as_of: dt.date | None,
+                         popularity_only: bool = False) -> list[Check]:
     """Measure the staged lists (and the customer features of `as_of` against the snapshot before), record
     every check in `publish_checks`, and raise `PublishBlocked` when a hard threshold is crossed."""
     from recsys.tables import ARTICLES, CUSTOMER_FEATURES, PUBLISH_CHECKS, PUBLISH_CHECKS_SCHEMA, RECOMMENDATIONS
@@ -191,7 +195,7 @@ def check_before_publish(lake, staged: DataFrame, run_id: str, as_of: dt.date | 
         current = features.where(F.col("as_of") == F.lit(as_of))
         numeric = [c for c in features.columns if c.startswith("num_")]
         drift = feature_drift(current, previous_snapshot(lake, CUSTOMER_FEATURES, as_of), numeric, mc.psi_bins)
-    checked = checks(mc, stats, kept, drift)
+    checked = checks(mc, stats, kept, drift, popularity_only)
     at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     lake.write(lake.spark.createDataFrame(rows(run_id, as_of, checked, stats, at), PUBLISH_CHECKS_SCHEMA),
                PUBLISH_CHECKS, mode="append")

@@ -153,14 +153,15 @@ def write_for_lookup(lake: Lakehouse, recs: DataFrame, name: str = RECOMMENDATIO
 
 
 def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | None = None,
-            k: int | None = None, as_of: dt.date | None = None) -> dict[str, Any]:
+            k: int | None = None, as_of: dt.date | None = None, popularity_only: bool = False) -> dict[str, Any]:
     """Stage, validate, check (recsys.monitor), then replace `recommendations` in one commit, and the named
     companion table after it.
 
     `recs` needs customer_id, rank, article_id, score, source. A failure in the computation of `recs`, the
     validation or a blocking check writes nothing to the published tables; a failure in either write puts both
     back to their previous version (`Lakehouse.restore_on_failure`). `as_of`: the feature snapshot the lists
-    were scored from (its drift against the one before is checked).
+    were scored from (its drift against the one before is checked). `popularity_only`: lists that are all
+    popularity by design (the walking skeleton), so their fallback share is recorded, not checked.
     """
     config = lake.config
     k = k or config.scoring.k
@@ -169,7 +170,8 @@ def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | 
     lake.write(staged_df, RECOMMENDATIONS_STAGING)  # the whole computation runs here, once
     staged = lake.read(RECOMMENDATIONS_STAGING)
     report = validate(staged, lake.read(CUSTOMERS), k)
-    checked = monitor.check_before_publish(lake, staged, run_id, as_of) if config.monitoring.enabled else []
+    checked = (monitor.check_before_publish(lake, staged, run_id, as_of, popularity_only)
+               if config.monitoring.enabled else [])
     articles = lake.read(ARTICLES)
     with lake.restore_on_failure(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
         with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version):

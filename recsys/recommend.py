@@ -150,7 +150,7 @@ def run_popularity(lake: Lakehouse, cutoff: dt.date | str | None = None) -> dict
     popular = popularity_lists(lake, cutoff, k).cache()
     try:
         recs = complete_lists(None, customer_segments(lake.read(CUSTOMERS)), popular, k)
-        summary = publish(lake, recs, model_version=f"popularity@{cutoff.isoformat()}", k=k)
+        summary = publish(lake, recs, model_version=f"popularity@{cutoff.isoformat()}", k=k, popularity_only=True)
     finally:
         popular.unpersist()
     return {**summary, "cutoff": cutoff.isoformat()}

@@ -58,3 +58,12 @@ def test_fill_sources_are_the_ones_recommend_writes():
     from recsys.recommend import SOURCE_AGE_BUCKET, SOURCE_GLOBAL
 
     assert set(monitor.FILL_SOURCES) == {SOURCE_AGE_BUCKET, SOURCE_GLOBAL}
+
+
+def test_popularity_only_lists_record_their_fallback_share_without_blocking():
+    mc = MonitoringConfig()
+    stats = {"fallback_share": 1.0, "catalogue_coverage": 0.5, "concentration": 0.1, "score_null_share": 0.0}
+    model = {c.name: c.status for c in monitor.checks(mc, stats, None, {})}
+    skeleton = {c.name: (c.status, c.direction) for c in monitor.checks(mc, stats, None, {}, popularity_only=True)}
+    assert model["fallback_share"] == "block"  # a model whose every row is a fill produced nothing
+    assert skeleton["fallback_share"] == ("ok", "none")
