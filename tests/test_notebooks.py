@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import scoring_data as data
-from recsys import notebook
+from recsys import monitor, notebook
 from recsys.recommend import SOURCE_GLOBAL, SOURCE_MODEL
 from recsys.tables import RECOMMENDATIONS, RECOMMENDATIONS_SCHEMA
 
@@ -49,6 +49,7 @@ def scored_lake(spark, tmp_path_factory):
     rows += [(c, r, data.ARTICLE_IDS[r - 1], 0.5, SOURCE_GLOBAL, "test-1", "run-1", generated)
              for c in data.NEW for r in (1, 2, 3)]
     lake.write(spark.createDataFrame(rows, RECOMMENDATIONS_SCHEMA), RECOMMENDATIONS)
+    monitor.check_before_publish(lake, lake.read(RECOMMENDATIONS), "run-1", None)  # its `publish_checks` rows
     return lake
 
 
