@@ -31,7 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.measure import write_result  # noqa: E402
 
 import published_full  # noqa: E402
 
@@ -169,8 +171,7 @@ def main() -> int:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_average_at_end": os.getloadavg(),
     })
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2, default=str))
+    write_result(RESULT, result)
     print(f"wrote {RESULT}")
     return 0
 

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import ProcessTree, machine  # noqa: E402
+from benchmarks.measure import ProcessTree, machine, write_result  # noqa: E402
 
 N_CUSTOMERS, N_ARTICLES, DIM, K = 1_371_980, 105_542, 64, 12
 RESULT = ROOT / "benchmarks" / "results" / "score_full.json"
@@ -185,8 +185,7 @@ def main() -> int:
         "process_tree_sampled": memory.peak / 2**30,
     }
     result["load_average_at_end"] = os.getloadavg()
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2, default=str))
+    write_result(RESULT, result)
     print(f"wrote {RESULT}")
     return 0
 
