@@ -8,13 +8,13 @@ says the same on a laptop and on a Databricks job cluster.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 from pyspark.sql import functions as F
 
-from recsys.tables import GATE_DECISIONS, PIPELINE_RUNS, PUBLISH_CHECKS, RECOMMENDATIONS, Lakehouse
+from recsys.monitor import DRIFT_PREFIX
+from recsys.tables import PIPELINE_RUNS, PUBLISH_CHECKS, RECOMMENDATIONS, Lakehouse
 
 
 def last_run(lake: Lakehouse) -> list[dict[str, Any]]:
@@ -44,15 +44,10 @@ def published(lake: Lakehouse) -> dict[str, Any] | None:
     return {"version": lake.version(RECOMMENDATIONS), **row.asDict(), "checks": checks}
 
 
-def decision(lake: Lakehouse) -> dict[str, Any] | None:
-    if not lake.exists(GATE_DECISIONS):
-        return None
-    row = lake.read(GATE_DECISIONS).orderBy(F.desc("decided_at")).limit(1).first()
-    return None if row is None else row.asDict()
-
-
 def collect(lake: Lakehouse) -> dict[str, Any]:
-    runs, lists, gate = last_run(lake), published(lake), decision(lake)
+    from recsys.evaluate import latest_decision
+
+    runs, lists, gate = last_run(lake), published(lake), latest_decision(lake)
     warnings = [f"stage {r['stage']} failed: {r['message']}" for r in runs if r["status"] == "failed"]
     warnings += [f"check {c['check']} = {c['value']:.4g} ({c['status']})" for c in (lists or {}).get("checks", [])
                  if c["status"] != "ok" and c["value"] is not None]
@@ -85,11 +80,16 @@ def format_text(status: dict[str, Any]) -> str:
     lines.append(published_line(lists))
     if lists:
         checked = [c for c in lists["checks"] if c["direction"] != "none"]
-        if checked:
-            lines.append("  checks: " + ", ".join(f"{c['check']} {_value(c['value'])} {c['status']}" for c in checked))
+        drift = [c for c in checked if c["check"].startswith(DRIFT_PREFIX) and c["value"] is not None]
+        shown = [c for c in checked if not c["check"].startswith(DRIFT_PREFIX) or c["status"] != "ok"]
+        if checked:  # every drift check that is not ok is shown; the ok ones as their largest value
+            worst = max(drift, key=lambda c: c["value"], default=None)
+            lines.append("  checks: " + ", ".join(f"{c['check']} {_value(c['value'])} {c['status']}" for c in shown)
+                         + (f"; feature drift (PSI) of {len(drift)} features, largest {worst['check']} "
+                            f"{_value(worst['value'])}" if worst else ""))
     gate = status["gate"]
     if gate:
-        champion = json.loads(gate["champion"]) if gate.get("champion") else {}
+        champion = gate["champion"]  # parsed by latest_decision
         lines.append(f"gate ({gate['decided_at']:%Y-%m-%d %H:%M}, test week {gate['test_week']}): publish "
                      f"{gate['publish']}; champion {champion or 'none'}; {gate['metric']} challenger "
                      f"{_value(gate['challenger_value'])}, champion {_value(gate['champion_value'])}, best baseline "
