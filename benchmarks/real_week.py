@@ -161,9 +161,10 @@ class Bench:
     def scores(self, recommenders: dict) -> "object":
         """Metrics of each recommender on the test days: pandas rows model -> headline metrics ('all')."""
         from recsys import evaluate
+        from recsys.spark_metrics import ALL
 
         metrics, _ = evaluate.evaluate_week(self.week, recommenders, self.config, curves=False)
-        overall = metrics[metrics["segment"] == evaluate.ALL]
+        overall = metrics[metrics["segment"] == ALL]
         return overall.pivot_table(index="model", columns="metric", values="value")
 
     def baselines(self) -> dict:
@@ -190,7 +191,8 @@ def main() -> int:
     if not REAL.is_dir():
         print(f"skipped: {REAL} not present")
         return 0
-    from recsys import evaluate, two_stage
+    from recsys import two_stage
+    from recsys.gate import gate
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="real-week-"))
     started = time.perf_counter()
@@ -209,7 +211,7 @@ def main() -> int:
             table = bench.scores(recommenders)
         scores = {m: dict(row) for m, row in table.iterrows()}
         baselines = {m: v for m, v in scores.items() if m in config.evaluation.baselines}
-        decision = evaluate.gate(config, scores["two_stage"], None, baselines)
+        decision = gate(config, scores["two_stage"], None, baselines)
         published = "two_stage" if decision.publish == "model" else decision.publish.split(":", 1)[1]
         rows = [{"model": "published", **scores[published]}] + [
             {"model": m, **v} for m, v in sorted(scores.items(), key=lambda kv: -kv[1]["map_at_12"])]

@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from recsys import synth
+from recsys import realism, synth
 from recsys.config import PROJECT_ROOT, load_config
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -72,8 +72,8 @@ def main() -> None:
 
     if not args.no_compare:
         t1 = time.perf_counter()
-        report = synth.compare(str(out))
-        text = synth.format_report(report)
+        report = realism.compare(str(out))
+        text = realism.format_report(report)
         (RESULTS / "synth_full_compare.txt").write_text(text + "\n")
         result["compare_seconds"] = round(time.perf_counter() - t1, 1)
         result["compare_outside"] = report["outside"]

@@ -31,7 +31,7 @@ import json
 
 import datetime as dt
 
-from recsys import evaluate, features, notebook, train, two_stage
+from recsys import evaluate, features, notebook, report, train, two_stage
 from recsys.model import load_encoder
 from recsys.split import default_test_start
 from recsys.tables import TRANSACTIONS
@@ -80,5 +80,5 @@ ranker_version = two_stage.log_ranker(config, ranker, trained["model_version"], 
 
 # COMMAND ----------
 
-report = evaluate.run(lake, test_start=test_start)
-print(evaluate.format_report(report))
+evaluation = evaluate.run(lake, test_start=test_start)
+print(report.format_report(evaluation))

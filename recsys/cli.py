@@ -34,11 +34,11 @@ def _spark(config: Config, name: str):
 
 @command("synth")
 def _synth(config: Config, args: argparse.Namespace) -> int:
-    from recsys import synth
+    from recsys import realism, synth
 
     if args.compare:
-        report = synth.compare(args.compare)
-        print(synth.format_report(report))
+        report = realism.compare(args.compare)
+        print(realism.format_report(report))
         return 0
     if args.scale:
         config = load_config(args.scale, args.set, args.conf)
@@ -170,12 +170,13 @@ def _publish(config: Config, args: argparse.Namespace) -> int:
 @command("evaluate")
 def _evaluate(config: Config, args: argparse.Namespace) -> int:
     from recsys import evaluate
+    from recsys.report import format_report
 
     spark, lake = _spark(config, "evaluate")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     report = evaluate.run(lake, test_start=args.test_start or config.split.test_start or None, models=models,
                           gate_challenger=args.gate)
-    print(evaluate.format_report(report))
+    print(format_report(report))
     return 0
 
 

@@ -169,9 +169,10 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     one path; then the gate, which also decides what `score` publishes."""
     from recsys import evaluate
     from recsys.metrics import metric_name
+    from recsys.report import format_report
 
     report = evaluate.run(ctx.lake, test_start=ctx.test_start(), gate_challenger=True)
-    ctx.out(evaluate.format_report(report))
+    ctx.out(format_report(report))
     k = ctx.config.evaluation.k
     table = report["table"]
     return {
@@ -217,13 +218,13 @@ def fingerprint(stage: str, ctx: Context) -> str:
 
 
 def _system(config: Config) -> Any:
-    from recsys.evaluate import system_versions
+    from recsys.registry import system_versions
 
     return system_versions(config)
 
 
 def _decision(lake: Lakehouse) -> Any:
-    from recsys.evaluate import latest_decision
+    from recsys.gate import latest_decision
 
     decision = latest_decision(lake)
     return None if decision is None else {k: decision[k] for k in ("decided_at", "publish", "champion")}
@@ -395,7 +396,7 @@ def demo(config: Config) -> int:
     for customer_id in _sample_customers(lake):
         print()
         print(recommend.format_list(recommend.lookup(lake, customer_id)))
-    from recsys.evaluate import latest_decision
+    from recsys.gate import latest_decision
 
     decision = latest_decision(lake)
     if decision is not None:

@@ -15,7 +15,7 @@ What "does not exist" looks like, by registry:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -109,3 +109,32 @@ class Registry:
             f"model registry {_shown(self.uri)} could not be read for {what} ({reason}: {exc}); stopping here "
             "rather than reading it as 'not there', so nothing is promoted or published"
         )
+
+
+# --- systems: a two-tower version and the ranker trained on it, under one alias ------------------------------
+def system_versions(config: Config) -> dict[str, dict[str, str]]:
+    """alias -> the system under it: {two-tower name: version[, ranker name: version]}.
+
+    A ranker version carries the two-tower version it was trained with (tag `two_tower_version`): that pair is
+    one system. A two-tower alias without a ranker is a system of its own (scored by the model alone). A
+    registry that cannot answer raises `RegistryUnavailable`: it never reads as "no champion"."""
+    registry = Registry.of(config)
+    towers = registry.aliases(config.mlflow.registered_model)
+    rankers = registry.aliases(config.mlflow.ranker_model)
+    out: dict[str, dict[str, str]] = {}
+    for alias in (CHALLENGER, CHAMPION):
+        if alias in rankers:
+            version = registry.version(config.mlflow.ranker_model, rankers[alias])
+            tower = version.tags.get("two_tower_version") or towers.get(alias)
+            out[alias] = {config.mlflow.registered_model: str(tower), config.mlflow.ranker_model: rankers[alias]}
+        elif alias in towers:
+            out[alias] = {config.mlflow.registered_model: towers[alias]}
+    return out
+
+
+def system_label(config: Config, system: Mapping[str, str]) -> str:
+    """'two_tower=3,ranker=2': the versions a list came from (recorded with every publish)."""
+    names = {config.mlflow.registered_model: "two_tower", config.mlflow.ranker_model: "ranker"}
+    order = list(names)  # retrieval first, then the ranker over it, whatever order the versions came in
+    models = sorted(system, key=lambda n: (order.index(n) if n in order else len(order), n))
+    return ",".join(f"{names.get(n, n)}={system[n]}" for n in models)

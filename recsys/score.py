@@ -28,7 +28,7 @@ from recsys.popularity import UNKNOWN
 from recsys.publish import conform, new_run_id, publish
 from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, customer_segments, popularity_lists
 from recsys.features import read_snapshot
-from recsys.registry import CHALLENGER, CHAMPION, Registry
+from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label
 from recsys.split import as_date, before
 from recsys.tables import ARTICLE_FEATURES, CUSTOMER_FEATURES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
@@ -273,10 +273,11 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
     beat the best baseline on the evaluated week, that baseline's lists (source = its name), as of `as_of`
     (default: the latest feature snapshot) for every customer."""
     from recsys import baselines, evaluate
+    from recsys.gate import latest_decision
 
     config = lake.config
     started = time.perf_counter()
-    decision = evaluate.latest_decision(lake)
+    decision = latest_decision(lake)
     if decision is None or not decision.get("publish"):
         raise ValueError("nothing decided to publish: run the evaluation with the gate first (`recsys evaluate "
                          "--gate`, the pipeline's evaluate stage)")
@@ -286,7 +287,7 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
         system = decision["champion"]
         if not system:
             raise ValueError("the latest gate decision publishes the model, but names no champion system")
-        version = evaluate.system_label(config, system)
+        version = system_label(config, system)
         recs = evaluate.system_recommender(lake, system, snapshot, None, write_candidates=True)
     elif choice.startswith("baseline:"):
         name = choice.split(":", 1)[1]

@@ -45,7 +45,7 @@ def published(lake: Lakehouse) -> dict[str, Any] | None:
 
 
 def collect(lake: Lakehouse) -> dict[str, Any]:
-    from recsys.evaluate import latest_decision
+    from recsys.gate import latest_decision
 
     runs, lists, gate = last_run(lake), published(lake), latest_decision(lake)
     warnings = [f"stage {r['stage']} failed: {r['message']}" for r in runs if r["status"] == "failed"]

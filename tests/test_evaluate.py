@@ -11,7 +11,10 @@ from declared import with_declared_columns, with_units
 from pyspark.sql import functions as F
 
 from recsys import evaluate as E
+from recsys import gate as G
 from recsys import metrics as M
+from recsys import report as R
+from recsys import spark_metrics as S
 from recsys.config import load_config
 from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, TRANSACTIONS
 
@@ -38,7 +41,7 @@ def test_spark_metrics_match_hand_computed_vectors(spark):
     bought = {"c1": ["b", "d", "d", "x"], "c2": ["a"], "c4": ["b", "d"]}  # c2: no list; c3: bought nothing
     catalogue = spark.createDataFrame([(a,) for a in "abcdxz"], "article_id string")
     train = buys_df(spark, {"old": ["a"] * 5 + ["b", "c"]})
-    out = as_dict(E.evaluate_recommendations(recs_df(spark, lists), buys_df(spark, bought), [2, 12], None, catalogue, train))
+    out = as_dict(S.evaluate_recommendations(recs_df(spark, lists), buys_df(spark, bought), [2, 12], None, catalogue, train))
     assert out["customers"] == 3
     ap_c4_at_2 = 1 / 2                                                       # b hit at 1, repeat b wastes slot 2
     assert out["map_at_2"] == pytest.approx((0 / 3 * 0 + 1 / 2 / 2 + 0 + ap_c4_at_2) / 3)
@@ -79,7 +82,7 @@ def test_spark_agrees_with_reference_on_generated_data(spark, seed):
     ks = [1, 5, 12, 20]
     seg_df = spark.createDataFrame(segments, "customer_id string, segment string")
     catalogue = spark.createDataFrame([(a,) for a in articles], "article_id string")
-    out = E.evaluate_recommendations(
+    out = S.evaluate_recommendations(
         recs_df(spark, lists), buys_df(spark, bought), ks, seg_df, catalogue, spark.createDataFrame(train, BUYS)
     )
     train_counts = M.counts(a for _, a in train)
@@ -90,7 +93,7 @@ def test_spark_agrees_with_reference_on_generated_data(spark, seed):
             ks, catalogue=articles, train_counts=train_counts,
         )
         assert as_dict(out, segment) == pytest.approx(reference), segment
-    curve = E.recall_curve(recs_df(spark, lists), buys_df(spark, bought), 30)
+    curve = S.recall_curve(recs_df(spark, lists), buys_df(spark, bought), 30)
     assert curve["recall"].tolist() == pytest.approx(M.recall_curve(lists, bought, 30).tolist())
     assert curve["recall"].iloc[11] == pytest.approx(as_dict(out)["recall_at_12"])
 
@@ -100,7 +103,7 @@ def test_customer_segments_by_history_and_age(spark):
     customers = spark.createDataFrame(
         [("long", 30), ("short", None), ("new", 60)], "customer_id string, age int"
     )
-    rows = {(r.customer_id, r.segment) for r in E.customer_segments(train, customers, 5).collect()}
+    rows = {(r.customer_id, r.segment) for r in S.customer_segments(train, customers, 5).collect()}
     assert rows == {
         ("long", "history:long"), ("short", "history:short"), ("new", "history:none"),
         ("long", "age:25-34"), ("short", "age:unknown"), ("new", "age:55+"),
@@ -145,7 +148,7 @@ def test_evaluate_all_writes_table_and_report(week_lake, spark, tmp_path):
     assert week_lake.read(EVALUATION_RUNS).count() == runs.count()
     page = report_path.read_text()
     assert page.count("data:image/png;base64,") >= 4 and "Recall@K" in page and "perfect" in page
-    text = E.format_report(report)
+    text = R.format_report(report)
     assert "perfect" in text and "map_at_12" in text and "2020-09-08 .. 2020-09-14" in text
 
 
@@ -157,33 +160,33 @@ def test_empty_test_week_is_a_clear_error(week_lake):
 def test_gate_rule():
     config = load_config("tiny", ["evaluation.gate_tolerance=0.001"])
     base = {"repurchase": {"map_at_12": 0.0180}, "als": {"map_at_12": 0.0150}}
-    within = E.gate(config, {"map_at_12": 0.0200}, {"map_at_12": 0.0205}, base)
+    within = G.gate(config, {"map_at_12": 0.0200}, {"map_at_12": 0.0205}, base)
     assert within.promote and within.publish == "model" and within.best_baseline == "repurchase"
-    worse = E.gate(config, {"map_at_12": 0.0190}, {"map_at_12": 0.0205}, base)
+    worse = G.gate(config, {"map_at_12": 0.0190}, {"map_at_12": 0.0205}, base)
     assert not worse.promote and worse.publish == "model"  # the champion stays, and it beats the baselines
-    assert not E.gate(config, {"recall_at_12": 0.5}, {"map_at_12": 0.0}, base).promote  # metric missing
+    assert not G.gate(config, {"recall_at_12": 0.5}, {"map_at_12": 0.0}, base).promote  # metric missing
     strict = load_config("tiny", ["evaluation.gate_min_improvement=0.002"])
-    assert not E.gate(strict, {"map_at_12": 0.021}, {"map_at_12": 0.020}).promote
+    assert not G.gate(strict, {"map_at_12": 0.021}, {"map_at_12": 0.020}).promote
 
 
 def test_a_first_model_is_not_promoted_just_because_there_is_no_champion():
     config = load_config("tiny")
     base = {"repurchase": {"map_at_12": 0.0262}, "als": {"map_at_12": 0.0167}, "popularity": {"map_at_12": 0.0075}}
-    first = E.gate(config, {"map_at_12": 0.0118}, None, base)
+    first = G.gate(config, {"map_at_12": 0.0118}, None, base)
     assert not first.promote and first.publish == "baseline:repurchase"
     assert "does not beat the best baseline repurchase" in first.reason
-    tie = E.gate(config, {"map_at_12": 0.0262}, None, base)
+    tie = G.gate(config, {"map_at_12": 0.0262}, None, base)
     assert not tie.promote and tie.publish == "baseline:repurchase"  # equal is not better
-    winner = E.gate(config, {"map_at_12": 0.0300}, None, base)
+    winner = G.gate(config, {"map_at_12": 0.0300}, None, base)
     assert winner.promote and winner.publish == "model" and winner.baseline == pytest.approx(0.0262)
 
 
 def test_a_champion_that_falls_behind_a_baseline_is_not_published():
     config = load_config("tiny")
     base = {"repurchase": {"map_at_12": 0.0300}}
-    decision = E.gate(config, {"map_at_12": 0.0250}, {"map_at_12": 0.0280}, base)
+    decision = G.gate(config, {"map_at_12": 0.0250}, {"map_at_12": 0.0280}, base)
     assert not decision.promote and decision.publish == "baseline:repurchase"
-    sentence = E.describe_gate({**decision.as_dict(), "version": "two_tower=2,ranker=2"})
+    sentence = G.describe_gate({**decision.as_dict(), "version": "two_tower=2,ranker=2"})
     assert "stays challenger" in sentence and "best baseline's lists (repurchase)" in sentence
 
 
@@ -214,11 +217,11 @@ def test_gate_sets_champion_alias_in_a_real_registry(tmp_path):
     client = config.mlflow_client()
 
     base = {"repurchase": {"map_at_12": 0.015}}
-    first = E.promote_if_better(config, "1", {"map_at_12": 0.02}, None, base)
+    first = G.promote_if_better(config, "1", {"map_at_12": 0.02}, None, base)
     assert first.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "1"
-    better = E.promote_if_better(config, "2", {"map_at_12": 0.03}, {"map_at_12": 0.02}, base)
+    better = G.promote_if_better(config, "2", {"map_at_12": 0.03}, {"map_at_12": 0.02}, base)
     assert better.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "2"
-    worse = E.promote_if_better(config, "3", {"map_at_12": 0.01}, {"map_at_12": 0.03}, base)
+    worse = G.promote_if_better(config, "3", {"map_at_12": 0.01}, {"map_at_12": 0.03}, base)
     assert not worse.promote and str(client.get_model_version_by_alias("gate-test", "champion").version) == "2"
     assert client.get_model_version("gate-test", "3").tags["gate.decision"] == "rejected"
     run = client.get_run(run_ids[2])
@@ -252,7 +255,7 @@ def test_run_back_tests_baselines_and_reports_the_spread(week_lake, spark, tmp_p
     assert row["max"] == pytest.approx(latest) and row["mean"] == pytest.approx(latest / 2)
     weeks = {r.test_week for r in Lakehouse(spark, config).read(EVALUATION_RUNS).select("test_week").distinct().collect()}
     assert weeks == {dt.date(2020, 9, 1), dt.date(2020, 9, 8)}
-    assert "Back-test map_at_3 over 2 weeks" in E.format_report(report)
+    assert "Back-test map_at_3 over 2 weeks" in R.format_report(report)
     assert (tmp_path / "artifacts" / "evaluation" / "report.html").exists()
     with pytest.raises(ValueError, match="unknown \\['popular'\\]"):
         E.run(Lakehouse(spark, config), "2020-09-08", models=["popular"])

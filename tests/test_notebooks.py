@@ -95,7 +95,7 @@ def test_lookup_notebook_names_an_unknown_customer(scored_lake, monkeypatch):
 
 def test_train_notebook_end_to_end_on_synthetic_data(spark, tmp_path, monkeypatch, capsys):
     from recsys import ingest, synth
-    from recsys.evaluate import CHALLENGER
+    from recsys.registry import CHALLENGER
     from recsys.config import SynthConfig, load_config
     from recsys.split import default_test_start
     from recsys.tables import TRANSACTIONS, Lakehouse

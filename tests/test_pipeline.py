@@ -127,7 +127,7 @@ def test_a_registry_outage_fails_the_stage_and_publishes_nothing(setup, registry
                   config.mlflow.ranker_model: summary["rank"]["ranker_version"]}
         decided = {"decided_at": dt.datetime.now(), "publish": "model", "champion": system, "test_week": None,
                    "reason": "injected"}
-        monkeypatch.setattr("recsys.evaluate.latest_decision", lambda lake: decided)
+        monkeypatch.setattr("recsys.gate.latest_decision", lambda lake: decided)
     with pytest.raises(pipeline.StageFailed, match=f"stage '{stage}' failed: RegistryUnavailable.*"
                                                    "TEMPORARILY_UNAVAILABLE") as raised:
         pipeline.run(config, steps=[stage], force=True, out=lambda m: None)

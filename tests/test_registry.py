@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from recsys import evaluate, score
+from recsys import gate, score
 from recsys.config import load_config
 from recsys.registry import CHALLENGER, CHAMPION, Registry, RegistryUnavailable
 
@@ -95,7 +95,7 @@ def test_the_message_leaves_out_credentials():
 def test_the_gate_promotes_nothing_when_the_champion_lookup_fails(config, monkeypatch):
     failing_on(monkeypatch, CHAMPION, OUTAGES["expired token"])
     with pytest.raises(RegistryUnavailable):
-        evaluate.promote_if_better(config, "1", {"map_at_12": 0.9}, None, {"popularity": {"map_at_12": 0.1}})
+        gate.promote_if_better(config, "1", {"map_at_12": 0.9}, None, {"popularity": {"map_at_12": 0.1}})
     monkeypatch.undo()
     assert Registry.of(config).alias(NAME, CHAMPION) is None
     assert "gate.decision" not in config.mlflow_client().get_model_version(NAME, "1").tags

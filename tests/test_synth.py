@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys import synth
+from recsys import realism, synth
 from recsys.config import PROJECT_ROOT, load_config
 from recsys.tables import RAW_COLUMNS
 
@@ -128,7 +128,7 @@ def test_same_seed_same_bytes_other_seed_differs(tiny_dir, tmp_path):
 def test_tiny_statistics_are_roughly_real(tiny_dir):
     """The scale-free statistics already hold on 1,500 customers (wider bands than compare's ±20 %)."""
     out, _ = tiny_dir
-    stats = synth.measure(str(out))["stats"]
+    stats = realism.measure(str(out))["stats"]
     expect = {"rows_per_customer_mean": (23.2, 0.25), "rows_per_customer_median": (9, 0.35),
               "channel2_share": (0.69, 0.3), "basket_rows": (3.12, 0.3), "rows_per_active_mean": (3.48, 0.3),
               "fn_empty": (0.67, 0.1), "age_p25": (24, 0.15), "age_p50": (31, 0.15), "age_p75": (48, 0.15),
@@ -140,8 +140,8 @@ def test_tiny_statistics_are_roughly_real(tiny_dir):
 
 def test_compare_flags_a_statistic_outside_the_band(tiny_dir, tmp_path):
     out, _ = tiny_dir
-    report = synth.compare(str(out))
-    assert {r["key"] for r in report["rows"]} == {s[0] for s in synth.REAL_STATS}
+    report = realism.compare(str(out))
+    assert {r["key"] for r in report["rows"]} == {s[0] for s in realism.REAL_STATS}
     assert "channel2_share" not in report["outside"] and "fn_empty" not in report["outside"]
     # the same data, but every sale in a store: channel 2 share drops to 0 and must be flagged
     broken = tmp_path / "broken"
@@ -150,17 +150,17 @@ def test_compare_flags_a_statistic_outside_the_band(tiny_dir, tmp_path):
         (broken / name).write_bytes((out / name).read_bytes())
     lines = (out / "transactions_train.csv").read_text().splitlines()
     (broken / "transactions_train.csv").write_text("\n".join([lines[0]] + [x[:-1] + "1" for x in lines[1:]]) + "\n")
-    report = synth.compare(str(broken))
+    report = realism.compare(str(broken))
     assert "channel2_share" in report["outside"] and not report["passed"]
     row = next(r for r in report["rows"] if r["key"] == "channel2_share")
     assert row["synthetic"] == 0 and row["ok"] is False
-    text = synth.format_report(report)
+    text = realism.format_report(report)
     assert "OUT" in text and "channel2_share" in text.splitlines()[-1]
 
 
 def test_compare_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="articles.csv"):
-        synth.compare(str(tmp_path))
+        realism.compare(str(tmp_path))
 
 
 def _catalogue_source(tiny_dir) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 import scoring_data as data
 from declared import with_units
-from recsys import evaluate, score, two_stage
+from recsys import gate, score, two_stage
 from recsys.tables import RECOMMENDATIONS, TRANSACTIONS, TRANSACTIONS_SCHEMA
 
 cloudpickle.register_pickle_by_value(data)
@@ -98,17 +98,17 @@ def test_two_tower_rows_score_the_other_sources_pairs_by_the_same_vectors(lake):
 
 def test_when_no_model_beats_the_best_baseline_its_lists_are_published(lake):
     config = lake.config
-    decision = evaluate.gate(config, {"map_at_12": 0.010}, None,
+    decision = gate.gate(config, {"map_at_12": 0.010}, None,
                              {"repurchase": {"map_at_12": 0.026}, "als": {"map_at_12": 0.017}})
     assert decision.publish == "baseline:repurchase"
     with pytest.raises(ValueError, match="nothing decided to publish"):
         score.publish_decided(lake)
-    evaluate.write_decision(lake, data.AS_OF - dt.timedelta(days=7), decision, {})
+    gate.write_decision(lake, data.AS_OF - dt.timedelta(days=7), decision, {})
     summary = score.publish_decided(lake, as_of=data.AS_OF)
     assert summary["published"] == "baseline:repurchase" and summary["customers"] == len(data.CUSTOMER_IDS)
     recs = lake.read(RECOMMENDATIONS)
     assert {r.source for r in recs.select("source").distinct().collect()} == {"baseline:repurchase"}
     assert {r.model_version for r in recs.select("model_version").distinct().collect()} == {"repurchase@2020-09-22"}
     assert recs.count() == K * len(data.CUSTOMER_IDS)
-    latest = evaluate.latest_decision(lake)
+    latest = gate.latest_decision(lake)
     assert latest["publish"] == "baseline:repurchase" and latest["best_baseline"] == "repurchase"
