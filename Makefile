@@ -66,7 +66,8 @@ bench-serve: setup
 	$(PY) benchmarks/serve_full.py
 
 # The nightly from a daily drop at full size: synth + one drop, ingest, `recsys nightly --date D`, then the same
-# day again (nothing to do); benchmarks/results/nightly_full.json. NIGHTLY_ARGS=--prime refreshes a published system.
+# day again (nothing to do); benchmarks/results/nightly_full.json. NIGHTLY_ARGS=--primed refreshes the lake that
+# `make bench-pipeline` published (the steady state: warm from the champion); --prime builds one first.
 bench-nightly: setup
 	$(PY) benchmarks/nightly_full.py --scale full $(NIGHTLY_ARGS)
 

@@ -10,7 +10,12 @@ Steps, in a fresh folder <data_dir>/bench-nightly (raw/, landing/, delta/, mlflo
 Peak memory is that of the whole process tree (driver, Spark JVM, Python workers) over steps 3 and 4, sampled
 by `measure.ProcessTree`. Setup times (synth, ingest, prime) are recorded too, but are not the benchmark.
 
-Usage: python benchmarks/nightly_full.py [--scale full|small|tiny] [--prime] [--set K=V] [--out FILE]
+With --primed the nightly refreshes the profile's own lake instead (<data_dir>, left trained, gated and published
+by benchmarks/pipeline_full.py): only the drop is synthesised (the same simulation, one day on) and the model is
+warm-started from the champion (`model.refresh=warm`, the nightly job's default) unless --set says otherwise.
+The lake then holds that day: run `make bench-pipeline` again before another --primed run.
+
+Usage: python benchmarks/nightly_full.py [--scale full|small|tiny] [--prime | --primed] [--set K=V] [--out FILE]
 Writes benchmarks/results/nightly_<scale>.json (nightly_full.json at the default scale).
 """
 from __future__ import annotations
@@ -38,31 +43,64 @@ def timed(step, *args, **kwargs) -> tuple[object, float]:
     return result, round(time.perf_counter() - started, 1)
 
 
+def primed_lake(config) -> tuple[object, dt.date, dict, float]:
+    """The profile's own lake, published by the pipeline, and the next day's drop beside its raw files (the
+    same simulation one day on; the two years are synthesised into a scratch folder and thrown away)."""
+    import tempfile
+
+    from recsys import synth
+    from recsys.spark import get_spark
+    from recsys.tables import RECOMMENDATIONS, TRANSACTIONS, Lakehouse, drop_file
+
+    lake = Lakehouse(get_spark(config, "bench-nightly"), config)
+    if not lake.exists(RECOMMENDATIONS):
+        raise SystemExit(f"--primed: nothing published under {config.paths.tables_dir}: run `make bench-pipeline`")
+    last = lake.read(TRANSACTIONS).agg({"t_dat": "max"}).first()[0]
+    day = dt.date.fromisoformat(config.synth.end_date) + dt.timedelta(days=1)
+    if last >= day:
+        raise SystemExit(f"--primed: {day} is already loaded (newest purchase {last}): run `make bench-pipeline`")
+    stats, synth_s = {"drops": {}}, 0.0
+    if not (config.path(config.landing_dir) / drop_file(day)).exists():
+        with tempfile.TemporaryDirectory(dir=config.path(config.paths.data_dir)) as scratch:
+            stats, synth_s = timed(synth.generate, config.synth, scratch, drop_days=1,
+                                   landing_dir=str(config.path(config.landing_dir)))
+    return lake, day, stats, synth_s
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="full", choices=["tiny", "small", "full"])
     parser.add_argument("--prime", action="store_true", help="run the whole pipeline before the nightly (untimed)")
+    parser.add_argument("--primed", action="store_true",
+                        help="refresh the profile's own published lake (after benchmarks/pipeline_full.py)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/nightly_<scale>.json")
     args = parser.parse_args()
+    if args.prime and args.primed:
+        parser.error("--prime builds a fresh lake, --primed reuses the profile's own: pick one")
 
     from recsys import ingest, pipeline, synth
     from recsys.config import load_config
     from recsys.spark import get_spark
-    from recsys.tables import RECOMMENDATIONS, TRANSACTIONS, Lakehouse
+    from recsys.tables import RECOMMENDATIONS, TRANSACTIONS, Lakehouse, drop_file
 
-    base = Path(load_config(args.scale).paths.data_dir).resolve() / "bench-nightly"
-    shutil.rmtree(base, ignore_errors=True)
-    config = load_config(args.scale, [
-        *args.set, f"paths.data_dir={base}", f"paths.raw_dir={base}/raw", f"paths.tables_dir={base}/delta",
-        f"paths.artifacts_dir={base}/artifacts", f"paths.checkpoint_dir={base}/checkpoints",
-    ])
-    day = dt.date.fromisoformat(config.synth.end_date) + dt.timedelta(days=1)
-    stats, synth_s = timed(synth.generate, config.synth, config.paths.raw_dir, drop_days=1,
-                           landing_dir=config.landing_dir)
-    lake = Lakehouse(get_spark(config, "bench-nightly"), config)
-    _, ingest_s = timed(ingest.run, lake, config.paths.raw_dir)
-    prime_s = timed(pipeline.run, config, out=print)[1] if args.prime else None
+    if args.primed:
+        config = load_config(args.scale, ["model.refresh=warm", *args.set])
+        lake, day, stats, synth_s = primed_lake(config)
+        ingest_s = prime_s = None
+    else:
+        base = Path(load_config(args.scale).paths.data_dir).resolve() / "bench-nightly"
+        shutil.rmtree(base, ignore_errors=True)
+        config = load_config(args.scale, [
+            *args.set, f"paths.data_dir={base}", f"paths.raw_dir={base}/raw", f"paths.tables_dir={base}/delta",
+            f"paths.artifacts_dir={base}/artifacts", f"paths.checkpoint_dir={base}/checkpoints",
+        ])
+        day = dt.date.fromisoformat(config.synth.end_date) + dt.timedelta(days=1)
+        stats, synth_s = timed(synth.generate, config.synth, config.paths.raw_dir, drop_days=1,
+                               landing_dir=config.landing_dir)
+        lake = Lakehouse(get_spark(config, "bench-nightly"), config)
+        _, ingest_s = timed(ingest.run, lake, config.paths.raw_dir)
+        prime_s = timed(pipeline.run, config, out=print)[1] if args.prime else None
 
     load_before = os.getloadavg()
     messages: list[str] = []
@@ -84,9 +122,10 @@ def main() -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "scale": args.scale,
+        "primed": args.primed or args.prime,
         "overrides": args.set,
         "day": day.isoformat(),
-        "drop_rows": sum(stats["drops"].values()),
+        "drop_rows": sum(1 for _ in open(config.path(config.landing_dir) / drop_file(day))) - 1,
         "transactions": lake.read(TRANSACTIONS).count(),
         "nightly_s": nightly_s,
         "rerun_s": rerun_s,
@@ -94,7 +133,7 @@ def main() -> int:
         "cpu_s": round(tree.cpu_s, 1),
         "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
         "stages": {s: {k: first[s].get(k) for k in ("status", "seconds")} for s in pipeline.STAGES},
-        "train_refresh": first["train"].get("refresh"),
+        "train_refresh": first["train"].get("refresh", config.model.refresh),
         "rerun_says": messages[-1],
         "setup_s": {"synth": synth_s, "ingest": ingest_s, "prime_pipeline": prime_s},
     }
