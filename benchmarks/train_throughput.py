@@ -123,7 +123,9 @@ def through_petastorm(rows: dict[str, np.ndarray], data, mc, config, results: di
         results["model_and_loader_examples_per_s"] = round(epoch_speed(data, petastorm, mc)[0])
     finally:
         petastorm.close()
-    results["loader_headroom"] = round(results["loader_alone_examples_per_s"] / results["model_alone_examples_per_s"], 2)
+    results["loader_headroom"] = round(
+        results["loader_alone_examples_per_s"] / results["model_alone_examples_per_s"], 2
+    )
 
 
 def main() -> None:

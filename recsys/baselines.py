@@ -147,7 +147,8 @@ def als(inputs: BaselineInputs) -> DataFrame:
     items = _index(counts, "article_id", "item")
     ratings = counts.join(users, "customer_id").join(items, "article_id").select("user", "item", "n").cache()
     if ratings.isEmpty():  # nothing to factorise: everyone gets the fill
-        return _fill(inputs, ratings.sparkSession.createDataFrame([], "customer_id string, article_id string, score double"))
+        no_scores = ratings.sparkSession.createDataFrame([], "customer_id string, article_id string, score double")
+        return _fill(inputs, no_scores)
     model = ALS(
         rank=ev.als_rank, maxIter=ev.als_max_iter, regParam=ev.als_reg, alpha=ev.als_alpha, implicitPrefs=True,
         userCol="user", itemCol="item", ratingCol="n", coldStartStrategy="drop", seed=inputs.config.model.seed,

@@ -277,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         # Sub-commands accept the global options too, without resetting values given before them.
         opts = argparse.ArgumentParser(add_help=False)
         default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
-        opts.add_argument("--profile", default=default(None), help="tiny | small | full, or a YAML file (default: small)")
+        opts.add_argument("--profile", default=default(None),
+                          help="tiny | small | full, or a YAML file (default: small)")
         opts.add_argument("--conf", default=default(None), help="an extra YAML file merged after the profile")
-        opts.add_argument("--set", action="append", default=default([]), metavar="KEY=VALUE", help="override a config key")
+        opts.add_argument("--set", action="append", default=default([]), metavar="KEY=VALUE",
+                          help="override a config key")
         opts.add_argument("--verbose", "-v", action="store_true", default=default(False),
                           help="show Spark's and the dependencies' logs and warnings (quiet by default)")
         return opts
@@ -288,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0], parents=[options(False)])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", parents=[common], help="generate H&M-shaped CSVs, or compare them with the real statistics")
+    p = sub.add_parser("synth", parents=[common],
+                       help="generate H&M-shaped CSVs, or compare them with the real statistics")
     p.add_argument("--scale", choices=["tiny", "small", "full"], default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="output folder (default: paths.raw_dir)")
@@ -339,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-submission", parents=[common], help="published lists -> Kaggle submission CSV")
     p.add_argument("--out", required=True, help="the CSV file to write (customer_id,prediction)")
 
-    p = sub.add_parser("publish", parents=[common], help="recommendations table history; --rollback to the previous run")
+    p = sub.add_parser("publish", parents=[common],
+                       help="recommendations table history; --rollback to the previous run")
     p.add_argument("--rollback", action="store_true", help="restore the previously published run")
 
     p = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MAP@12 of the model against baselines")
@@ -362,9 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     drop_options(p, required=True)
     p.add_argument("--force", action="store_true", help="recompute stages whose inputs did not change")
 
-    sub.add_parser("demo", parents=[common], help="synth + pipeline on the profile's data, then show some recommendations")
+    sub.add_parser("demo", parents=[common],
+                   help="synth + pipeline on the profile's data, then show some recommendations")
 
-    sub.add_parser("status", parents=[common], help="the last run, what is published and its checks, the gate, warnings")
+    sub.add_parser("status", parents=[common],
+                   help="the last run, what is published and its checks, the gate, warnings")
     p = sub.add_parser("sql", parents=[common], help="SQL over the project's tables by name")
     p.add_argument("query")
     p.add_argument("--limit", type=int, default=50)

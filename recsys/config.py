@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 class PathsConfig:
     data_dir: str = "data"
     raw_dir: str = "data/raw"            # the three Kaggle CSVs (real or synthetic)
-    landing_dir: str = ""                # daily drops: <landing_dir>/transactions/YYYY-MM-DD.csv; empty: next to raw_dir
+    landing_dir: str = ""                # daily drops: <landing_dir>/transactions/YYYY-MM-DD.csv;
+                                         # empty: next to raw_dir
     tables_dir: str = "data/delta"       # one Delta table per folder when `catalog` is empty
     catalog: str = ""                    # e.g. "main.recsys" on Databricks: tables by name, not by path
     artifacts_dir: str = "data/artifacts"
@@ -152,7 +153,8 @@ class CandidatesConfig:
 class RankerConfig:
     """The second stage: XGBoost learning-to-rank over the candidates (recsys.ranker)."""
 
-    label_days: int = 7                  # the ranker learns from candidates as of T - label_days, labels T - label_days .. T - 1
+    label_days: int = 7                  # the ranker learns from candidates as of T - label_days,
+                                         # labels T - label_days .. T - 1
     negatives_per_customer: int = 20     # random non-bought candidates kept per customer in training
     objective: str = "rank:ndcg"
     n_estimators: int = 150

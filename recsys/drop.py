@@ -235,7 +235,8 @@ def load_day(lake: Lakehouse, landing_dir: str, day: str | date, today: date | N
             merged = lake.merge(rows, TRANSACTIONS, TRANSACTION_KEY, day_scope(day), delete_missing=replace)
             wrote = (int(merged.get("numTargetRowsInserted", 0)), int(merged.get("numTargetRowsDeleted", 0)))
             if wrote != (diff.new, diff.gone if replace else 0):
-                raise IngestError(f"{TRANSACTIONS}: the MERGE of {day} inserted {wrote[0]} and deleted {wrote[1]} rows; "
+                raise IngestError(f"{TRANSACTIONS}: the MERGE of {day} inserted {wrote[0]} "
+                                  f"and deleted {wrote[1]} rows; "
                                   f"{diff.new} and {diff.gone if replace else 0} expected")
             ingest.write_checked(lake, bad, QUARANTINE, report.rows_quarantined,
                                  replace_where=f"source_file = '{drop_file(day)}'")

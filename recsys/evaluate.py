@@ -50,11 +50,18 @@ def load_week(lake: Lakehouse, test_start: dt.date | str, test_days: int | None 
     start = as_date(test_start, "test_start")
     transactions = lake.read(TRANSACTIONS)
     train, test = split(transactions, start, test_days or config.split.test_days)
-    customers = lake.read(CUSTOMERS) if lake.exists(CUSTOMERS) else train.select("customer_id").distinct().withColumn("age", F.lit(None).cast("int"))
+    customers = (
+        lake.read(CUSTOMERS) if lake.exists(CUSTOMERS)
+        else train.select("customer_id").distinct().withColumn("age", F.lit(None).cast("int"))
+    )
     test = test.cache()
     if test.isEmpty():
-        raise ValueError(f"transactions: no rows in the test week starting {start}; pick a --test-start inside the data")
-    catalogue = lake.read(ARTICLES).select("article_id") if lake.exists(ARTICLES) else transactions.select("article_id").distinct()
+        raise ValueError(f"transactions: no rows in the test week starting {start}; "
+                         "pick a --test-start inside the data")
+    catalogue = (
+        lake.read(ARTICLES).select("article_id") if lake.exists(ARTICLES)
+        else transactions.select("article_id").distinct()
+    )
     segments = customer_segments(train, customers, config.evaluation.short_history_max)
     return Week(start, train, test, evaluation_customers(test).cache(), segments, catalogue)
 
@@ -156,7 +163,8 @@ def evaluate_all(
         write_runs(lake, metrics)
     spread = None
     if history is not None and len(history):
-        spread = spread_of(pd.concat([history, metrics[metrics["model"].isin(set(history["model"]))]], ignore_index=True))
+        comparable = metrics[metrics["model"].isin(set(history["model"]))]
+        spread = spread_of(pd.concat([history, comparable], ignore_index=True))
     report = build_report(lake.config, week.test_start, metrics, curves, spread)
     if html_report:
         report["report_path"] = str(write_html_report(report, report_path or default_report_path(lake.config)))
@@ -204,7 +212,8 @@ def backtest(
     write: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate on `weeks` consecutive weeks ending at `last_test_start`: (every week's metrics, the spread)."""
-    every = backtest_metrics(lake, recommenders_for, backtest_starts(last_test_start, weeks, lake.config.split.test_days), write)
+    starts = backtest_starts(last_test_start, weeks, lake.config.split.test_days)
+    every = backtest_metrics(lake, recommenders_for, starts, write)
     return every, spread_of(every)
 
 

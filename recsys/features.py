@@ -2,9 +2,9 @@
 
 Every feature is computed "as of" a date D from transactions strictly before D (a purchase ON D is the
 future), so a model trained on the snapshot for D never saw its own test week. Training rows go further: each
-carries the customer's state as of its own period's first day, the way the scorer sees a customer. Feature functions are pure
-`(DataFrames, as_of) -> DataFrame`; `run` reads the canonical tables, calls them and writes one snapshot per
-table (partition `as_of`, replaced atomically with replaceWhere; older snapshots stay readable).
+carries the customer's state as of its own period's first day, the way the scorer sees a customer. Feature
+functions are pure `(DataFrames, as_of) -> DataFrame`; `run` reads the canonical tables, calls them and writes
+one snapshot per table (partition `as_of`, replaced atomically with replaceWhere; older snapshots stay readable).
 
 Tables, types and null handling
 -------------------------------

@@ -397,7 +397,8 @@ class FileReport:
         """The file's row of the report, then its quarantine reasons, most frequent first."""
         out = [
             f"{self.source_file:<28} {self.table:<13} {self.rows_read:>12,} {self.rows_written:>12,} "
-            f"{self.rows_quarantined:>12,} {self.rows_skipped:>10,}" + ("" if self.balanced else "   <- does not add up")
+            f"{self.rows_quarantined:>12,} {self.rows_skipped:>10,}"
+            + ("" if self.balanced else "   <- does not add up")
         ]
         for reason, count in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
             out.append(f"    {count:>10,}  {reason}")

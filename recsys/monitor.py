@@ -63,9 +63,9 @@ class PublishBlocked(RuntimeError):
 
 # --- measurements (pure: DataFrames in, numbers out) -----------------------------------------------------------
 def list_stats(lists: DataFrame, catalogue_size: int, top: int = 12) -> dict[str, float]:
-    """fallback_share: rows filled from popularity after the ranked candidates ran out; catalogue_coverage: distinct articles over the catalogue;
-    concentration: the share of all rows taken by the `top` most recommended articles (everyone getting the same
-    list shows here); the score distribution (null share, quartiles)."""
+    """fallback_share: rows filled from popularity after the ranked candidates ran out; catalogue_coverage:
+    distinct articles over the catalogue; concentration: the share of all rows taken by the `top` most recommended
+    articles (everyone getting the same list shows here); the score distribution (null share, quartiles)."""
     fallback = F.col("source").isin(*FILL_SOURCES)
     row = lists.agg(
         F.count(F.lit(1)).alias("rows"),

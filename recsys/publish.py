@@ -48,7 +48,8 @@ def conform(df: DataFrame, model_version: str, run_id: str, generated_at: dt.dat
     stamp = generated_at or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     extra = {"model_version": F.lit(model_version), "run_id": F.lit(run_id), "generated_at": F.lit(stamp)}
     return df.select(*[
-        (F.col(f.name) if f.name in df.columns and f.name not in extra else extra[f.name]).cast(f.dataType).alias(f.name)
+        (F.col(f.name) if f.name in df.columns and f.name not in extra else extra[f.name])
+        .cast(f.dataType).alias(f.name)
         for f in RECOMMENDATIONS_SCHEMA.fields
     ])
 
@@ -78,7 +79,9 @@ def check_lists(recs: DataFrame, customers: DataFrame, k: int) -> dict[str, int]
         F.count(F.when(F.col("wanted") & F.col("rows").isNull(), 1)).alias("without_list"),
         F.count(F.when(F.col("wanted").isNull(), 1)).alias("unknown_customers"),
         F.count(F.when(F.col("rows").isNotNull() & bad_list, 1)).alias("bad_lists"),
-        F.min(F.when(F.col("rows").isNull() | F.col("wanted").isNull() | bad_list, F.col("customer_id"))).alias("example"),
+        F.min(
+            F.when(F.col("rows").isNull() | F.col("wanted").isNull() | bad_list, F.col("customer_id"))
+        ).alias("example"),
         F.coalesce(F.sum("rows"), F.lit(0)).alias("rows"),
     ).first()
     return row.asDict()

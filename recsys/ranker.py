@@ -11,9 +11,9 @@ ONE function for training and for scoring (`ranker_features`), from purchases st
 
 Features (missing = null, which XGBoost treats as missing): each source's rank and score, the two-tower
 similarity, how often and how long ago the customer bought this article / this product, the article's sales
-over the last 1 / 7 / 28 days (as shares of all sales and as ranks) and their trend, its age in the catalogue, price against the customer's usual
-price, the customer's share of purchases in the article's index group and product type, the customer's age
-against the article's recent buyers' mean age, and the customer's activity counts.
+over the last 1 / 7 / 28 days (as shares of all sales and as ranks) and their trend, its age in the catalogue,
+price against the customer's usual price, the customer's share of purchases in the article's index group and
+product type, the customer's age against the article's recent buyers' mean age, and the customer's activity counts.
 
 The model is XGBoost's `rank:ndcg` objective, fitted with `xgboost.spark.SparkXGBRanker` (the cluster runs it;
 locally it is one barrier task); scoring ships the booster to the executors once and predicts with

@@ -36,7 +36,9 @@ def _no_source():
 
 def customer_segments(customers: DataFrame) -> DataFrame:
     """customer_id -> age_bucket (THE definition in recsys.popularity), one row per customer."""
-    return customers.groupBy("customer_id").agg(F.coalesce(age_bucket(F.max("age")), F.lit(UNKNOWN)).alias("age_bucket"))
+    return customers.groupBy("customer_id").agg(
+        F.coalesce(age_bucket(F.max("age")), F.lit(UNKNOWN)).alias("age_bucket")
+    )
 
 
 def _segment(popular: DataFrame, segment_type: str, limit: int | None) -> DataFrame:
@@ -193,7 +195,8 @@ def export_submission(lake: Lakehouse, out: str | os.PathLike) -> dict[str, Any]
         missing = lake.read(CUSTOMERS).select("customer_id").distinct().join(sub, "customer_id", "left_anti").count()
         staging = Path(tempfile.mkdtemp(prefix=".submission-", dir=out.parent))
         try:
-            sub.orderBy("customer_id").coalesce(1).write.mode("overwrite").option("header", True).csv(str(staging / "csv"))
+            single_file = sub.orderBy("customer_id").coalesce(1)
+            single_file.write.mode("overwrite").option("header", True).csv(str(staging / "csv"))
             (part,) = list((staging / "csv").glob("part-*.csv"))
             os.replace(part, out)
         finally:

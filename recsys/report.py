@@ -22,7 +22,8 @@ def build_report(config: Config, test_start: dt.date, metrics: pd.DataFrame, cur
     k = config.evaluation.k
     overall = metrics[metrics["segment"] == ALL]
     table = overall.pivot_table(index="model", columns="metric", values="value").reset_index()
-    wanted = ["model", "customers"] + [M.metric_name(m, kk) for kk in sorted(set(config.evaluation.ks) | {k}) for m in HEADLINE]
+    ks = sorted(set(config.evaluation.ks) | {k})
+    wanted = ["model", "customers"] + [M.metric_name(m, kk) for kk in ks for m in HEADLINE]
     table = table[[c for c in wanted if c in table.columns]].sort_values(M.metric_name("map", k), ascending=False)
     return {
         "test_start": test_start.isoformat(),
@@ -93,8 +94,8 @@ def report_figures(report: Mapping[str, Any]) -> dict[str, str]:
 
     fig, ax = plt.subplots(figsize=(9, 4))
     wanted = [M.metric_name(m, k) for m in ("map", "recall", "ndcg", "precision", "hit_rate")]
-    _bars(ax, overall[overall["metric"].isin(wanted)].pivot(index="metric", columns="model", values="value").reindex(wanted),
-          f"Metrics by model (K={k})")
+    by_metric = overall[overall["metric"].isin(wanted)].pivot(index="metric", columns="model", values="value")
+    _bars(ax, by_metric.reindex(wanted), f"Metrics by model (K={k})")
     figures["Metrics by model"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -149,8 +150,10 @@ def write_html_report(report: Mapping[str, Any], path: str | Path) -> Path:
         f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'/>"
         for title, png in figures.items()
     )
+    style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
+             "td,th{padding:3px 8px;border:1px solid #ccc}")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>recsys evaluation {report['test_start']}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{padding:3px 8px;border:1px solid #ccc}}</style>
+<style>{style}</style>
 </head><body><h1>Evaluation: test week {report['test_start']} .. {report['test_end']}</h1>
 <p>Customers who bought in the test week; MAP@{report['k']} as Kaggle's H&amp;M competition defines it.
 Customers without a list count as 0.</p><ul>{versions}</ul>

@@ -160,7 +160,8 @@ def recall_curve(recs: DataFrame, test: DataFrame, max_k: int = 100) -> pd.DataF
         .groupBy("pos").agg(F.sum(1.0 / F.col("n_relevant")).alias("gain"))
     )
     # One job: position 0 carries the number of buyers.
-    rows = buyers.agg(F.lit(0).alias("pos"), F.count(F.lit(1)).cast("double").alias("gain")).unionByName(by_pos).toPandas()
+    n_buyers_row = buyers.agg(F.lit(0).alias("pos"), F.count(F.lit(1)).cast("double").alias("gain"))
+    rows = n_buyers_row.unionByName(by_pos).toPandas()
     n_buyers = float(rows.loc[rows["pos"] == 0, "gain"].iloc[0])
     hits = rows[rows["pos"] > 0]
     gains = pd.Series(0.0, index=range(1, max_k + 1))
@@ -175,7 +176,9 @@ def customer_segments(train: DataFrame, customers: DataFrame, short_history_max:
     n = F.coalesce(F.col("n"), F.lit(0))
     history = ids.join(counts, "customer_id", "left").select(
         "customer_id",
-        F.concat(F.lit("history:"), F.when(n == 0, "none").when(n <= short_history_max, "short").otherwise("long")).alias("segment"),
+        F.concat(
+            F.lit("history:"), F.when(n == 0, "none").when(n <= short_history_max, "short").otherwise("long")
+        ).alias("segment"),
     )
     ages = ids.join(customers.groupBy("customer_id").agg(F.max("age").alias("age")), "customer_id", "left").select(
         "customer_id", F.concat(F.lit("age:"), F.coalesce(age_bucket("age"), F.lit(UNKNOWN))).alias("segment")

@@ -382,7 +382,8 @@ class Lakehouse:
         already there are left alone, and with `delete_missing` the rows in `scope` whose key is not in `df` are
         deleted. Returns Delta's operation metrics of the commit (numTargetRowsInserted, numTargetRowsDeleted)."""
         on = " AND ".join([f"({scope})"] + [f"t.`{k}` = s.`{k}`" for k in keys])
-        merge = self._delta_table(name).alias("t").merge(self._as_declared(df, name).alias("s"), on).whenNotMatchedInsertAll()
+        source = self._as_declared(df, name).alias("s")
+        merge = self._delta_table(name).alias("t").merge(source, on).whenNotMatchedInsertAll()
         if delete_missing:
             merge = merge.whenNotMatchedBySourceDelete(condition=scope)
         merge.execute()

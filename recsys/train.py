@@ -36,7 +36,9 @@ from pyspark.sql import functions as F
 
 from recsys.config import Config, ModelConfig
 from recsys.features import read_snapshot
-from recsys.trainer import TrainingData, article_embeddings, fit, fit_distributed, popularity_validation, read_checkpoint
+from recsys.trainer import (
+    TrainingData, article_embeddings, fit, fit_distributed, popularity_validation, read_checkpoint,
+)
 from recsys.loader import make_loader
 from recsys.model import (
     SEQ_ARTICLES, Encoder, SideSpec, TwoTower, article_products, keep_scale, tower_config, warm_start,
@@ -60,7 +62,8 @@ def _check_examples(examples: DataFrame, as_of: str) -> None:
         F.sum((F.col("weight") <= 0).cast("int")).alias("bad_weight"),
     ).first().asDict()
     if not row["rows"]:
-        raise ValueError(f"table '{TRAINING_EXAMPLES}' has no rows for as_of={as_of}: run `recsys features --as-of {as_of}`")
+        raise ValueError(f"table '{TRAINING_EXAMPLES}' has no rows for as_of={as_of}: "
+                         f"run `recsys features --as-of {as_of}`")
     for column in ("customer_idx", "article_idx", "weight", "t_dat"):
         if row[column]:
             raise ValueError(f"table '{TRAINING_EXAMPLES}' as_of={as_of}: {row[column]} row(s) with null '{column}'")
@@ -101,7 +104,8 @@ def load_training_data(lake: Lakehouse, as_of: str | None, mc: ModelConfig, rece
     as_of = _snapshot_date(lake, as_of)
     article_pdf = read_snapshot(lake, ARTICLE_FEATURES, as_of).toPandas()  # the catalogue: bounded
     if article_pdf.empty:
-        raise ValueError(f"table '{ARTICLE_FEATURES}' has no snapshot as_of={as_of}: run `recsys features --as-of {as_of}`")
+        raise ValueError(f"table '{ARTICLE_FEATURES}' has no snapshot as_of={as_of}: "
+                         f"run `recsys features --as-of {as_of}`")
     examples = read_snapshot(lake, TRAINING_EXAMPLES, as_of)
     _check_examples(examples, as_of)
     columns = state_columns(examples)

@@ -108,7 +108,9 @@ class SampledSoftmaxLoss:
         batch = user @ positives.T / self.temperature
         if positive_log_q is not None:
             batch = batch - positive_log_q[None, :]
-        also_positive = (article_idx[:, None] == article_idx[None, :]) | (customer_idx[:, None] == customer_idx[None, :])
+        same_article = article_idx[:, None] == article_idx[None, :]
+        same_customer = customer_idx[:, None] == customer_idx[None, :]
+        also_positive = same_article | same_customer
         also_positive.fill_diagonal_(False)
         parts = [batch.masked_fill(also_positive, float("-inf"))]
         if negatives is not None and len(negatives):

@@ -84,7 +84,8 @@ def _transactions(spark: SparkSession):
 
 def _customer_features(spark: SparkSession):
     rows = [
-        (c, i + 1, AS_OF, int(c in WITH_HISTORY), AGES[i % len(AGES)], i % 6, float(i % 5 + 2 if c in WITH_HISTORY else 0))
+        (c, i + 1, AS_OF, int(c in WITH_HISTORY), AGES[i % len(AGES)], i % 6,
+         float(i % 5 + 2 if c in WITH_HISTORY else 0))
         for i, c in enumerate(WITH_HISTORY + NO_HISTORY)
     ]
     return spark.createDataFrame(
@@ -95,7 +96,9 @@ def _customer_features(spark: SparkSession):
 
 def _article_features(spark: SparkSession):
     rows = [(a, i + 1, AS_OF, i % 3, float(i)) for i, a in enumerate(ARTICLE_IDS)]
-    return spark.createDataFrame(rows, "article_id string, article_idx int, as_of date, cat_index_group int, num_sales_1w double")
+    return spark.createDataFrame(
+        rows, "article_id string, article_idx int, as_of date, cat_index_group int, num_sales_1w double"
+    )
 
 
 def build_seed(spark: SparkSession, root: Path) -> Path:

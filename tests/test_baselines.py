@@ -32,7 +32,9 @@ def lists(spark):
         [("young1", 20), ("young2", 22), ("old1", 60), ("old2", 70), ("other", None), ("bulk", 40), ("cold", 30)],
         "customer_id string, age int",
     )
-    articles = spark.createDataFrame([(a(n), "Ladieswear") for n in range(1, 9)], "article_id string, index_group_name string")
+    articles = spark.createDataFrame(
+        [(a(n), "Ladieswear") for n in range(1, 9)], "article_id string, index_group_name string"
+    )
     target = spark.createDataFrame([(c,) for c in ("young1", "old2", "bulk", "cold")], "customer_id string")
     recs = baselines.recommend(config, train, customers, articles, target, AS_OF)
     out = {}
@@ -42,7 +44,8 @@ def lists(spark):
         out[name] = {}
         for r in rows:
             out[name].setdefault(r.customer_id, []).append(r.article_id)
-        assert {r.source for r in rows} == {f"baseline:{name}"} and {r.model_version for r in rows} == {f"{name}@2020-09-29"}
+        assert {r.source for r in rows} == {f"baseline:{name}"}
+        assert {r.model_version for r in rows} == {f"{name}@2020-09-29"}
     return out
 
 

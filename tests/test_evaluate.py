@@ -41,7 +41,9 @@ def test_spark_metrics_match_hand_computed_vectors(spark):
     bought = {"c1": ["b", "d", "d", "x"], "c2": ["a"], "c4": ["b", "d"]}  # c2: no list; c3: bought nothing
     catalogue = spark.createDataFrame([(a,) for a in "abcdxz"], "article_id string")
     train = buys_df(spark, {"old": ["a"] * 5 + ["b", "c"]})
-    out = as_dict(S.evaluate_recommendations(recs_df(spark, lists), buys_df(spark, bought), [2, 12], None, catalogue, train))
+    out = as_dict(
+        S.evaluate_recommendations(recs_df(spark, lists), buys_df(spark, bought), [2, 12], None, catalogue, train)
+    )
     assert out["customers"] == 3
     ap_c4_at_2 = 1 / 2                                                       # b hit at 1, repeat b wastes slot 2
     assert out["map_at_2"] == pytest.approx((0 / 3 * 0 + 1 / 2 / 2 + 0 + ap_c4_at_2) / 3)
@@ -119,8 +121,11 @@ def week_lake(lake, spark):
         for c in range(6):
             article = f"{(c + day) % 5:010d}" if day < 7 else f"{c % 3:010d}"
             rows.append((start + dt.timedelta(days=day), f"cust{c}", article, 0.01, 2))
-    tx = spark.createDataFrame(rows, "t_dat date, customer_id string, article_id string, price double, sales_channel_id int")
-    tx = tx.withColumn("sales_channel_id", F.col("sales_channel_id").cast("short")).withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
+    tx = spark.createDataFrame(
+        rows, "t_dat date, customer_id string, article_id string, price double, sales_channel_id int"
+    )
+    tx = tx.withColumn("sales_channel_id", F.col("sales_channel_id").cast("short"))
+    tx = tx.withColumn("t_month", F.date_format("t_dat", "yyyy-MM"))
     lake.write(with_units(tx), TRANSACTIONS)
     customers = spark.createDataFrame([(f"cust{c}", 20 + 10 * c) for c in range(7)], "customer_id string, age int")
     articles = spark.createDataFrame([(f"{i:010d}", "Ladieswear") for i in range(8)],
@@ -253,7 +258,8 @@ def test_run_back_tests_baselines_and_reports_the_spread(week_lake, spark, tmp_p
     assert row["weeks"] == 2 and row["min"] == 0.0
     latest = report["table"].set_index("model").loc["popularity_last_week", "map_at_3"]
     assert row["max"] == pytest.approx(latest) and row["mean"] == pytest.approx(latest / 2)
-    weeks = {r.test_week for r in Lakehouse(spark, config).read(EVALUATION_RUNS).select("test_week").distinct().collect()}
+    runs = Lakehouse(spark, config).read(EVALUATION_RUNS)
+    weeks = {r.test_week for r in runs.select("test_week").distinct().collect()}
     assert weeks == {dt.date(2020, 9, 1), dt.date(2020, 9, 8)}
     assert "Back-test map_at_3 over 2 weeks" in R.format_report(report)
     assert (tmp_path / "artifacts" / "evaluation" / "report.html").exists()

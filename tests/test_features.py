@@ -133,10 +133,11 @@ def test_customer_features_by_hand(spark, frames):
         "num_share_index_group_1", "num_share_index_group_2", "num_share_product_group_1",
         "num_share_product_group_2", "num_share_garment_group_1", "num_share_garment_group_2",
     ]
+    c_many_price_std = 0.012990381056767
     expected = spark.createDataFrame(
         [
-            # id       1w   4w   all  last mean    std               ch2  dist rep  ig1   ig2   pg1   pg2   gg1   gg2
-            ("c_many", 2.0, 4.0, 4.0, 3.0, 0.0225, 0.012990381056767, 0.5, 2.0, 0.5, 0.75, 0.25, 0.75, 0.25, 0.75, 0.25),
+            # id       1w   4w   all  last mean    std              ch2  dist rep  ig1   ig2   pg1   pg2   gg1   gg2
+            ("c_many", 2.0, 4.0, 4.0, 3.0, 0.0225, c_many_price_std, 0.5, 2.0, 0.5, 0.75, 0.25, 0.75, 0.25, 0.75, 0.25),
             ("c_one", 1.0, 1.0, 1.0, 1.0, 0.02, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0),
             ("c_none", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
         ],
@@ -145,7 +146,8 @@ def test_customer_features_by_hand(spark, frames):
     assert_approx_df_equality(result.select(*numbers), expected, 1e-9, ignore_row_order=True, ignore_nullable=True)
     num_columns = [c for c in result.columns if c.startswith("num_")]
     assert sorted(num_columns) == sorted(numbers[1:])  # no hidden extras, and discoverable by prefix
-    nulls = result.select(*[F.sum(F.col(c).isNull().cast("int")).alias(c) for c in result.columns if c != "age"]).first()
+    null_counts = [F.sum(F.col(c).isNull().cast("int")).alias(c) for c in result.columns if c != "age"]
+    nulls = result.select(*null_counts).first()
     assert not any(nulls), "only age may be null"
     assert dict(result.dtypes)["num_purchases_all"] == "double" and dict(result.dtypes)["cat_fn"] == "int"
     result.unpersist()
@@ -177,8 +179,11 @@ def test_article_features_by_hand(spark, frames):
 
 def test_training_examples_window_dedup_and_weight(spark, frames):
     _, _, transactions, _, customer_index, article_index = frames
-    ghost_index = customer_index.unionByName(spark.createDataFrame([("ghost", 4)], "customer_id string, customer_idx int"))
-    result = features.training_examples(transactions, ghost_index, article_index, AS_OF, window_weeks=2, half_life_days=1.0)
+    ghost = spark.createDataFrame([("ghost", 4)], "customer_id string, customer_idx int")
+    ghost_index = customer_index.unionByName(ghost)
+    result = features.training_examples(
+        transactions, ghost_index, article_index, AS_OF, window_weeks=2, half_life_days=1.0
+    )
     expected = spark.createDataFrame(
         [
             # as_of  customer  article cidx aidx t_dat             weight days  sees the customer as of

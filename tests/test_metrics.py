@@ -69,7 +69,8 @@ def test_average_precision_matches_kaggle_apk_on_random_lists():
 def test_aggregate_counts_buyers_only_and_missing_lists_as_zero():
     recs = {"c1": ["a", "b", "c", "d"], "c3": ["z"]}
     bought = {"c1": ["b", "d", "d", "x"], "c2": ["a"], "c3": []}
-    out = M.evaluate(recs, bought, [12], catalogue=["a", "b", "c", "d", "x", "z"], train_counts={"a": 5, "b": 1, "c": 1})
+    out = M.evaluate(recs, bought, [12], catalogue=["a", "b", "c", "d", "x", "z"],
+                     train_counts={"a": 5, "b": 1, "c": 1})
     assert out["customers"] == 2
     assert out["map_at_12"] == pytest.approx((1 / 3 + 0) / 2)
     assert out["recall_at_12"] == pytest.approx((2 / 3) / 2)

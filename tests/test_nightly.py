@@ -258,7 +258,8 @@ def test_pipeline_skips_a_later_stage_when_the_day_was_already_loaded(loaded):
     assert again["ingest"]["drop"] == drop.UNCHANGED and again["features"]["status"] == "up to date"
     assert lake.version(TRANSACTIONS) == version
     assert any(f"day {day} was already loaded with the same" in m for m in messages)
-    assert messages[-1] == f"nightly {day}: the day was already loaded with the same rows; ingest, features: nothing changed"
+    assert messages[-1] == (f"nightly {day}: the day was already loaded with the same rows; "
+                            "ingest, features: nothing changed")
     with pytest.raises(ValueError, match="give one of them"):
         pipeline.run(config, since="2020-09-20", drop_day=day.isoformat())
 

@@ -12,7 +12,9 @@ from pyspark.sql import functions as F
 from recsys import pipeline
 from recsys.config import load_config
 from recsys.registry import RegistryUnavailable
-from recsys.tables import GATE_DECISIONS, PIPELINE_RUNS, PIPELINE_STATE, RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
+from recsys.tables import (
+    GATE_DECISIONS, PIPELINE_RUNS, PIPELINE_STATE, RAW_FILES, RECOMMENDATIONS, TRANSACTIONS, Lakehouse,
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,8 @@ def test_nightly_merges_the_day_s_drop_and_republishes_then_a_rerun_changes_noth
     lines = (generated / RAW_FILES[TRANSACTIONS]).read_text().splitlines(keepends=True)
     landing = config.path(config.landing_dir) / "transactions"
     landing.mkdir(parents=True)
-    (landing / f"{last_day}.csv").write_text(lines[0] + "".join(line for line in lines if line.startswith(str(last_day))))
+    last_day_lines = "".join(line for line in lines if line.startswith(str(last_day)))
+    (landing / f"{last_day}.csv").write_text(lines[0] + last_day_lines)
     config.model.refresh = "warm"  # from the champion when the first run's gate promoted one, else full
     summary = pipeline.nightly(config, last_day.isoformat(), out=lambda m: None)
     assert summary["ingest"]["drop"] == "loaded" and summary["score"]["status"] == "done"

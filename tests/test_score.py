@@ -53,7 +53,9 @@ def brute_force_top(encoder, customer_idx: list[int], article_ids: list[str], k:
 def test_model_candidates_match_brute_force(spark):
     encoder = data.HashEncoder()
     index = build_index(encoder.vectors(range(1, 41), 100_000), data.ARTICLE_IDS)
-    customers = spark.createDataFrame([(c, i + 1) for i, c in enumerate(data.CUSTOMER_IDS)], "customer_id string, customer_idx int")
+    customers = spark.createDataFrame(
+        [(c, i + 1) for i, c in enumerate(data.CUSTOMER_IDS)], "customer_id string, customer_idx int"
+    )
     rows = score.model_candidates(customers, encoder, index, n=5, partitions=3).toPandas()
     got = rows.sort_values(["customer_id", "pos"]).groupby("customer_id")["article_id"].apply(list).to_dict()
     want = brute_force_top(encoder, list(range(1, 31)), data.ARTICLE_IDS, 5)
@@ -117,7 +119,9 @@ def test_interrupted_scoring_leaves_previous_version(scored, scored_lake):
     assert sorted(map(tuple, lake.read(RECOMMENDATIONS).collect())) == before
     assert publish.current_run(lake)["run_id"] == scored[1]["run_id"]
     # Lists that break the contract (11 articles each) are refused before anything is replaced.
-    short = lake.read(RECOMMENDATIONS).filter("rank <= 11").select("customer_id", "rank", "article_id", "score", "source")
+    short = lake.read(RECOMMENDATIONS).filter("rank <= 11").select(
+        "customer_id", "rank", "article_id", "score", "source"
+    )
     with pytest.raises(ValueError, match="not published.*bad_lists.*30"):
         publish.publish(lake, short, model_version="broken")
     assert lake.version(RECOMMENDATIONS) == version
@@ -242,4 +246,7 @@ def test_customer_feature_drift_is_measured_against_the_previous_snapshot(lake):
 
 
 def data_lists(lake):
-    return lake.spark.createDataFrame([(c, 1, data.ARTICLE_IDS[0], 1.0, "x") for c in data.CUSTOMER_IDS], "customer_id string, rank int, article_id string, score double, source string")
+    return lake.spark.createDataFrame(
+        [(c, 1, data.ARTICLE_IDS[0], 1.0, "x") for c in data.CUSTOMER_IDS],
+        "customer_id string, rank int, article_id string, score double, source string",
+    )
