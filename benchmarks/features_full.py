@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULT = ROOT / "benchmarks" / "results" / "features_full.json"
 
-from ingest_full import ProcessTree  # noqa: E402  (one memory sampler for every benchmark)
+from benchmarks.measure import ProcessTree, scratch_tables  # noqa: E402  (one memory sampler for every benchmark)
 
 
 def timed_run(lake, as_of: str | None) -> dict:
@@ -66,9 +64,7 @@ def main() -> int:
     from recsys.tables import ARTICLES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
     config = load_config(args.profile, args.set)
-    tables = Path(args.tables_dir or Path(config.paths.data_dir) / "bench-features").resolve()
-    shutil.rmtree(tables, ignore_errors=True)
-    tables.mkdir(parents=True)
+    tables = scratch_tables(config, args.tables_dir, "bench-features")
     source = Path(args.source_tables).resolve()
     for name in (ARTICLES, CUSTOMERS, TRANSACTIONS):
         if not (source / name / "_delta_log").is_dir():

@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "ingest_full.json"
 
-from benchmarks.measure import ProcessTree, machine  # noqa: E402
+from benchmarks.measure import ProcessTree, machine, scratch_tables  # noqa: E402
 
 
 def timed_ingest(lake, raw_dir: str, since: str | None) -> dict:
@@ -69,8 +68,7 @@ def main() -> int:
     from recsys.tables import TRANSACTIONS, Lakehouse
 
     config = load_config(args.profile, args.set)
-    tables = Path(args.tables_dir or Path(config.paths.data_dir) / "bench-ingest").resolve()
-    shutil.rmtree(tables, ignore_errors=True)
+    tables = scratch_tables(config, args.tables_dir, "bench-ingest")
     config = load_config(args.profile, [*args.set, f"paths.tables_dir={tables}"])
     raw = Path(args.raw_dir)
     input_bytes = {p.name: p.stat().st_size for p in sorted(raw.glob("*.csv"))}

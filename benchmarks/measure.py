@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,12 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def scratch_tables(config: Any, given: str | None, name: str) -> Path:
+    """A benchmark's own tables folder (`given`, else <data_dir>/<name>), emptied first, so that it never writes
+    over the profile's tables."""
+    folder = Path(given or Path(config.paths.data_dir) / name).resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
