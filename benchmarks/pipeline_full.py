@@ -7,6 +7,10 @@ benchmarks/results/pipeline_full.json (`total_s`, `peak_rss_gib`, `customers_pub
 `load_avg`, and per stage its summary).
 
     .venv/bin/python benchmarks/pipeline_full.py [--profile full] [--set KEY=VALUE ...] [--fresh]
+
+When the gate published a baseline (no model beat it on the week), the score stage did not pay for the two
+stages; `--system-lists [N]` then times the challenger system's lists for every customer (or N of them) on the
+lake the run left, without publishing them (`system_lists` in the result).
 """
 from __future__ import annotations
 
@@ -35,12 +39,43 @@ def published(lake, k: int) -> dict:
     return {"customers_published": int(row.customers), "customers_without_exactly_k": int(row.wrong or 0)}
 
 
+def system_lists(config, customers: int | None) -> dict:
+    """What `score` costs when a model wins the gate: the challenger system's lists (candidates + ranker) for every
+    customer (or the first `customers` of them), computed in full into Spark's `noop` sink, published nowhere."""
+    from pyspark.sql import functions as F
+
+    from recsys.evaluate import system_recommender
+    from recsys.registry import CHALLENGER, system_versions
+    from recsys.score import snapshot_of
+    from recsys.spark import get_spark
+    from recsys.tables import CUSTOMERS, Lakehouse
+
+    lake = Lakehouse(get_spark(config), config)
+    system = system_versions(config).get(CHALLENGER)
+    if not system:
+        raise SystemExit("--system-lists: no challenger in the registry: run the pipeline first")
+    target = None
+    if customers:
+        target = lake.read(CUSTOMERS).select("customer_id").orderBy(F.xxhash64("customer_id")).limit(customers)
+    with ProcessTree() as tree:
+        started = time.perf_counter()
+        recs = system_recommender(lake, system, snapshot_of(lake, None), target)
+        recs.write.format("noop").mode("overwrite").save()
+        seconds = round(time.perf_counter() - started, 1)
+    n = customers or lake.read(CUSTOMERS).count()
+    return {"system": system, "customers": n, "seconds": seconds, "cpu_s": round(tree.cpu_s, 1),
+            "peak_rss_gib": tree.peak_gib, "date": now(), "load_avg": load_avg()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--fresh", action="store_true", help="delete the profile's tables and artifacts first")
     parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument("--system-lists", type=int, nargs="?", const=0, default=None, metavar="CUSTOMERS",
+                        help="only time the challenger system's lists for everyone (or CUSTOMERS of them) on the "
+                             "lake the pipeline left, into a noop sink; adds `system_lists` to the result")
     args = parser.parse_args()
 
     from recsys import pipeline, synth
@@ -49,6 +84,15 @@ def main() -> int:
     from recsys.tables import CUSTOMERS, RAW_FILES, Lakehouse
 
     config = load_config(args.profile, args.set)
+    if args.system_lists is not None:
+        import json
+
+        result = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        measured = system_lists(config, args.system_lists or None)
+        result.setdefault("system_lists", {})[str(measured["customers"])] = measured
+        write_result(args.out, result)
+        print(measured, flush=True)
+        return 0
     raw = config.path(config.paths.raw_dir)
     result: dict = {"benchmark": "pipeline_full", "date": now(), "machine": machine(), "profile": config.profile,
                     "load_avg_start": load_avg(), "stages": {}, "stage_details": {}}
