@@ -136,7 +136,8 @@ def stage_features(ctx: Context) -> dict[str, Any]:
     train_as_of = ctx.train_as_of()
     for as_of in sorted({train_as_of, ctx.test_start(), ctx.publish_as_of()}):
         summary = features.run(ctx.lake, as_of=as_of, training=as_of == train_as_of)
-        out[as_of.isoformat()] = {t: v.get("rows") for t, v in summary["tables"].items()}
+        out[as_of.isoformat()] = {t: {"rows": v.get("rows"), "seconds": v.get("seconds")}
+                                  for t, v in summary["tables"].items()}
     return out
 
 
