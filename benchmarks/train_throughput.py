@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--model-only", action="store_true", help="torch alone: no Spark, no Petastorm")
+    parser.add_argument("--id-updates", choices=["dense", "sparse", "both"], default="dense",
+                        help="model.sparse_ids off / on; both: the model alone measured each way")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = parser.parse_args()
 
@@ -153,8 +155,12 @@ def main() -> None:
     data = training_data(rows, customers, articles, rng)
 
     results: dict = {"matmul_gflops": round(matmul_gflops(device), 1)}
-    speed, parameters = epoch_speed(data, MemoryLoader(rows, mc.batch_size, mc.seed), mc)
-    results["model_alone_examples_per_s"] = round(speed)
+    for updates in (["dense", "sparse"] if args.id_updates == "both" else [args.id_updates]):
+        mc.sparse_ids = updates == "sparse"
+        speed, parameters = epoch_speed(data, MemoryLoader(rows, mc.batch_size, mc.seed), mc)
+        results[f"model_alone_examples_per_s_{updates}_ids"] = round(speed)
+        print(f"model alone, {updates} id updates: {speed:,.0f} examples/s", flush=True)
+    results["model_alone_examples_per_s"] = max(v for k, v in results.items() if k.startswith("model_alone_"))
     if not args.model_only:
         through_petastorm(rows, data, mc, config, results)
     report = {

@@ -96,6 +96,7 @@ class ModelConfig:
     batch_size: int = 2048
     learning_rate: float = 0.003
     weight_decay: float = 1e-6
+    sparse_ids: bool = False             # id tables updated sparsely (SparseAdam): a step touches the batch's rows
     temperature: float = 0.05
     negatives: int = 512                 # sampled negatives per batch (popularity-corrected)
     seed: int = 7

@@ -230,6 +230,43 @@ def test_resume_after_interruption_reaches_the_same_weights(lake, tmp_path, worl
         assert torch.equal(a, b), name
 
 
+def test_sparse_id_updates_touch_only_the_ids_of_the_batches_and_resume(lake, tmp_path, world):
+    configure(lake, tmp_path, epochs=2, patience=10, loader="memory", sparse_ids=True, weight_decay=1e-2)
+    mc = lake.config.model
+    data, rows = _in_memory(world)
+    seen = sorted({int(i) for i in rows["customer_idx"]})
+
+    def trained(sparse: bool, checkpoint=None, on_epoch_end=None):
+        mc.sparse_ids = sparse
+        torch.manual_seed(mc.seed)
+        model = two_tower(data, mc)
+        start = model.customer_tower.id_embedding.weight.detach().clone()
+        result = trainer.fit(model, memory_loader(rows, mc), data, mc, checkpoint=checkpoint,
+                             on_epoch_end=on_epoch_end)
+        return model, start, result
+
+    model, start, result = trained(True, tmp_path / "s.pt")
+    after = model.customer_tower.id_embedding.weight.detach()
+    unseen = [i for i in range(len(start)) if i not in set(seen)]
+    assert unseen and torch.equal(after[unseen], start[unseen])  # ids no batch held: not touched
+    assert not torch.allclose(after[seen], start[seen])
+    assert all(np.isfinite(r["loss"]) for r in result.history) and result.history[-1]["val_map_at_12"] >= 0
+    dense, dense_start, _ = trained(False)
+    moved = dense.customer_tower.id_embedding.weight.detach()
+    assert not torch.allclose(moved[unseen], dense_start[unseen])  # dense Adam's weight decay moves every row
+
+    def stop_after_first(epoch, row):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trained(True, tmp_path / "r.pt", stop_after_first)
+    resumed, _, again = trained(True, tmp_path / "r.pt")  # both optimizers' state comes back from the checkpoint
+    assert again.resumed_from == 1 and [r["loss"] for r in again.history] == [r["loss"] for r in result.history]
+    with pytest.raises(ValueError, match="sparse_ids"):
+        trained(False, tmp_path / "r.pt")
+
+
 def test_early_stopping_keeps_the_best_epoch(lake, tmp_path, world):
     configure(lake, tmp_path, epochs=12, patience=1, loader="memory", learning_rate=0.05)
     mc = lake.config.model
