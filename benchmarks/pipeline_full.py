@@ -6,7 +6,7 @@ Checks what a nightly run must deliver: every customer published with exactly K 
 benchmarks/results/pipeline_full.json (`total_s`, `peak_rss_gib`, `customers_published`, `stages`, `date`,
 `load_avg`, and per stage its summary).
 
-    .venv/bin/python benchmarks/pipeline_full.py [--profile full] [--set KEY=VALUE ...] [--fresh]
+    .venv/bin/python benchmarks/pipeline_full.py [--profile full] [--set KEY=VALUE ...] [--fresh | --resume]
 
 When the gate published a baseline (no model beat it on the week), the score stage did not pay for the two
 stages; `--system-lists [N]` then times the challenger system's lists for every customer (or N of them) on the
@@ -72,6 +72,8 @@ def main() -> int:
     parser.add_argument("--profile", default="full")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--fresh", action="store_true", help="delete the profile's tables and artifacts first")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the stages the result file already has (a run that stopped), run the others")
     parser.add_argument("--out", default=str(RESULT))
     parser.add_argument("--system-lists", type=int, nargs="?", const=0, default=None, metavar="CUSTOMERS",
                         help="only time the challenger system's lists for everyone (or CUSTOMERS of them) on the "
@@ -93,9 +95,16 @@ def main() -> int:
         write_result(args.out, result)
         print(measured, flush=True)
         return 0
+    if args.resume and args.fresh:
+        parser.error("--resume continues on the tables a stopped run left; --fresh deletes them: pick one")
     raw = config.path(config.paths.raw_dir)
     result: dict = {"benchmark": "pipeline_full", "date": now(), "machine": machine(), "profile": config.profile,
                     "load_avg_start": load_avg(), "stages": {}, "stage_details": {}}
+    if args.resume and Path(args.out).exists():
+        import json
+
+        result = json.loads(Path(args.out).read_text())
+        result.setdefault("resumed_at", []).append({"date": now(), "after": list(result["stages"])})
     if not all((raw / name).exists() for name in RAW_FILES.values()):
         with ProcessTree() as tree:
             started = time.perf_counter()
@@ -107,8 +116,10 @@ def main() -> int:
         for folder in (config.paths.tables_dir, config.paths.artifacts_dir, config.paths.checkpoint_dir):
             shutil.rmtree(config.path(folder), ignore_errors=True)
 
-    peak, total_cpu, started_all = 0, 0.0, time.perf_counter()
-    for stage in pipeline.STAGES:
+    done = result["stages"]
+    peak = max([d["peak_rss_gib"] * 2**30 for d in result["stage_details"].values()], default=0)
+    total_cpu = sum(d["cpu_s"] for d in result["stage_details"].values())
+    for stage in (s for s in pipeline.STAGES if s not in done):
         with ProcessTree() as tree:
             started = time.perf_counter()
             summary = pipeline.run(config, steps=[stage], force=True)
@@ -119,7 +130,7 @@ def main() -> int:
                                           "peak_rss_gib": tree.peak_gib, "load_avg_end": load_avg(),
                                           "summary": summary.get(stage)}
         write_result(args.out, result)  # what ran so far survives a later failure
-    result["total_s"] = round(time.perf_counter() - started_all, 1)
+    result["total_s"] = round(sum(done.values()), 1)  # the stages' own times (a resumed run's gap is not work)
     result["cpu_s"] = round(total_cpu, 1)
     result["peak_rss_gib"] = round(peak / 2**30, 2)
     lake = Lakehouse(get_spark(config), config)
