@@ -3,8 +3,8 @@
 A normal run sets Spark's log level to ERROR, from the JVM's first line on (a log4j2 file passed to the local
 driver with `spark.driver.extraJavaOptions`); ignores the FutureWarning / DeprecationWarning / UserWarning that
 petastorm, pyarrow and mlflow raise (in Spark's Python workers too, which inherit PYTHONWARNINGS); and keeps the
-mlflow (MLFLOW_LOGGING_LEVEL), py4j and alembic loggers at ERROR. `recsys --verbose` leaves all of it as the
-libraries set it.
+mlflow (MLFLOW_LOGGING_LEVEL), py4j, alembic, petastorm and XGBoost-PySpark loggers at ERROR. `recsys --verbose`
+leaves all of it as the libraries set it.
 
 Only the command line calls `configure`: tests, notebooks and spark-submit jobs keep their own settings, and
 on Databricks the cluster's logging is left alone.
@@ -19,7 +19,7 @@ from pathlib import Path
 LOG4J_QUIET = Path(__file__).with_name("log4j2-quiet.properties")
 NOISY_MODULES = r"(petastorm|pyarrow|mlflow)(\.|$)"
 NOISY_CATEGORIES = (FutureWarning, DeprecationWarning, UserWarning)
-NOISY_LOGGERS = ("mlflow", "py4j", "alembic", "petastorm")
+NOISY_LOGGERS = ("mlflow", "py4j", "alembic", "petastorm", "XGBoost-PySpark")
 WORKER_WARNINGS = "ignore::FutureWarning,ignore::DeprecationWarning"  # worker processes: by category only
 
 _quiet = False
