@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 PROFILE ?= small
 
-.PHONY: setup test test-fast lint test-all demo serve bench bench-pipeline bench-real-week bench-nightly bench-lookup bench-serve clean lint-bundle
+.PHONY: setup test test-fast lint test-all demo serve bench bench-pipeline bench-real-week bench-nightly bench-checks bench-lookup bench-serve clean lint-bundle
 
 setup: $(VENV)/.installed .cache/jars/.resolved
 
@@ -70,6 +70,10 @@ bench-serve: setup
 # `make bench-pipeline` published (the steady state: warm from the champion); --prime builds one first.
 bench-nightly: setup
 	$(PY) benchmarks/nightly_full.py --scale full $(NIGHTLY_ARGS)
+
+# What the checks before a publish cost per run, on the tables `make bench-pipeline` left.
+bench-checks: setup
+	$(PY) benchmarks/checks_full.py
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log
