@@ -31,8 +31,9 @@ import json
 
 import datetime as dt
 
-from recsys import evaluate, features, notebook, report, train, two_stage
+from recsys import evaluate, features, notebook, train, two_stage
 from recsys.model import load_encoder
+from recsys.report import format_report
 from recsys.split import default_test_start
 from recsys.tables import TRANSACTIONS
 
@@ -80,5 +81,5 @@ ranker_version = two_stage.log_ranker(config, ranker, trained["model_version"], 
 
 # COMMAND ----------
 
-evaluation = evaluate.run(lake, test_start=test_start)
-print(report.format_report(evaluation))
+report = evaluate.run(lake, test_start=test_start)
+print(format_report(report))
