@@ -43,7 +43,7 @@ def timed(step, *args, **kwargs) -> tuple[object, float]:
     return result, round(time.perf_counter() - started, 1)
 
 
-def primed_lake(config) -> tuple[object, dt.date, dict, float]:
+def primed_lake(config) -> tuple[object, dt.date, float]:
     """The profile's own lake, published by the pipeline, and the next day's drop beside its raw files (the
     same simulation one day on; the two years are synthesised into a scratch folder and thrown away)."""
     import tempfile
@@ -59,12 +59,12 @@ def primed_lake(config) -> tuple[object, dt.date, dict, float]:
     day = dt.date.fromisoformat(config.synth.end_date) + dt.timedelta(days=1)
     if last >= day:
         raise SystemExit(f"--primed: {day} is already loaded (newest purchase {last}): run `make bench-pipeline`")
-    stats, synth_s = {"drops": {}}, 0.0
+    synth_s = 0.0
     if not (config.path(config.landing_dir) / drop_file(day)).exists():
         with tempfile.TemporaryDirectory(dir=config.path(config.paths.data_dir)) as scratch:
-            stats, synth_s = timed(synth.generate, config.synth, scratch, drop_days=1,
-                                   landing_dir=str(config.path(config.landing_dir)))
-    return lake, day, stats, synth_s
+            _, synth_s = timed(synth.generate, config.synth, scratch, drop_days=1,
+                               landing_dir=str(config.path(config.landing_dir)))
+    return lake, day, synth_s
 
 
 def main() -> int:
@@ -86,7 +86,7 @@ def main() -> int:
 
     if args.primed:
         config = load_config(args.scale, ["model.refresh=warm", *args.set])
-        lake, day, stats, synth_s = primed_lake(config)
+        lake, day, synth_s = primed_lake(config)
         ingest_s = prime_s = None
     else:
         base = Path(load_config(args.scale).paths.data_dir).resolve() / "bench-nightly"
@@ -96,8 +96,8 @@ def main() -> int:
             f"paths.artifacts_dir={base}/artifacts", f"paths.checkpoint_dir={base}/checkpoints",
         ])
         day = dt.date.fromisoformat(config.synth.end_date) + dt.timedelta(days=1)
-        stats, synth_s = timed(synth.generate, config.synth, config.paths.raw_dir, drop_days=1,
-                               landing_dir=config.landing_dir)
+        _, synth_s = timed(synth.generate, config.synth, config.paths.raw_dir, drop_days=1,
+                           landing_dir=config.landing_dir)
         lake = Lakehouse(get_spark(config, "bench-nightly"), config)
         _, ingest_s = timed(ingest.run, lake, config.paths.raw_dir)
         prime_s = timed(pipeline.run, config, out=print)[1] if args.prime else None
