@@ -1,0 +1,136 @@
+"""Where the two stages' time goes when they score many customers: each candidate source, the two-tower's
+neighbours and similarities, the ranker's features and its prediction, timed one by one for a sample of
+customers on the lake a full pipeline left (the challenger system in the registry).
+
+Run it for two sample sizes to split each step into a fixed part (global aggregates: co-purchase pairs, article
+sales) and a per-customer part; the extrapolation to every customer is in the result.
+
+    .venv/bin/python benchmarks/system_cost.py --customers 20000 100000 [--profile full] [--set KEY=VALUE]
+
+Writes benchmarks/results/system_cost.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.measure import ProcessTree, load_avg, machine, now, write_result  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "system_cost.json"
+
+
+def steps(lake, system: dict, as_of, target) -> dict:
+    """seconds and rows of each step for `target`, every step materialised on its own."""
+    from pyspark.sql import functions as F
+
+    from recsys import candidates as C
+    from recsys import ranker as R
+    from recsys import two_stage as S
+    from recsys.model import load_encoder
+    from recsys.tables import ARTICLES, CUSTOMERS, TRANSACTIONS
+
+    config = lake.config
+    target = target.localCheckpoint()
+    encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{system[config.mlflow.registered_model]}",
+                           config.tracking_uri, config.registry_uri)
+    ranker = S.load_ranker(config, system[config.mlflow.ranker_model])
+    transactions = lake.read(TRANSACTIONS).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
+    articles, customers = lake.read(ARTICLES), lake.read(CUSTOMERS)
+    out: dict[str, dict] = {}
+
+    def timed(name, frame):
+        started = time.perf_counter()
+        frame = frame.localCheckpoint()
+        rows = frame.count()
+        out[name] = {"seconds": round(time.perf_counter() - started, 1), "rows": rows}
+        print(f"  {name}: {out[name]}", flush=True)
+        return frame
+
+    saved = list(config.candidates.sources)
+    parts = []
+    for source in saved:
+        if source == S.TWO_TOWER:
+            continue
+        config.candidates.sources = [source]
+        parts.append(timed(f"source {source}", S.source_candidates(config, transactions, articles, customers,
+                                                                   target, as_of)))
+    config.candidates.sources = saved
+    rules = parts[0]
+    for part in parts[1:]:
+        rules = rules.unionByName(part)
+    others = rules.select("customer_id", "article_id").distinct()
+    model = timed("two_tower neighbours + similarities",
+                  S.two_tower_rows(lake, encoder, as_of, target, others, config.candidates.two_tower_n))
+    picks = model.filter(F.col("pos").isNotNull()).select(
+        "customer_id", "article_id", F.lit(S.TWO_TOWER).alias("source"), F.col("pos").alias("source_rank"),
+        F.col("score").alias("source_score"))
+    similarity = model.select("customer_id", "article_id", F.lit(S.SIMILARITY).alias("source"),
+                              F.lit(0).alias("source_rank"), F.col("score").alias("source_score"))
+    long = rules.unionByName(picks).unionByName(similarity).select(*C.CANDIDATE_COLUMNS)
+    wide = timed("wide rows", S.wide_rows(long, config.candidates.sources))
+    features = timed("ranker features", R.ranker_features(wide, transactions, articles, customers, as_of))
+    timed("predict + top K", R.top_k(R.predict(ranker, features), config.scoring.k))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--customers", type=int, nargs="+", default=[20000, 100000])
+    parser.add_argument("--out", default=str(RESULT))
+    args = parser.parse_args()
+
+    from pyspark.sql import functions as F
+
+    from recsys.config import load_config
+    from recsys.registry import CHALLENGER, system_versions
+    from recsys.score import snapshot_of
+    from recsys.spark import get_spark
+    from recsys.tables import CUSTOMERS, Lakehouse
+
+    config = load_config(args.profile, args.set)
+    lake = Lakehouse(get_spark(config), config)
+    system = system_versions(config).get(CHALLENGER)
+    if not system or config.mlflow.ranker_model not in system:
+        raise SystemExit("no challenger two-stage system in the registry: run the pipeline first")
+    as_of = snapshot_of(lake, None)
+    everyone = lake.read(CUSTOMERS).select("customer_id").distinct().count()
+    result = {"benchmark": "system_cost", "date": now(), "machine": machine(), "profile": args.profile,
+              "overrides": args.set, "system": system, "as_of": as_of.isoformat(), "customers_all": everyone,
+              "load_avg_start": load_avg(), "runs": {}}
+    for n in args.customers:
+        print(f"{n:,} customers", flush=True)
+        target = lake.read(CUSTOMERS).select("customer_id").orderBy(F.xxhash64("customer_id")).limit(n)
+        with ProcessTree() as tree:
+            started = time.perf_counter()
+            measured = steps(lake, system, as_of, target)
+            seconds = round(time.perf_counter() - started, 1)
+        result["runs"][str(n)] = {"seconds": seconds, "cpu_s": round(tree.cpu_s, 1), "peak_rss_gib": tree.peak_gib,
+                                  "load_avg_end": load_avg(), "steps": measured}
+        write_result(args.out, result)
+    sizes = sorted(int(n) for n in result["runs"])
+    if len(sizes) >= 2:
+        small, large = sizes[0], sizes[-1]
+        a, b = result["runs"][str(small)]["steps"], result["runs"][str(large)]["steps"]
+        fit = {}
+        for name in a:
+            per = (b[name]["seconds"] - a[name]["seconds"]) / (large - small)
+            fixed = a[name]["seconds"] - per * small
+            fit[name] = {"fixed_s": round(fixed, 1), "per_100k_s": round(per * 100_000, 1),
+                         "all_customers_s": round(fixed + per * everyone, 1)}
+        result["extrapolation"] = fit
+        result["extrapolated_all_s"] = round(sum(v["all_customers_s"] for v in fit.values()), 1)
+    result["load_avg_end"] = load_avg()
+    write_result(args.out, result)
+    print(result.get("extrapolation", result["runs"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
