@@ -282,17 +282,19 @@ def _source_names(sources: Iterable[str]) -> list[str]:
     return names
 
 
-def combine(candidates: DataFrame, sources: Iterable[str]) -> DataFrame:
+def combine(candidates: DataFrame, sources: Iterable[str], extra: dict[str, Column] | None = None) -> DataFrame:
     """The union of the sources' rows -> one row per (customer_id, article_id): the ranker's input.
 
     Columns: customer_id, article_id, then <source>_rank int and <source>_score double for each name in
     `sources` (null where that source did not propose the pair; a source without rows still gets its columns),
     n_sources int (how many proposed it) and source (the first proposing name in `sources` order: the source a
-    published row is credited to). Rows of sources not named in `sources` are dropped.
+    published row is credited to). Rows of sources not named in `sources` are dropped; with `extra` (name ->
+    aggregate) they are read by those aggregates, in the same pass, and still make no row of their own: a pair
+    only they name is left out.
     """
     names = _source_names(sources)
-    rows = candidates.filter(F.col("source").isin(names))
-    aggs = []
+    rows = candidates if extra else candidates.filter(F.col("source").isin(names))
+    aggs = [value.alias(name) for name, value in (extra or {}).items()]
     for name in names:
         mine = F.col("source") == F.lit(name)
         # one row per (customer, article, source) by contract; min/max only make a duplicate harmless
@@ -304,12 +306,14 @@ def combine(candidates: DataFrame, sources: Iterable[str]) -> DataFrame:
     proposed = [F.col(f"{name}_rank").isNotNull() for name in names]
     n_sources = sum((p.cast("int") for p in proposed[1:]), proposed[0].cast("int"))
     credited = F.coalesce(*[F.when(p, F.lit(name)) for p, name in zip(proposed, names)])
-    return wide.select(
+    out = wide.select(
         "customer_id", "article_id",
         *[c for name in names for c in (f"{name}_rank", f"{name}_score")],
         n_sources.cast("int").alias("n_sources"),
         credited.alias("source"),
+        *(extra or {}),
     )
+    return out.filter(F.col("n_sources") > 0) if extra else out
 
 
 def coverage(

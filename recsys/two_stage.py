@@ -36,7 +36,7 @@ from recsys.score import check_model_date, customer_rows, model_candidates, retr
 from recsys.tables import ARTICLES, CANDIDATES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
 TWO_TOWER = "two_tower"
-SIMILARITY = "similarity"  # long rows carrying the two-tower similarity of a pair: a feature, not a source
+SIMILARITY = "similarity"  # long rows carrying the two-tower similarity of a pair the model did not pick: a feature
 
 
 # --- candidates -----------------------------------------------------------------------------------------
@@ -76,12 +76,20 @@ def two_tower_rows(lake: Lakehouse, encoder: Any, snapshot: dt.date, target: Dat
                             partitions=scoring.partitions, extra=others, articles=vectors)
 
 
+def two_tower_long(model: DataFrame) -> DataFrame:
+    """`two_tower_rows` -> long rows: the picks as source `two_tower`, the other pairs' similarity as `similarity`."""
+    return model.select("customer_id", "article_id",
+                        F.when(F.col("pos").isNotNull(), F.lit(TWO_TOWER)).otherwise(F.lit(SIMILARITY)).alias("source"),
+                        F.coalesce(F.col("pos"), F.lit(0)).alias("source_rank"), F.col("score").alias("source_score"))
+
+
 def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame,
                      write: bool = False) -> DataFrame:
-    """Every source's candidates for `target` as of `as_of`, long, with the two-tower's similarity to each pair
-    kept aside in `source = 'similarity'` rows (not a source: a feature). Computed once: with `write` into the
-    `candidates` table (partition as_of, replaced; what the ranker trained on and what was published), else
-    persisted in memory (evaluations, which must not replace the recorded lists)."""
+    """Every source's candidates for `target` as of `as_of`, long, with the two-tower's similarity to the pairs
+    it did not pick kept aside in `source = 'similarity'` rows (not a source: a feature; a pick's similarity is
+    its source_score, not repeated: at 100 picks a customer that would double the rows). Computed once: with
+    `write` into the `candidates` table (partition as_of, replaced; what the ranker trained on and what was
+    published), else persisted in memory (evaluations, which must not replace the recorded lists)."""
     config = lake.config
     transactions = lake.read(TRANSACTIONS).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
     customers, articles = lake.read(CUSTOMERS), lake.read(ARTICLES)
@@ -89,14 +97,8 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
     if encoder is not None and TWO_TOWER in config.candidates.sources:
         n = config.candidates.two_tower_n
         others = long.select("customer_id", "article_id").distinct() if long is not None else None
-        model = two_tower_rows(lake, encoder, as_of, target, others, n)
-        picks = model.filter(F.col("pos").isNotNull()).select(
-            "customer_id", "article_id", F.lit(TWO_TOWER).alias("source"), F.col("pos").alias("source_rank"),
-            F.col("score").alias("source_score"))
-        similarity = model.select(
-            "customer_id", "article_id", F.lit(SIMILARITY).alias("source"), F.lit(0).alias("source_rank"),
-            F.col("score").alias("source_score"))
-        long = picks.unionByName(similarity) if long is None else long.unionByName(picks).unionByName(similarity)
+        model = two_tower_long(two_tower_rows(lake, encoder, as_of, target, others, n))
+        long = model if long is None else long.unionByName(model)
     if long is None:
         raise ValueError("candidates.sources: no source left (the two-tower source needs a model)")
     long = long.select(*C.CANDIDATE_COLUMNS)
@@ -108,11 +110,10 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
 
 
 def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:
-    """Long candidates -> one row per (customer, article) proposed by a source, with the two-tower similarity."""
-    proposed = C.combine(long.filter(F.col("source") != SIMILARITY), sources)
-    similarity = long.filter(F.col("source") == SIMILARITY).groupBy("customer_id", "article_id").agg(
-        F.max("source_score").alias(R.TWO_TOWER_SIMILARITY))
-    return proposed.join(similarity, ["customer_id", "article_id"], "left")
+    """Long candidates -> one row per (customer, article) proposed by a source, with the two-tower similarity
+    (a pick's own score, or the pair's `similarity` row), in one aggregation."""
+    similar = F.col("source").isin(TWO_TOWER, SIMILARITY)
+    return C.combine(long, sources, extra={R.TWO_TOWER_SIMILARITY: F.max(F.when(similar, F.col("source_score")))})
 
 
 def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: bool = False

@@ -96,6 +96,21 @@ def test_two_tower_rows_score_the_other_sources_pairs_by_the_same_vectors(lake):
         two_stage.two_tower_rows(lake, encoder, data.AS_OF - dt.timedelta(days=3), target, None, n=5)
 
 
+def test_wide_rows_carry_the_similarity_of_picks_and_of_the_other_sources_pairs(spark):
+    from recsys.candidates import CANDIDATE_SCHEMA
+
+    long = spark.createDataFrame([
+        ("c1", "A", "two_tower", 1, 0.9),     # a pick: its score is its similarity
+        ("c1", "B", "repurchase", 1, 2.0), ("c1", "B", "similarity", 0, 0.4),
+        ("c1", "C", "popularity", 1, 7.0),    # outside the index: no similarity
+        ("c2", "D", "similarity", 0, 0.8),    # similarity of a pair nobody proposed: no row
+    ], CANDIDATE_SCHEMA)
+    rows = two_stage.wide_rows(long, ["repurchase", "two_tower", "popularity"]).collect()
+    got = {(r.customer_id, r.article_id): (r.source, r.n_sources, r.two_tower_similarity) for r in rows}
+    assert got == {("c1", "A"): ("two_tower", 1, 0.9), ("c1", "B"): ("repurchase", 1, 0.4),
+                   ("c1", "C"): ("popularity", 1, None)}
+
+
 def test_when_no_model_beats_the_best_baseline_its_lists_are_published(lake):
     config = lake.config
     decision = gate.gate(config, {"map_at_12": 0.010}, None,
