@@ -69,7 +69,7 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
     above, all from the purchases strictly before `as_of`.
 
     Two joins, whatever the number of features: one article table (broadcast: the catalogue is small) and one
-    customer table holding the customer's counts plus small maps (article -> count / last day, product ->
+    customer table holding the customer's age and counts plus small maps (article -> count / last day, product ->
     count / last day, index group and product type -> count) that each candidate row looks itself up in.
     The customer table is built for the rows' customers only (a semi-join first), so the cost follows the
     number of customers ranked, not the size of the customer base.
@@ -123,14 +123,15 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
             F.col(key).cast("string"), "v"))).alias(name))
 
     customer = (
-        mine.groupBy("customer_id").agg(
+        ages.join(rows.select("customer_id").distinct(), "customer_id", "right")
+        .join(mine.groupBy("customer_id").agg(
             F.sum((F.col("days") <= 7).cast("int")).alias("cust_purchases_7d"),
             F.sum((F.col("days") <= 28).cast("int")).alias("cust_purchases_28d"),
             F.count(F.lit(1)).alias("cust_purchases_all"),
             F.min("days").alias("cust_days_since_last"),
             F.avg("price").alias("cust_price_mean"),
             F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("cust_online_share"),
-        )
+        ), "customer_id", "left")
         .join(counts("article_id", "_articles", True), "customer_id", "left")
         .join(counts("product_code", "_products", True), "customer_id", "left")
         .join(counts("_group", "_groups", False), "customer_id", "left")
@@ -143,9 +144,9 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
     if TWO_TOWER_SIMILARITY not in rows.columns:
         rows = rows.withColumn(TWO_TOWER_SIMILARITY, F.lit(None).cast("double"))
     out = (
-        rows.join(F.broadcast(article), "article_id", "left")
-        .join(customer, "customer_id", "left")
-        .join(ages, "customer_id", "left")
+        # the customer side first: the one shuffle of the rows carries them before the article columns widen them
+        rows.join(customer, "customer_id", "left")
+        .join(F.broadcast(article), "article_id", "left")
         .withColumn("pair_purchases", lookup("_articles", "article_id", "n"))
         .withColumn("pair_days_since", lookup("_articles", "article_id", "last"))
         .withColumn("product_purchases", lookup("_products", "product_code", "n"))

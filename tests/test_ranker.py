@@ -1,0 +1,52 @@
+"""The ranker's features by hand: one table of purchases, three candidate rows, every customer-side and pair
+feature checked against a value worked out on paper (and nothing from on or after as_of)."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from recsys import ranker as R
+
+D = dt.date.fromisoformat
+AS_OF = D("2020-09-23")
+
+
+@pytest.fixture(scope="module")
+def rows(spark):
+    transactions = spark.createDataFrame([
+        (D("2020-09-20"), "c1", "A", 0.02, 2),
+        (D("2020-09-20"), "c1", "A", 0.02, 2),   # two units of A, 3 days before
+        (D("2020-08-01"), "c1", "B", 0.04, 1),   # B: same product as A, 53 days before
+        (D("2020-09-21"), "c2", "C", 0.10, 1),
+        (D("2020-09-23"), "c1", "C", 0.50, 2),   # on as_of: the future
+    ], "t_dat date, customer_id string, article_id string, price double, sales_channel_id int")
+    articles = spark.createDataFrame([
+        ("A", 1, "Ladieswear", 253), ("B", 1, "Ladieswear", 253), ("C", 2, "Menswear", 94),
+    ], "article_id string, product_code int, index_group_name string, product_type_no int")
+    customers = spark.createDataFrame([("c1", 30), ("c2", 50)], "customer_id string, age int")
+    candidates = spark.createDataFrame([("c1", "A"), ("c1", "C"), ("new", "A")],
+                                       "customer_id string, article_id string")
+    out = R.ranker_features(candidates, transactions, articles, customers, AS_OF).collect()
+    return {(r.customer_id, r.article_id): r for r in out}
+
+
+def test_customer_and_pair_features_by_hand(rows):
+    a, c = rows[("c1", "A")], rows[("c1", "C")]
+    assert (a.cust_purchases_all, a.cust_purchases_7d, a.cust_purchases_28d) == (3.0, 2.0, 2.0)
+    assert a.cust_days_since_last == 3.0 and a.cust_age == 30.0
+    assert a.cust_price_mean == pytest.approx(0.08 / 3) and a.cust_online_share == pytest.approx(2 / 3)
+    assert (a.pair_purchases, a.pair_days_since) == (2.0, 3.0)
+    assert (a.product_purchases, a.product_days_since) == (3.0, 3.0)  # A twice and B, the same product_code
+    assert a.share_index_group == 1.0 and a.share_product_type == 1.0
+    assert (c.pair_purchases, c.pair_days_since, c.share_index_group) == (0.0, None, 0.0)  # the 09-23 C is future
+    # A's buyers in the last 28 days: c1 (30); C's: c2 (50)
+    assert a.age_gap == 0.0 and c.age_gap == pytest.approx(30 - 50)
+    assert c.price_ratio == pytest.approx(0.10 / (0.08 / 3))
+
+
+def test_a_customer_without_history_or_profile_gets_zeros_and_missing(rows):
+    new = rows[("new", "A")]
+    assert (new.cust_purchases_all, new.pair_purchases, new.product_purchases) == (0.0, 0.0, 0.0)
+    assert new.cust_age is None and new.cust_days_since_last is None and new.share_index_group is None
+    assert new.art_share_7d == pytest.approx(2 / 3)  # A: 2 of the 3 units sold in the 7 days before as_of
