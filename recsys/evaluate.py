@@ -231,9 +231,10 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
 
 
 def system_recommender(lake: Lakehouse, system: Mapping[str, str], as_of: dt.date,
-                       customers: DataFrame | None, write_candidates: bool = False) -> DataFrame:
+                       customers: DataFrame | None, write_candidates: str = "") -> DataFrame:
     """The lists of one registered system as of `as_of` (the two stages, or the two-tower alone), for
-    `customers` (None: everyone). `write_candidates`: keep the first stage's lists in `candidates` (publishing)."""
+    `customers` (None: everyone). `write_candidates` ("replace" / "append" a slice of customers): keep the first
+    stage's lists in `candidates` (publishing)."""
     from recsys import score, two_stage
     from recsys.model import load_encoder
 

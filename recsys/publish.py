@@ -19,12 +19,13 @@ import datetime as dt
 import json
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from recsys import monitor
+from recsys.spark import release
 from recsys.tables import (
     ARTICLES, CUSTOMERS, RECOMMENDATIONS, RECOMMENDATIONS_NAMED, RECOMMENDATIONS_SCHEMA, RECOMMENDATIONS_STAGING,
     Lakehouse,
@@ -156,12 +157,14 @@ def write_for_lookup(lake: Lakehouse, recs: DataFrame, name: str = RECOMMENDATIO
         lake.write(_layout(recs, config.scoring.partitions), name)
 
 
-def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | None = None,
+def publish(lake: Lakehouse, recs: DataFrame | Iterable[DataFrame], model_version: str, run_id: str | None = None,
             k: int | None = None, as_of: dt.date | None = None, popularity_only: bool = False) -> dict[str, Any]:
     """Stage, validate, check (recsys.monitor), then replace `recommendations` in one commit, and the named
     companion table after it.
 
-    `recs` needs customer_id, rank, article_id, score, source. A failure in the computation of `recs`, the
+    `recs` needs customer_id, rank, article_id, score, source: one DataFrame, or slices of the customers computed
+    one after the other (each is staged, and what Spark kept for it released, before the next is computed: the
+    disk a computation needs follows the slice, not the customer base). A failure in the computation of `recs`, the
     validation or a blocking check writes nothing to the published tables; a failure in either write puts both
     back to their previous version (`Lakehouse.restore_on_failure`). `as_of`: the feature snapshot the lists
     were scored from (its drift against the one before is checked). `popularity_only`: lists that are all
@@ -170,8 +173,16 @@ def publish(lake: Lakehouse, recs: DataFrame, model_version: str, run_id: str | 
     config = lake.config
     k = k or config.scoring.k
     run_id = run_id or new_run_id()
-    staged_df = conform(recs, model_version, run_id)
-    lake.write(staged_df, RECOMMENDATIONS_STAGING)  # the whole computation runs here, once
+    slices = [recs] if isinstance(recs, DataFrame) else recs
+    staged_slices = 0
+    for part in slices:  # the whole computation runs here, once
+        lake.write(conform(part, model_version, run_id), RECOMMENDATIONS_STAGING,
+                   mode="append" if staged_slices else "overwrite")
+        staged_slices += 1
+        del part  # the slice's plan holds its checkpoints: let go of it before releasing
+        release(lake.spark)
+    if not staged_slices:
+        raise ValueError("publish: no recommendations given (an empty list of slices)")
     staged = lake.read(RECOMMENDATIONS_STAGING)
     report = validate(staged, lake.read(CUSTOMERS), k)
     started = time.perf_counter()

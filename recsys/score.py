@@ -268,6 +268,17 @@ def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
     return conform(recs, _model_version(encoder), run_id="")
 
 
+def customer_slices(lake: Lakehouse, size: int) -> list[DataFrame]:
+    """Every customer once, in ceil(customers / size) slices by a hash of the id (size 0: one slice)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"scoring.slice_customers must be a whole number >= 0, got {size!r}")
+    everyone = lake.read(CUSTOMERS).select("customer_id").distinct()
+    n = -(-everyone.count() // size) if size else 1
+    if n <= 1:
+        return [everyone]
+    return [everyone.filter(F.pmod(F.xxhash64("customer_id"), F.lit(n)) == i) for i in range(n)]
+
+
 def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict[str, Any]:
     """Publish what the latest gate decided (`gate_decisions`): the champion system's lists, or, when no model
     beat the best baseline on the evaluated week, that baseline's lists (source = its name), as of `as_of`
@@ -288,7 +299,9 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
         if not system:
             raise ValueError("the latest gate decision publishes the model, but names no champion system")
         version = system_label(config, system)
-        recs = evaluate.system_recommender(lake, system, snapshot, None, write_candidates=True)
+        slices = customer_slices(lake, config.scoring.slice_customers)
+        recs = (evaluate.system_recommender(lake, system, snapshot, part, write_candidates="append" if i else "replace")
+                for i, part in enumerate(slices))  # one slice computed at a time, as publish stages it
     elif choice.startswith("baseline:"):
         name = choice.split(":", 1)[1]
         transactions = lake.read(TRANSACTIONS)

@@ -68,3 +68,12 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(console.spark_log_level(sc.log_level))
     return spark
+
+
+def release(spark: SparkSession) -> None:
+    """Let Spark drop what nothing refers to any more (shuffle files, checkpointed blocks) now, not at its next
+    periodic clean-up: between slices of a large computation, so the disk holds one slice at a time."""
+    import gc
+
+    gc.collect()  # Python's references to the JVM objects go first
+    spark.sparkContext._jvm.System.gc()  # then the JVM's, which the ContextCleaner acts on

@@ -83,13 +83,17 @@ def two_tower_long(model: DataFrame) -> DataFrame:
                         F.coalesce(F.col("pos"), F.lit(0)).alias("source_rank"), F.col("score").alias("source_score"))
 
 
+REPLACE, APPEND = "replace", "append"  # how a computation keeps its candidates in the `candidates` table
+
+
 def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame,
-                     write: bool = False) -> DataFrame:
+                     write: str = "") -> DataFrame:
     """Every source's candidates for `target` as of `as_of`, long, with the two-tower's similarity to the pairs
     it did not pick kept aside in `source = 'similarity'` rows (not a source: a feature; a pick's similarity is
     its source_score, not repeated: at 100 picks a customer that would double the rows). Computed once: with
-    `write` into the `candidates` table (partition as_of, replaced; what the ranker trained on and what was
-    published), else persisted in memory (evaluations, which must not replace the recorded lists)."""
+    `write` into the `candidates` table (partition as_of; REPLACE it, or APPEND a slice of customers to it: what
+    the ranker trained on and what was published), else persisted in memory (evaluations, which must not
+    replace the recorded lists)."""
     config = lake.config
     transactions = lake.read(TRANSACTIONS).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
     customers, articles = lake.read(CUSTOMERS), lake.read(ARTICLES)
@@ -104,8 +108,14 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
     long = long.select(*C.CANDIDATE_COLUMNS)
     if not write:
         return long.localCheckpoint()  # computed now, and the long plan behind it is cut off
-    lake.write(long.withColumn("as_of", F.lit(as_of)), CANDIDATES,
-               replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
+    if write not in (REPLACE, APPEND):
+        raise ValueError(f"build_candidates: write must be {REPLACE!r} or {APPEND!r}, got {write!r}")
+    rows = long.withColumn("as_of", F.lit(as_of))
+    if write == APPEND and lake.exists(CANDIDATES):
+        lake.write(rows, CANDIDATES, mode="append")
+    else:
+        lake.write(rows, CANDIDATES,
+                   replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
     return lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
 
 
@@ -116,7 +126,7 @@ def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:
     return C.combine(long, sources, extra={R.TWO_TOWER_SIMILARITY: F.max(F.when(similar, F.col("source_score")))})
 
 
-def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: bool = False
+def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = ""
                  ) -> tuple[DataFrame, DataFrame]:
     """(long candidates, ranker rows with features) for `target` as of `as_of`."""
     long = build_candidates(lake, encoder, as_of, target, write)
@@ -161,7 +171,7 @@ def ranker_rows(lake: Lakehouse, encoder: Any | None, until: dt.date) -> tuple[D
     transactions = lake.read(TRANSACTIONS).filter(F.col("t_dat") < F.lit(end))
     window = transactions.filter(F.col("t_dat") >= F.lit(start))
     buyers = window.select("customer_id").distinct()
-    long, rows = ranking_rows(lake, encoder, start, buyers, write=True)
+    long, rows = ranking_rows(lake, encoder, start, buyers, write=REPLACE)
     return long, R.with_labels(rows, window, start, (end - start).days), window
 
 
@@ -194,7 +204,7 @@ def fit_ranker(lake: Lakehouse, encoder: Any | None, until: dt.date) -> RankerFi
 
 # --- scoring --------------------------------------------------------------------------------------------
 def recommend(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of: dt.date | str | None = None,
-              customers: DataFrame | None = None, model_version: str = "", write_candidates: bool = False
+              customers: DataFrame | None = None, model_version: str = "", write_candidates: str = ""
               ) -> DataFrame:
     """The ranker's top K of each customer's candidates as of `as_of` (default: the latest snapshot), filled to
     exactly K from popularity; `source` names the candidate source each row is credited to. Lazy.

@@ -127,3 +127,35 @@ def test_when_no_model_beats_the_best_baseline_its_lists_are_published(lake):
     assert recs.count() == K * len(data.CUSTOMER_IDS)
     latest = gate.latest_decision(lake)
     assert latest["publish"] == "baseline:repurchase" and latest["best_baseline"] == "repurchase"
+
+
+def test_publishing_in_slices_gives_the_lists_and_candidates_of_one_pass(lake):
+    """Slices of the customers (the disk a full-size publish needs follows the slice): every customer in exactly
+    one slice, and the published lists and recorded candidates are those of the whole base in one pass."""
+    from recsys.publish import publish
+    from recsys.tables import CANDIDATES
+
+    fit = two_stage.fit_ranker(lake, None, data.AS_OF)
+    slices = score.customer_slices(lake, size=len(data.CUSTOMER_IDS) // 3)
+    members = [sorted(r.customer_id for r in s.collect()) for s in slices]
+    assert len(slices) == 3 and sorted(sum(members, [])) == sorted(data.CUSTOMER_IDS)
+    assert len(score.customer_slices(lake, size=0)) == 1
+    with pytest.raises(ValueError, match="slice_customers"):
+        score.customer_slices(lake, size=-1)
+
+    def lists() -> set:
+        return {(r.customer_id, r.rank, r.article_id) for r in lake.read(RECOMMENDATIONS).collect()}
+
+    def candidates() -> list:
+        return sorted(map(tuple, lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(data.AS_OF)).drop(
+            "as_of").collect()))
+
+    whole = two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, write_candidates="replace")
+    publish(lake, whole, model_version="whole")
+    one_pass = (lists(), candidates())
+    publish(lake, (two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, customers=s,
+                                       write_candidates="append" if i else "replace") for i, s in enumerate(slices)),
+            model_version="sliced")
+    assert (lists(), candidates()) == one_pass
+    with pytest.raises(ValueError, match="no recommendations"):
+        publish(lake, [], model_version="nothing")
