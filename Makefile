@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 PROFILE ?= small
 
-.PHONY: setup test test-fast lint test-all demo serve bench bench-pipeline bench-real-week bench-nightly bench-checks bench-lookup bench-serve clean lint-bundle
+.PHONY: setup test test-fast lint test-all demo serve bench bench-pipeline bench-real-week bench-nightly bench-checks bench-system-cost bench-lookup bench-serve clean lint-bundle
 
 setup: $(VENV)/.installed .cache/jars/.resolved
 
@@ -74,6 +74,10 @@ bench-nightly: setup
 # What the checks before a publish cost per run, on the tables `make bench-pipeline` left.
 bench-checks: setup
 	$(PY) benchmarks/checks_full.py
+
+# Where the two stages' time goes per customer (each step for 10,000 and 50,000 customers), on that lake too.
+bench-system-cost: setup
+	$(PY) benchmarks/system_cost.py --customers 10000 50000
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log
