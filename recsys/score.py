@@ -30,7 +30,7 @@ from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, customer_segment
 from recsys.features import read_snapshot
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label
 from recsys.split import as_date, before
-from recsys.tables import ARTICLE_FEATURES, CUSTOMER_FEATURES, CUSTOMERS, TRANSACTIONS, Lakehouse
+from recsys.tables import ARTICLE_FEATURES, CANDIDATES, CUSTOMER_FEATURES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
 PREFERENCE = (CHAMPION, CHALLENGER)  # the default model: the gate's pick, else the latest trained one
 
@@ -311,7 +311,9 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
         version = f"{name}@{snapshot.isoformat()}"
     else:
         raise ValueError(f"gate_decisions: unknown publish choice {choice!r}")
-    summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=config.scoring.k, as_of=snapshot)
+    # the candidates are written slice by slice as the lists are computed: a failure puts them back with the lists
+    with lake.restore_on_failure(CANDIDATES):
+        summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=config.scoring.k, as_of=snapshot)
     return {**summary, "as_of": snapshot.isoformat(), "published": choice, "gate_test_week": str(
         decision["test_week"]), "reason": decision["reason"], "seconds": round(time.perf_counter() - started, 1)}
 

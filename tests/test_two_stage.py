@@ -133,7 +133,6 @@ def test_publishing_in_slices_gives_the_lists_and_candidates_of_one_pass(lake):
     """Slices of the customers (the disk a full-size publish needs follows the slice): every customer in exactly
     one slice, and the published lists and recorded candidates are those of the whole base in one pass."""
     from recsys.publish import publish
-    from recsys.tables import CANDIDATES
 
     fit = two_stage.fit_ranker(lake, None, data.AS_OF)
     slices = score.customer_slices(lake, size=len(data.CUSTOMER_IDS) // 3)
@@ -143,19 +142,48 @@ def test_publishing_in_slices_gives_the_lists_and_candidates_of_one_pass(lake):
     with pytest.raises(ValueError, match="slice_customers"):
         score.customer_slices(lake, size=-1)
 
-    def lists() -> set:
-        return {(r.customer_id, r.rank, r.article_id) for r in lake.read(RECOMMENDATIONS).collect()}
-
-    def candidates() -> list:
-        return sorted(map(tuple, lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(data.AS_OF)).drop(
-            "as_of").collect()))
-
     whole = two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, write_candidates="replace")
     publish(lake, whole, model_version="whole")
-    one_pass = (lists(), candidates())
+    one_pass = published(lake)
     publish(lake, (two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, customers=s,
                                        write_candidates="append" if i else "replace") for i, s in enumerate(slices)),
             model_version="sliced")
-    assert (lists(), candidates()) == one_pass
+    assert published(lake) == one_pass
     with pytest.raises(ValueError, match="no recommendations"):
         publish(lake, [], model_version="nothing")
+
+
+def published(lake) -> tuple[set, list]:
+    """The published lists and the candidates recorded for them (as of data.AS_OF)."""
+    from recsys.tables import CANDIDATES
+
+    lists = {(r.customer_id, r.rank, r.article_id) for r in lake.read(RECOMMENDATIONS).collect()}
+    candidates = lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(data.AS_OF)).drop("as_of")
+    return lists, sorted(map(tuple, candidates.collect()))
+
+
+def test_a_publish_that_fails_in_a_later_slice_leaves_lists_and_candidates_as_they_were(lake, monkeypatch):
+    from recsys import evaluate
+    from recsys.publish import publish
+
+    fit = two_stage.fit_ranker(lake, None, data.AS_OF)
+    publish(lake, two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, write_candidates="replace"),
+            model_version="before")
+    before = published(lake)
+    decision = gate.gate(lake.config, {"map_at_12": 0.05}, None, {"repurchase": {"map_at_12": 0.01}})
+    assert decision.publish == "model"
+    gate.write_decision(lake, data.AS_OF - dt.timedelta(days=7), decision,
+                        {lake.config.mlflow.registered_model: "1", lake.config.mlflow.ranker_model: "1"})
+    lake.config.scoring.slice_customers = len(data.CUSTOMER_IDS) // 3
+
+    def system(lake_, versions, snapshot, customers, write_candidates=""):
+        if write_candidates == "append":
+            raise RuntimeError("the second slice broke")
+        return two_stage.recommend(lake_, None, fit.model, as_of=snapshot, customers=customers,
+                                   write_candidates=write_candidates)
+
+    monkeypatch.setattr(evaluate, "system_recommender", system)
+    with pytest.raises(RuntimeError, match="second slice broke") as failure:
+        score.publish_decided(lake, as_of=data.AS_OF)
+    assert "candidates: restored" in str(failure.value.__notes__)
+    assert published(lake) == before
