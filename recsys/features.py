@@ -97,7 +97,6 @@ from recsys.tables import (
 
 __all__ = [
     "age_bucket", "article_codes", "article_features", "category_values", "customer_features", "customer_profile",
-    "customer_states",
     "default_as_of", "known_ids", "new_category_codes", "new_ids", "read_snapshot", "run", "taste_columns",
     "training_examples",
 ]
@@ -290,8 +289,7 @@ def customer_features(
 
     With `keys` (customer_id, as_of) the same features are computed for exactly those pairs instead, each from the
     purchases strictly before its own `as_of`: the point-in-time state a training example sees (the customer as
-    the scorer will see them, never including the purchase being predicted). That form reads a customer's whole
-    history once per key: the job uses `customer_states`, which is tested to give the same rows.
+    the scorer will see them, never including the purchase being predicted).
     """
     weeks = _windows(windows_weeks)
     if history_length < 0:
@@ -303,9 +301,11 @@ def customer_features(
         history = before(transactions, cutoff).withColumn("as_of", F.lit(cutoff))
         base = customer_profile(customers).withColumn("as_of", F.lit(cutoff))
     else:
-        base = _keyed_profile(customers, keys)
-        history = transactions.join(base.select("customer_id", "as_of"), "customer_id").filter(
-            F.col("t_dat") < F.col("as_of"))
+        keys = _require(keys, ["customer_id", "as_of"], "keys").select(
+            "customer_id", F.col("as_of").cast("date").alias("as_of")).distinct()
+        history = transactions.join(keys, "customer_id").filter(F.col("t_dat") < F.col("as_of"))
+        base = keys.join(customer_profile(customers), "customer_id", "left").withColumn(
+            "age_bucket", F.coalesce("age_bucket", F.lit(UNKNOWN)))
     history = history.withColumn("days_before", F.datediff("as_of", "t_dat")).join(
         F.broadcast(codes), "article_id", "left")
     key = ["customer_id", "as_of"]
@@ -338,23 +338,6 @@ def customer_features(
         (F.sum((F.col("days") > 1).cast("double")) / F.count(F.lit(1))).alias("num_repeat_ratio"),
         recent.alias("_recent"),
     )
-    return _customer_rows(base, stats, repeats, customer_index, history_length)
-
-
-def _keyed_profile(customers: DataFrame, keys: DataFrame) -> DataFrame:
-    """(customer_id, as_of) keys, once each, with the customer's profile (unknown age bucket when absent)."""
-    keys = _require(keys, ["customer_id", "as_of"], "keys").select(
-        "customer_id", F.col("as_of").cast("date").alias("as_of")).distinct()
-    return keys.join(customer_profile(customers), "customer_id", "left").withColumn(
-        "age_bucket", F.coalesce("age_bucket", F.lit(UNKNOWN)))
-
-
-def _customer_rows(base: DataFrame, stats: DataFrame, repeats: DataFrame, customer_index: DataFrame,
-                   history_length: int) -> DataFrame:
-    """The customer_features columns from the profile rows (`base`), the purchase statistics (num_*, null when
-    no history) and the distinct-article statistics with `_recent` (array of struct(last, idx)), per
-    (customer_id, as_of)."""
-    key = ["customer_id", "as_of"]
     return _finish(
         base
         .join(stats, key, "left")
@@ -370,120 +353,6 @@ def _customer_rows(base: DataFrame, stats: DataFrame, repeats: DataFrame, custom
             *_sequence(F.col("_recent"), history_length),
         )
     )
-
-
-def customer_states(
-    customers: DataFrame,
-    transactions: DataFrame,
-    articles: DataFrame,
-    customer_index: DataFrame,
-    category_index: DataFrame,
-    as_of: dt.date | str,
-    keys: DataFrame,
-    windows_weeks: Iterable[int] = (1, 4, 12),
-    history_length: int = 20,
-    article_index: DataFrame | None = None,
-) -> DataFrame:
-    """`customer_features(keys=keys)`, the same rows, from running sums instead of one pass over a customer's
-    history per key.
-
-    The keyed form joins every purchase of a customer to each of their keys: at full size (1.4 M customers,
-    12 weekly keys for the active ones) that is most of the features stage. Here the purchases are summed once
-    per (customer, day before `as_of`); a key d days before `as_of` reads the sums of the days further back
-    (windows over the customer's days, ordered by distance: one sort). The history sequence reads each
-    customer's (article, day) pairs of the keys' horizon plus the 20 articles bought last before it. Every key
-    must be on or before `as_of`, and `transactions` must hold nothing on or after it.
-    """
-    weeks = _windows(windows_weeks)
-    if history_length < 0:
-        raise ValueError(f"features.history_length must be >= 0, got {history_length}")
-    cutoff = as_date(as_of, "as_of")
-    taste = taste_columns(category_index)
-    codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values())
-    base = _keyed_profile(customers, keys)
-    points = base.select("customer_id", "as_of", F.datediff(F.lit(cutoff), "as_of").alias("d"))
-    horizon = points.agg(F.max("d")).first()[0] or 0
-    history = before(transactions, cutoff).withColumn("d", days_before(cutoff)).join(
-        F.broadcast(codes), "article_id", "left")
-    shares = {f"_{group}_{code}": (F.col(cat) == code).cast("double")
-              for group, cat in TASTE_GROUPS.items() for code in taste[group]}
-    daily = history.groupBy("customer_id", "d").agg(
-        F.count(F.lit(1)).alias("_n"), F.sum("price").alias("_price"), F.sum(F.col("price") ** 2).alias("_price2"),
-        F.sum((F.col("sales_channel_id") == 2).cast("double")).alias("_online"),
-        *[F.sum(value).alias(name) for name, value in shares.items()])
-    # an article counts as distinct from its first day, as a repeat from its second distinct day
-    days = history.groupBy("customer_id", "article_id").agg(F.sort_array(F.collect_set("d"), False).alias("_days"))
-    firsts = days.select("customer_id", F.col("_days")[0].alias("d"), F.lit(1.0).alias("_new"),
-                         F.lit(0.0).alias("_repeat"))
-    seconds = days.filter(F.size("_days") > 1).select("customer_id", F.col("_days")[1].alias("d"),
-                                                      F.lit(0.0).alias("_new"), F.lit(1.0).alias("_repeat"))
-    distinct = firsts.unionByName(seconds).groupBy("customer_id", "d").agg(F.sum("_new").alias("_new"),
-                                                                          F.sum("_repeat").alias("_repeat"))
-    summed = [c for c in daily.columns if c.startswith("_")] + ["_new", "_repeat"]
-    events = daily.join(distinct, ["customer_id", "d"], "full").fillna(0.0, summed)
-    rows = events.withColumn("as_of", F.lit(None).cast("date")).unionByName(
-        points.select("customer_id", "d", "as_of", *[F.lit(0.0).alias(c) for c in summed]))
-    # further back = larger d; in this order a range (-a, -1) is the days d+1 .. d+a before the key
-    back = Window.partitionBy("customer_id").orderBy(F.desc("d"))
-    every = back.rangeBetween(Window.unboundedPreceding, -1)
-    total = {c: F.sum(c).over(every) for c in summed}
-    n = total["_n"]
-    seen = F.when(n > 0, F.lit(1))  # null without history, as in the keyed form
-
-    def share(column: str) -> Column:
-        return seen * total[column] / n
-
-    mean = total["_price"] / n
-    state = rows.select(
-        "customer_id", "as_of",
-        *[(seen * F.sum("_n").over(back.rangeBetween(-7 * w, -1))).alias(f"num_purchases_{w}w") for w in weeks],
-        (seen * n).alias("num_purchases_all"),
-        (F.min(F.when(F.col("_n") > 0, F.col("d"))).over(every) - F.col("d")).alias("num_days_since_last"),
-        (seen * mean).alias("num_price_mean"),
-        (seen * F.sqrt(F.greatest(total["_price2"] / n - mean * mean, F.lit(0.0)))).alias("num_price_std"),
-        share("_online").alias("num_channel2_share"),
-        *[share(name).alias(f"num_share{name}") for name in shares],
-        (seen * total["_new"]).alias("num_distinct_articles"),
-        (seen * total["_repeat"] / total["_new"]).alias("num_repeat_ratio"),
-    ).filter(F.col("as_of").isNotNull())
-    stats = state.drop("num_distinct_articles", "num_repeat_ratio")
-    repeats = state.select("customer_id", "as_of", "num_distinct_articles", "num_repeat_ratio").join(
-        _recent_before(history, points, horizon, history_length, article_index), ["customer_id", "as_of"], "left")
-    return _customer_rows(base, stats, repeats, customer_index, history_length)
-
-
-def _recent_before(history: DataFrame, points: DataFrame, horizon: int, length: int,
-                   article_index: DataFrame | None) -> DataFrame:
-    """customer_id, as_of, `_recent` (the keyed form's: struct(last = days before the key, idx), sorted) for
-    each key `d` days before the cut-off: the `length` articles bought last before it.
-
-    Per customer it reads the (article, day) pairs of the last `horizon` days and, further back, only the
-    `length` articles bought last: a key needs one of those only when fewer than `length` others came after it.
-    """
-    if length == 0:
-        return points.select("customer_id", "as_of", F.lit(None).alias("_recent"))
-    bought = history.select("customer_id", "article_id", "d").distinct()
-    further = bought.filter(F.col("d") > horizon).groupBy("customer_id", "article_id").agg(F.min("d").alias("d"))
-    ids = (F.broadcast(article_index.select("article_id", "article_idx")) if article_index is not None
-           else bought.select("article_id").distinct().withColumn("article_idx", F.lit(0)))
-    order = Window.partitionBy("customer_id").orderBy("d", F.coalesce("article_idx", F.lit(0)), "article_id")
-    further = further.join(ids, "article_id", "left").withColumn("_i", F.row_number().over(order)).filter(
-        F.col("_i") <= length).drop("_i")
-    entries = bought.filter(F.col("d") <= horizon).join(ids, "article_id", "left").unionByName(further)
-    entry = F.struct(F.col("d").cast("int").alias("d"), F.coalesce("article_idx", F.lit(0)).cast("int").alias("idx"),
-                     F.col("article_id"))
-    lists = entries.groupBy("customer_id").agg(F.array_sort(F.collect_list(entry)).alias("_entries"))
-    empty = F.array().cast("array<struct<d:int,idx:int,article_id:string>>")
-
-    def keep(acc: Column, x: Column) -> Column:
-        full = (F.size(acc) >= length) | F.exists(acc, lambda y: y["article_id"] == x["article_id"])
-        return F.when(full, acc).otherwise(F.concat(acc, F.array(x)))
-
-    later = F.filter(F.col("_entries"), lambda x: x["d"] > F.col("d"))
-    recent = F.aggregate(later, empty, keep)
-    return points.join(lists, "customer_id", "left").select(
-        "customer_id", "as_of", F.transform(recent, lambda x: F.struct(
-            (x["d"] - F.col("d")).alias("last"), x["idx"].alias("idx"))).alias("_recent"))
 
 
 def _sequence(recent: Column, length: int) -> list[Column]:
@@ -718,17 +587,15 @@ def _build(
         article_index = lake.read(ARTICLE_INDEX).persist(StorageLevel.MEMORY_AND_DISK)
         codes = lake.read(CATEGORY_INDEX)  # a few hundred rows: held on the driver, read by every feature set
         category_index = lake.spark.createDataFrame(codes.collect(), codes.schema)
-        def state(as_of) -> DataFrame:
+        def state(as_of=None, keys=None) -> DataFrame:
             return customer_features(customers, transactions, articles, customer_index, category_index, as_of,
-                                     cfg.windows_weeks, cfg.history_length, article_index)
+                                     cfg.windows_weeks, cfg.history_length, article_index, keys)
 
         def examples() -> DataFrame:
             pairs = training_examples(transactions, customer_index, article_index, cutoff, cfg.training_window_weeks,
                                       cfg.decay_half_life_days, cfg.training_snapshot_days)
             keys = pairs.select("customer_id", F.col("feature_as_of").alias("as_of")).distinct()
-            return with_customer_state(pairs, customer_states(
-                customers, transactions, articles, customer_index, category_index, cutoff, keys, cfg.windows_weeks,
-                cfg.history_length, article_index))
+            return with_customer_state(pairs, state(keys=keys))
 
         snapshots = {
             CUSTOMER_FEATURES: lambda: state(cutoff),

@@ -344,30 +344,3 @@ def test_job_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames
         features.read_snapshot(lake, ARTICLE_FEATURES, "2019-01-01")
     with pytest.raises(ValueError, match="as_of: 'soon'"):
         features.run(lake, as_of="soon")
-
-
-def test_customer_states_equal_the_keyed_features_on_random_histories(spark, frames):
-    """The running-sum form gives the keyed form's rows: every column, every key, on random purchases over five
-    months (repeats on one day, on several days, unknown articles, keys on the cut-off and 12 weeks back)."""
-    import random
-
-    customers, articles, _, category_index, customer_index, article_index = frames
-    rng = random.Random(7)
-    known = ["c_many", "c_one", "c_none"]
-    people = known + ["ghost", "x1", "x2"]
-    items = [A, B, C, "0000000099"]  # the last one is in no table: no codes, article_idx 0
-    rows = [(AS_OF - dt.timedelta(days=rng.randint(1, 150)), rng.choice(people), rng.choice(items),
-             round(rng.uniform(0.005, 0.08), 4), rng.choice([1, 2])) for _ in range(400)]
-    rows += [(AS_OF - dt.timedelta(days=3), "x1", A, 0.02, 1)] * 3  # the same article three times on one day
-    transactions = spark.createDataFrame(rows, TX_SCHEMA)
-    keys = spark.createDataFrame(
-        [(c, AS_OF - dt.timedelta(days=7 * w)) for c in people + ["nobody"] for w in range(13)] + [("x2", AS_OF)],
-        "customer_id string, as_of date")
-    settings = dict(windows_weeks=[1, 4, 12], history_length=5, article_index=article_index)
-    keyed = features.customer_features(customers, transactions, articles, customer_index, category_index,
-                                       keys=keys, **settings)
-    running = features.customer_states(customers, transactions, articles, customer_index, category_index, AS_OF,
-                                       keys, **settings)
-    assert running.columns == keyed.columns
-    assert running.count() == keyed.count() == len(people + ["nobody"]) * 13
-    assert_approx_df_equality(running, keyed, precision=1e-9, ignore_row_order=True, ignore_nullable=True)
