@@ -285,6 +285,7 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
     (default: the latest feature snapshot) for every customer."""
     from recsys import baselines, evaluate
     from recsys.gate import latest_decision
+    from recsys.two_stage import APPEND, REPLACE
 
     config = lake.config
     started = time.perf_counter()
@@ -300,7 +301,7 @@ def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict
             raise ValueError("the latest gate decision publishes the model, but names no champion system")
         version = system_label(config, system)
         slices = customer_slices(lake, config.scoring.slice_customers)
-        recs = (evaluate.system_recommender(lake, system, snapshot, part, write_candidates="append" if i else "replace")
+        recs = (evaluate.system_recommender(lake, system, snapshot, part, write_candidates=APPEND if i else REPLACE)
                 for i, part in enumerate(slices))  # one slice computed at a time, as publish stages it
     elif choice.startswith("baseline:"):
         name = choice.split(":", 1)[1]

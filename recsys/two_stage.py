@@ -116,7 +116,9 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
     else:
         lake.write(rows, CANDIDATES,
                    replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
-    return lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
+    # this computation's rows only: after an APPEND the partition also holds the slices written before
+    written = lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
+    return written.join(target.select("customer_id"), "customer_id", "left_semi")
 
 
 def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:

@@ -151,6 +151,10 @@ def test_publishing_in_slices_gives_the_lists_and_candidates_of_one_pass(lake):
     assert published(lake) == one_pass
     with pytest.raises(ValueError, match="no recommendations"):
         publish(lake, [], model_version="nothing")
+    # a slice reads back its own candidates, not the slices appended before it (ranked again, they cost twice)
+    for i, (part, members_of_part) in enumerate(zip(slices, members)):
+        kept = two_stage.build_candidates(lake, None, data.AS_OF, part, write="append" if i else "replace")
+        assert {r.customer_id for r in kept.select("customer_id").distinct().collect()} <= set(members_of_part)
 
 
 def published(lake) -> tuple[set, list]:
