@@ -67,7 +67,7 @@ def steps(lake, system: dict, as_of, target) -> dict:
                   S.two_tower_rows(lake, encoder, as_of, target, others, config.candidates.two_tower_n))
     long = rules.unionByName(S.two_tower_long(model)).select(*C.CANDIDATE_COLUMNS)
     wide = timed("wide rows", S.wide_rows(long, config.candidates.sources))
-    features = timed("ranker features", R.ranker_features(wide, transactions, articles, customers, as_of))
+    features = timed("ranker features", S.featured(lake, wide, target, as_of))
     timed("predict + top K", R.top_k(R.predict(ranker, features), config.scoring.k))
     return out
 
@@ -103,7 +103,8 @@ def main() -> int:
         target = lake.read(CUSTOMERS).select("customer_id").orderBy(F.xxhash64("customer_id")).limit(n)
         with ProcessTree() as tree:
             started = time.perf_counter()
-            measured = steps(lake, system, as_of, target)
+            # a fresh Lakehouse: what it derives once per date (the ranker's article table) is paid by each run
+            measured = steps(Lakehouse(lake.spark, config), system, as_of, target)
             seconds = round(time.perf_counter() - started, 1)
         result["runs"][str(n)] = {"seconds": seconds, "cpu_s": round(tree.cpu_s, 1), "peak_rss_gib": tree.peak_gib,
                                   "load_avg_end": load_avg(), "steps": measured}

@@ -111,14 +111,20 @@ def repurchase(
     return _ranked(own, REPURCHASE, n, F.desc("last"), F.desc("rows"))
 
 
+def article_sales(transactions: DataFrame, as_of: dt.date | str, sales_days: int) -> DataFrame:
+    """article_id, sales: purchase rows over the last `sales_days` days before `as_of` (same_product's order)."""
+    return before(transactions, as_of, sales_days).groupBy("article_id").agg(F.count(F.lit(1)).alias("sales"))
+
+
 def same_product(
     transactions: DataFrame, articles: DataFrame, target: DataFrame, as_of: dt.date | str, window_days: int,
-    n: int, sales_days: int,
+    n: int, sales_days: int, sales: DataFrame | None = None,
 ) -> DataFrame:
     """Other colours/sizes of what the customer just bought (same product_code): people re-buy a liked cut.
 
     Articles the customer bought in the window are left out (that is repurchase's job). Ranked by the
     article's sales (rows) over the last `sales_days` days, then article_id; never-sold siblings qualify with 0.
+    `sales`: `article_sales` computed once, when several calls share a date.
     """
     _whole(window_days=window_days, n=n, sales_days=sales_days)
     cutoff = as_date(as_of, "as_of")
@@ -142,31 +148,19 @@ def same_product(
         .select("customer_id", "article_id")
         .join(bought, ["customer_id", "article_id"], "left_anti")
     )
-    sales = before(transactions, cutoff, sales_days).groupBy("article_id").agg(F.count(F.lit(1)).alias("sales"))
+    sales = article_sales(transactions, cutoff, sales_days) if sales is None else sales
     scored = siblings.join(sales, "article_id", "left").select(
         "customer_id", "article_id", F.coalesce(F.col("sales").cast("double"), F.lit(0.0)).alias("source_score")
     )
     return _ranked(scored, SAME_PRODUCT, n, F.desc("source_score"))
 
 
-def bought_together(
-    transactions: DataFrame, target: DataFrame, as_of: dt.date | str, pair_days: int, history_days: int,
-    neighbours: int, n: int, max_basket: int = 30,
-) -> DataFrame:
-    """Item-to-item co-purchase: what other customers bought alongside the customer's recent articles.
-
-    Over the last `pair_days` days, pair_count(a, b) = distinct customers who bought both a and b (a != b), from
-    each customer's `max_basket` most recently bought articles (ties by article_id): the self-join is on
-    customer_id within the window, so it costs at most max_basket ** 2 rows per customer, never customers ** 2.
-    Each a keeps its top `neighbours` b (ties by b). A target customer's candidates are the neighbours of the
-    articles they bought in the last `history_days` days, scored sum_a pair_count(a, b) / buyers(a) (buyers(a):
-    distinct customers of a in the whole pair window, so a best seller does not drown everything: P(b | a)),
-    minus what they bought in those days.
-    """
-    _whole(pair_days=pair_days, history_days=history_days, neighbours=neighbours, n=n, max_basket=max_basket)
-    cutoff = as_date(as_of, "as_of")
+def co_purchase_edges(transactions: DataFrame, as_of: dt.date | str, pair_days: int, neighbours: int,
+                      max_basket: int = 30) -> DataFrame:
+    """a, b, p: bought_together's item-to-item edges as of `as_of` (see there); the same for every customer."""
+    _whole(pair_days=pair_days, neighbours=neighbours, max_basket=max_basket)
     latest = (
-        before(transactions, cutoff, pair_days)
+        before(transactions, as_of, pair_days)
         .groupBy("customer_id", "article_id")
         .agg(F.max("t_dat").alias("last"))
     )
@@ -185,12 +179,33 @@ def bought_together(
         .agg(F.count(F.lit(1)).alias("pair_count"))  # baskets are distinct, so this counts distinct customers
     )
     strongest = Window.partitionBy("a").orderBy(F.desc("pair_count"), F.asc("b"))
-    edges = (
+    return (
         pairs.withColumn("_i", F.row_number().over(strongest))
         .filter(F.col("_i") <= neighbours)
         .join(buyers.withColumnRenamed("article_id", "a"), "a")
         .select("a", "b", (F.col("pair_count") / F.col("buyers")).alias("p"))
     )
+
+
+def bought_together(
+    transactions: DataFrame, target: DataFrame, as_of: dt.date | str, pair_days: int, history_days: int,
+    neighbours: int, n: int, max_basket: int = 30, edges: DataFrame | None = None,
+) -> DataFrame:
+    """Item-to-item co-purchase: what other customers bought alongside the customer's recent articles.
+
+    Over the last `pair_days` days, pair_count(a, b) = distinct customers who bought both a and b (a != b), from
+    each customer's `max_basket` most recently bought articles (ties by article_id): the self-join is on
+    customer_id within the window, so it costs at most max_basket ** 2 rows per customer, never customers ** 2.
+    Each a keeps its top `neighbours` b (ties by b). A target customer's candidates are the neighbours of the
+    articles they bought in the last `history_days` days, scored sum_a pair_count(a, b) / buyers(a) (buyers(a):
+    distinct customers of a in the whole pair window, so a best seller does not drown everything: P(b | a)),
+    minus what they bought in those days. `edges`: `co_purchase_edges` computed once, when several calls share
+    a date.
+    """
+    _whole(pair_days=pair_days, history_days=history_days, neighbours=neighbours, n=n, max_basket=max_basket)
+    cutoff = as_date(as_of, "as_of")
+    if edges is None:
+        edges = co_purchase_edges(transactions, cutoff, pair_days, neighbours, max_basket)
     history = (
         before(transactions, cutoff, history_days)
         .join(target.select("customer_id"), "customer_id", "left_semi")
@@ -207,23 +222,19 @@ def bought_together(
     return _ranked(scored, BOUGHT_TOGETHER, n, F.desc("source_score"))
 
 
-def popularity(
-    transactions: DataFrame, customers: DataFrame, target: DataFrame, as_of: dt.date | str, window_days: int,
-    n: int, half_life_days: float,
-) -> DataFrame:
-    """Recent best sellers of the customer's age bucket, filled with the global ones: the candidates every
-    customer gets, cold start included.
+def customer_buckets(customers: DataFrame) -> DataFrame:
+    """customer_id, bucket: recsys.popularity's age_bucket of the largest age per customer_id."""
+    return customers.groupBy("customer_id").agg(age_bucket(F.max("age")).alias("bucket"))
 
-    Decayed counts over the last `window_days` days; a sale counts in its buyer's bucket (recsys.popularity's
-    age_bucket of the largest age per customer_id). A target customer with a known bucket gets that bucket's top
-    n, topped up with the global top n (in global order, skipping articles already listed) when the bucket sold
-    fewer; unknown age or missing from `customers` -> the global top n. So everyone gets exactly n when the
-    window sold at least n articles. source_score is the decayed count in the list the row came from.
-    """
+
+def bucket_lists(transactions: DataFrame, customers: DataFrame, as_of: dt.date | str, window_days: int, n: int,
+                 half_life_days: float) -> DataFrame:
+    """bucket, article_id, source_rank, source_score: popularity's list for every age bucket and for an unknown
+    age (see there); the same for every customer of a bucket, at most 6 lists of n rows."""
     _whole(window_days=window_days, n=n)
     _half_life(half_life_days)
     cutoff = as_date(as_of, "as_of")
-    buckets = customers.groupBy("customer_id").agg(age_bucket(F.max("age")).alias("bucket"))
+    buckets = customer_buckets(customers)
     sales = (
         before(transactions, cutoff, window_days)
         .select("customer_id", "article_id", decay_weight(days_before(cutoff), half_life_days).alias("w"))
@@ -252,7 +263,7 @@ def popularity(
     )
     first = Window.partitionBy("bucket", "article_id").orderBy("priority")
     order = Window.partitionBy("bucket").orderBy("priority", "pos")
-    lists = (
+    return (
         own.unionByName(fill)
         .withColumn("_k", F.row_number().over(first))
         .filter(F.col("_k") == 1)
@@ -260,6 +271,25 @@ def popularity(
         .filter(F.col("source_rank") <= n)
         .select("bucket", "article_id", "source_rank", F.col("score").alias("source_score"))
     )
+
+
+def popularity(
+    transactions: DataFrame, customers: DataFrame, target: DataFrame, as_of: dt.date | str, window_days: int,
+    n: int, half_life_days: float, lists: DataFrame | None = None,
+) -> DataFrame:
+    """Recent best sellers of the customer's age bucket, filled with the global ones: the candidates every
+    customer gets, cold start included.
+
+    Decayed counts over the last `window_days` days; a sale counts in its buyer's bucket (recsys.popularity's
+    age_bucket of the largest age per customer_id). A target customer with a known bucket gets that bucket's top
+    n, topped up with the global top n (in global order, skipping articles already listed) when the bucket sold
+    fewer; unknown age or missing from `customers` -> the global top n. So everyone gets exactly n when the
+    window sold at least n articles. source_score is the decayed count in the list the row came from.
+    `lists`: `bucket_lists` computed once, when several calls share a date.
+    """
+    if lists is None:
+        lists = bucket_lists(transactions, customers, as_of, window_days, n, half_life_days)
+    buckets = customer_buckets(customers)
     who = _targets(target).join(buckets, "customer_id", "left").select(
         "customer_id", F.coalesce("bucket", F.lit(UNKNOWN)).alias("bucket")
     )

@@ -63,27 +63,20 @@ def feature_columns(sources: Sequence[str]) -> list[str]:
 
 
 # --- features (pure) ------------------------------------------------------------------------------------
-def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFrame, customers: DataFrame,
-                    as_of: dt.date | str) -> DataFrame:
-    """Candidate rows (customer_id, article_id, the sources' columns, [two_tower_similarity]) + the features
-    above, all from the purchases strictly before `as_of`.
-
-    Two joins, whatever the number of features: one article table (broadcast: the catalogue is small) and one
-    customer table holding the customer's age and counts plus small maps (article -> count / last day, product ->
-    count / last day, index group and product type -> count) that each candidate row looks itself up in.
-    The customer table is built for the rows' customers only (a semi-join first), so the cost follows the
-    number of customers ranked, not the size of the customer base.
-    """
+def article_table(transactions: DataFrame, articles: DataFrame, customers: DataFrame, as_of: dt.date | str
+                     ) -> DataFrame:
+    """article_id -> ARTICLE_FEATURES plus the keys a customer's history is grouped by (product_code, _group,
+    _type), from the purchases strictly before `as_of`. One row per catalogue article, whoever is ranked: the
+    part of `ranker_features` that does not depend on the rows, so slices of customers can share it."""
     cutoff = as_date(as_of, "as_of")
     days = F.datediff(F.lit(cutoff), F.col("t_dat"))
-    past = before(transactions, cutoff).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
-    attributes = articles.select(
-        "article_id", "product_code", F.coalesce(F.col("index_group_name"), F.lit("")).alias("_group"),
-        F.coalesce(F.col("product_type_no").cast("string"), F.lit("")).alias("_type"),
+    past = before(transactions, cutoff)
+    attributes = article_keys(articles).join(articles.select(
+        "article_id",
         # stable numbers a tree can split on (the raw code / a hash of the name)
         (F.abs(F.xxhash64("index_group_name")) % 1000).cast("double").alias("art_index_group"),
         F.col("product_type_no").cast("double").alias("art_product_type"),
-    ).dropDuplicates(["article_id"])
+    ).dropDuplicates(["article_id"]), "article_id")
     ages = customers.groupBy("customer_id").agg(F.max("age").cast("double").alias("cust_age"))
 
     recent = before(past, cutoff, 28).withColumn("days", days).join(ages, "customer_id", "left")
@@ -108,31 +101,77 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
         .withColumn("art_trend_7d", F.col("_sales_7d") / (F.col("_sales_28d") / 4.0 + 1.0))
     )
     first_sale = past.groupBy("article_id").agg(F.max(days).alias("art_days_since_first_sale"))
-    article = attributes.join(sold, "article_id", "left").join(first_sale, "article_id", "left")
+    return attributes.join(sold, "article_id", "left").join(first_sale, "article_id", "left")
 
-    mine = (past.join(rows.select("customer_id").distinct(), "customer_id", "left_semi").withColumn("days", days)
-            .join(F.broadcast(attributes.select("article_id", "product_code", "_group", "_type")), "article_id",
-                  "left"))
+
+def article_keys(articles: DataFrame) -> DataFrame:
+    """article_id, product_code, _group, _type: what a customer's purchases are counted by."""
+    return articles.select(
+        "article_id", "product_code", F.coalesce(F.col("index_group_name"), F.lit("")).alias("_group"),
+        F.coalesce(F.col("product_type_no").cast("string"), F.lit("")).alias("_type"),
+    ).dropDuplicates(["article_id"])
+
+
+def purchase_history(transactions: DataFrame, articles: DataFrame, customer_ids: DataFrame, as_of: dt.date | str
+                     ) -> DataFrame:
+    """One row per (customer, article) the `customer_ids` bought before `as_of`: n (purchase rows), last (days
+    since the latest), n_7d, n_28d, price and channel sums with their counts, and the article's keys
+    (`article_keys`): everything the customer side of `ranker_features` is aggregated from."""
+    cutoff = as_date(as_of, "as_of")
+    return (before(transactions, cutoff).join(customer_ids.select("customer_id"), "customer_id", "left_semi")
+            .withColumn("days", F.datediff(F.lit(cutoff), F.col("t_dat")))
+            .groupBy("customer_id", "article_id").agg(
+                F.count(F.lit(1)).alias("n"), F.min("days").alias("last"),
+                F.sum((F.col("days") <= 7).cast("int")).alias("n_7d"),
+                F.sum((F.col("days") <= 28).cast("int")).alias("n_28d"),
+                F.sum("price").alias("price_sum"), F.count("price").alias("price_n"),
+                F.sum((F.col("sales_channel_id") == 2).cast("double")).alias("online_sum"),
+                F.count("sales_channel_id").alias("online_n"))
+            .join(F.broadcast(article_keys(articles)), "article_id", "left"))
+
+
+def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFrame, customers: DataFrame,
+                    as_of: dt.date | str, article: DataFrame | None = None, history: DataFrame | None = None
+                    ) -> DataFrame:
+    """Candidate rows (customer_id, article_id, the sources' columns, [two_tower_similarity]) + the features
+    above, all from the purchases strictly before `as_of`.
+
+    Two joins, whatever the number of features: one article table (`article_table`, broadcast: the catalogue
+    is small; pass it as `article` when several calls share a date) and one customer table holding the
+    customer's age and counts plus small maps (article -> count / last day, product -> count / last day, index
+    group and product type -> count) that each candidate row looks itself up in.
+    The customer table is aggregated from `purchase_history` of the rows' customers only, so the cost follows
+    the number of customers ranked, not the size of the customer base. Pass `history` materialised (the caller
+    owns I/O): its five aggregations each read only the columns they need, so Spark cannot share one scan of
+    the purchases between them and, left lazy, reads the whole purchase table five times.
+    """
+    cutoff = as_date(as_of, "as_of")
+    if article is None:
+        article = article_table(transactions, articles, customers, cutoff)
+    if history is None:
+        history = purchase_history(transactions, articles, rows.select("customer_id").distinct(), cutoff)
+    ages = customers.groupBy("customer_id").agg(F.max("age").cast("double").alias("cust_age"))
 
     def counts(key: str, name: str, with_days: bool) -> DataFrame:
         """customer_id -> map key -> struct(n, last) over the customer's history (one small map per customer)."""
-        value = F.struct(F.count(F.lit(1)).alias("n"), F.min("days").alias("last")) if with_days else \
-            F.struct(F.count(F.lit(1)).alias("n"))
-        per_key = mine.where(F.col(key).isNotNull()).groupBy("customer_id", key).agg(value.alias("v"))
+        value = F.struct(F.sum("n").alias("n"), F.min("last").alias("last")) if with_days else \
+            F.struct(F.sum("n").alias("n"))
+        per_key = history.where(F.col(key).isNotNull()).groupBy("customer_id", key).agg(value.alias("v"))
         return per_key.groupBy("customer_id").agg(F.map_from_entries(F.collect_list(F.struct(
             F.col(key).cast("string"), "v"))).alias(name))
 
     customer = (
         ages.join(rows.select("customer_id").distinct(), "customer_id", "right")
-        .join(mine.groupBy("customer_id").agg(
-            F.sum((F.col("days") <= 7).cast("int")).alias("cust_purchases_7d"),
-            F.sum((F.col("days") <= 28).cast("int")).alias("cust_purchases_28d"),
-            F.count(F.lit(1)).alias("cust_purchases_all"),
-            F.min("days").alias("cust_days_since_last"),
-            F.avg("price").alias("cust_price_mean"),
-            F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("cust_online_share"),
+        .join(history.groupBy("customer_id").agg(
+            F.sum("n_7d").alias("cust_purchases_7d"),
+            F.sum("n_28d").alias("cust_purchases_28d"),
+            F.sum("n").alias("cust_purchases_all"),
+            F.min("last").alias("cust_days_since_last"),
+            (F.sum("price_sum") / F.sum("price_n")).alias("cust_price_mean"),
+            (F.sum("online_sum") / F.sum("online_n")).alias("cust_online_share"),
         ), "customer_id", "left")
-        .join(counts("article_id", "_articles", True), "customer_id", "left")
+        .join(history.groupBy("customer_id").agg(F.map_from_entries(F.collect_list(F.struct(
+            F.col("article_id").cast("string"), F.struct("n", "last")))).alias("_articles")), "customer_id", "left")
         .join(counts("product_code", "_products", True), "customer_id", "left")
         .join(counts("_group", "_groups", False), "customer_id", "left")
         .join(counts("_type", "_types", False), "customer_id", "left")

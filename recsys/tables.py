@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -267,6 +267,7 @@ class Lakehouse:
         self.config = config
         self.catalog = config.paths.catalog
         self.root = config.path(config.paths.tables_dir)
+        self._derived: dict[str, tuple[tuple, DataFrame]] = {}
 
     # -- addressing
     def location(self, name: str) -> str:
@@ -294,6 +295,16 @@ class Lakehouse:
             reader = reader.option("versionAsOf", version)
         return reader.table(self.location(name)) if self.catalog else reader.load(self.location(name))
 
+    def derived(self, name: str, build: Callable[[], DataFrame], *tables: str, key: tuple = ()) -> DataFrame:
+        """A small table computed from `tables` once, then shared: the catalogue's features as of a date, which
+        every slice of a publish needs. Recomputed when `key` or a version of one of `tables` changes (a table
+        written since cannot leave a stale copy); one copy per `name` is kept."""
+        stamp = (*key, *[self._commit(t) for t in tables])
+        held = self._derived.get(name)
+        if held is None or held[0] != stamp:
+            self._derived[name] = held = (stamp, build().localCheckpoint())
+        return held[1]
+
     def version(self, name: str) -> int | None:
         if not self.exists(name):
             return None
@@ -303,6 +314,14 @@ class Lakehouse:
             if commits:
                 return max(commits)
         return int(self._delta_table(name).history(1).select("version").first()[0])
+
+    def _commit(self, name: str) -> tuple:
+        """What identifies a table's current state: its version, and for a local table the time of that commit
+        too (a table deleted and written again starts again at version 0)."""
+        version = self.version(name)
+        if self.catalog or version is None:
+            return (version,)
+        return (version, (Path(self.location(name)) / "_delta_log" / f"{version:020d}.json").stat().st_mtime_ns)
 
     def versions(self) -> dict[str, int]:
         """Every existing table's current version (what a stage read, or wrote when it changed)."""

@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from pyspark.sql import DataFrame
@@ -41,18 +41,38 @@ SIMILARITY = "similarity"  # long rows carrying the two-tower similarity of a pa
 
 # --- candidates -----------------------------------------------------------------------------------------
 def source_candidates(config: Config, transactions: DataFrame, articles: DataFrame, customers: DataFrame,
-                      target: DataFrame, as_of: dt.date) -> DataFrame:
-    """The rule-based sources named in `candidates.sources` (long rows, recsys.candidates.CANDIDATE_COLUMNS)."""
+                      target: DataFrame, as_of: dt.date, shared: Callable[[str, Callable[[], DataFrame]], DataFrame]
+                      | None = None) -> DataFrame:
+    """The rule-based sources named in `candidates.sources` (long rows, recsys.candidates.CANDIDATE_COLUMNS).
+
+    `shared(name, build)`: where the parts that are the same for every customer (co-purchase edges, the age
+    bucket lists, article sales) come from: built here by default, or kept and handed out again by the caller
+    (the slices of one publish)."""
     cc, half_life = config.candidates, config.features.decay_half_life_days
+    shared = shared or (lambda name, build: build())
+
+    def edges() -> DataFrame:
+        return shared(f"edges {cc.pair_days} {cc.pair_neighbours}",
+                      lambda: C.co_purchase_edges(transactions, as_of, cc.pair_days, cc.pair_neighbours))
+
+    def lists() -> DataFrame:
+        return shared(f"bucket lists {cc.popularity_days} {cc.popularity_n} {half_life}",
+                      lambda: C.bucket_lists(transactions, customers, as_of, cc.popularity_days, cc.popularity_n,
+                                             half_life))
+
+    def sales() -> DataFrame:
+        return shared(f"sales {cc.sales_days}", lambda: C.article_sales(transactions, as_of, cc.sales_days))
+
     build = {
         C.REPURCHASE: lambda: C.repurchase(transactions, target, as_of, cc.repurchase_days, cc.repurchase_n,
                                            half_life),
         C.SAME_PRODUCT: lambda: C.same_product(transactions, articles, target, as_of, cc.same_product_days,
-                                               cc.same_product_n, cc.sales_days),
+                                               cc.same_product_n, cc.sales_days, sales=sales()),
         C.BOUGHT_TOGETHER: lambda: C.bought_together(transactions, target, as_of, cc.pair_days,
-                                                     cc.pair_history_days, cc.pair_neighbours, cc.bought_together_n),
+                                                     cc.pair_history_days, cc.pair_neighbours, cc.bought_together_n,
+                                                     edges=edges()),
         C.POPULARITY: lambda: C.popularity(transactions, customers, target, as_of, cc.popularity_days,
-                                           cc.popularity_n, half_life),
+                                           cc.popularity_n, half_life, lists=lists()),
     }
     unknown = [s for s in cc.sources if s not in build and s != TWO_TOWER]
     if unknown:
@@ -83,6 +103,14 @@ def two_tower_long(model: DataFrame) -> DataFrame:
                         F.coalesce(F.col("pos"), F.lit(0)).alias("source_rank"), F.col("score").alias("source_score"))
 
 
+def shared(lake: Lakehouse, as_of: dt.date) -> Callable[[str, Callable[[], DataFrame]], DataFrame]:
+    """What is the same for every customer as of `as_of`, computed once per lake and date and handed to every
+    slice of customers (recsys.tables.Lakehouse.derived: rebuilt when a table it reads has changed)."""
+    def get(name: str, build: Callable[[], DataFrame]) -> DataFrame:
+        return lake.derived(name, build, TRANSACTIONS, ARTICLES, CUSTOMERS, key=(as_of,))
+    return get
+
+
 REPLACE, APPEND = "replace", "append"  # how a computation keeps its candidates in the `candidates` table
 
 
@@ -97,7 +125,7 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
     config = lake.config
     transactions = lake.read(TRANSACTIONS).select("t_dat", "customer_id", "article_id", "price", "sales_channel_id")
     customers, articles = lake.read(CUSTOMERS), lake.read(ARTICLES)
-    long = source_candidates(config, transactions, articles, customers, target, as_of)
+    long = source_candidates(config, transactions, articles, customers, target, as_of, shared(lake, as_of))
     if encoder is not None and TWO_TOWER in config.candidates.sources:
         n = config.candidates.two_tower_n
         others = long.select("customer_id", "article_id").distinct() if long is not None else None
@@ -128,12 +156,21 @@ def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:
     return C.combine(long, sources, extra={R.TWO_TOWER_SIMILARITY: F.max(F.when(similar, F.col("source_score")))})
 
 
+def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date) -> DataFrame:
+    """`wide` rows with the ranker's features: the article side computed once per date and shared (every slice
+    of a publish needs the same), the target customers' purchase history read once and materialised."""
+    transactions, articles, customers = lake.read(TRANSACTIONS), lake.read(ARTICLES), lake.read(CUSTOMERS)
+    article = shared(lake, as_of)("ranker article table",
+                                  lambda: R.article_table(transactions, articles, customers, as_of))
+    history = R.purchase_history(transactions, articles, target, as_of).localCheckpoint()
+    return R.ranker_features(wide, transactions, articles, customers, as_of, article=article, history=history)
+
+
 def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = ""
                  ) -> tuple[DataFrame, DataFrame]:
     """(long candidates, ranker rows with features) for `target` as of `as_of`."""
     long = build_candidates(lake, encoder, as_of, target, write)
-    wide = wide_rows(long, lake.config.candidates.sources)
-    features = R.ranker_features(wide, lake.read(TRANSACTIONS), lake.read(ARTICLES), lake.read(CUSTOMERS), as_of)
+    features = featured(lake, wide_rows(long, lake.config.candidates.sources), target, as_of)
     # computed once, plan cut off: the rows feed a fit or a prediction, and the plan behind them (every source,
     # every aggregate) is long enough that Spark's own plan strings exhaust a small driver
     return long, features.localCheckpoint()

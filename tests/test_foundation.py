@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 
 import pytest
 from pyspark.sql import Row
@@ -138,3 +139,24 @@ def test_upsert_replaces_the_rows_with_the_same_key_and_keeps_the_others(lake):
     lake.upsert(spark.createDataFrame([("b", 2), ("c", 2)], "k string, v int"), "kv", ["k"])
     assert sorted(map(tuple, lake.read("kv").collect())) == [("a", 1), ("b", 2), ("c", 2)]
     assert lake.version("kv") == 1
+
+
+def test_a_derived_table_is_built_once_and_again_after_its_source_changes(lake):
+    builds = []
+
+    def build():
+        builds.append(1)
+        return lake.read("things").groupBy().count()
+
+    lake.write(lake.spark.createDataFrame([(1,), (2,)], "x int"), "things")
+    first = lake.derived("n_things", build, "things", key=("a",)).first()[0]
+    again = lake.derived("n_things", build, "things", key=("a",)).first()[0]
+    assert (first, again, len(builds)) == (2, 2, 1)
+    lake.write(lake.spark.createDataFrame([(3,)], "x int"), "things", mode="append")
+    assert lake.derived("n_things", build, "things", key=("a",)).first()[0] == 3 and len(builds) == 2
+    lake.derived("n_things", build, "things", key=("b",))  # another key: built again
+    assert len(builds) == 3
+    shutil.rmtree(lake.location("things"))  # deleted and written again: version 0 once more, other rows
+    lake.write(lake.spark.createDataFrame([(5,)] * 5, "x int"), "things")
+    lake.write(lake.spark.createDataFrame([(6,)], "x int"), "things", mode="append")
+    assert lake.derived("n_things", build, "things", key=("b",)).first()[0] == 6

@@ -12,8 +12,10 @@ D = dt.date.fromisoformat
 AS_OF = D("2020-09-23")
 
 
-@pytest.fixture(scope="module")
-def rows(spark):
+@pytest.fixture(scope="module", params=["inline", "shared"])
+def rows(spark, request):
+    """The features computed in one go, and from the parts a sliced publish shares or materialises (the article
+    table, and a purchase history read for more customers than the rows hold): the same values by hand."""
     transactions = spark.createDataFrame([
         (D("2020-09-20"), "c1", "A", 0.02, 2),
         (D("2020-09-20"), "c1", "A", 0.02, 2),   # two units of A, 3 days before
@@ -27,7 +29,12 @@ def rows(spark):
     customers = spark.createDataFrame([("c1", 30), ("c2", 50)], "customer_id string, age int")
     candidates = spark.createDataFrame([("c1", "A"), ("c1", "C"), ("new", "A")],
                                        "customer_id string, article_id string")
-    out = R.ranker_features(candidates, transactions, articles, customers, AS_OF).collect()
+    parts = {}
+    if request.param == "shared":
+        everyone = spark.createDataFrame([("c1",), ("c2",), ("new",)], "customer_id string")
+        parts = {"article": R.article_table(transactions, articles, customers, AS_OF).localCheckpoint(),
+                 "history": R.purchase_history(transactions, articles, everyone, AS_OF).localCheckpoint()}
+    out = R.ranker_features(candidates, transactions, articles, customers, AS_OF, **parts).collect()
     return {(r.customer_id, r.article_id): r for r in out}
 
 
