@@ -145,10 +145,11 @@ def test_publishing_in_slices_gives_the_lists_and_candidates_of_one_pass(lake):
     whole = two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, write_candidates="replace")
     publish(lake, whole, model_version="whole")
     one_pass = published(lake)
-    publish(lake, (two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, customers=s,
-                                       write_candidates="append" if i else "replace") for i, s in enumerate(slices)),
-            model_version="sliced")
+    summary = publish(lake, (two_stage.recommend(lake, None, fit.model, as_of=data.AS_OF, customers=s,
+                                                 write_candidates="append" if i else "replace")
+                             for i, s in enumerate(slices)), model_version="sliced")
     assert published(lake) == one_pass
+    assert len(summary["slice_seconds"]) == 3  # the stage summary says what each slice took
     with pytest.raises(ValueError, match="no recommendations"):
         publish(lake, [], model_version="nothing")
     # a slice reads back its own candidates, not the slices appended before it (ranked again, they cost twice)
