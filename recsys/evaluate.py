@@ -9,6 +9,7 @@ import datetime as dt
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -70,10 +71,12 @@ def evaluate_week(
     week: Week, recommenders: Mapping[str, DataFrame], config: Config, versions: Mapping[str, str] | None = None,
     curves: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(metrics: model, version, test_week, segment, metric, value; curves: model, k, recall) for every model."""
+    """(metrics: model, version, test_week, segment, metric, value, seconds; curves: model, k, recall) for every
+    model. `seconds`: computing the model's lists (what was left lazy of them) and its metrics."""
     ks = sorted(set(config.evaluation.ks) | {config.evaluation.k})
     metrics, curve_frames = [], []
     for name, recs in recommenders.items():
+        started = time.perf_counter()
         cached = recs.is_cached
         # several metric jobs read it: compute the lists once, and cut the plan behind them (candidates, ranker)
         recs = recs if cached else recs.localCheckpoint()
@@ -83,13 +86,14 @@ def evaluate_week(
         if curves:
             curve = recall_curve(recs, week.test, config.evaluation.curve_max_k)
             curve_frames.append(curve.assign(model=name, test_week=week.test_start))
-        log.info("evaluated %s on %s: map@%d = %.5f", name, week.test_start, config.evaluation.k,
-                 _value(metrics[-1], ALL, M.metric_name("map", config.evaluation.k)))
         if not cached:
             recs.unpersist()
+        metrics[-1] = metrics[-1].assign(seconds=round(time.perf_counter() - started, 1))
+        log.info("evaluated %s on %s in %.1f s: map@%d = %.5f", name, week.test_start, metrics[-1]["seconds"].iloc[0],
+                 config.evaluation.k, _value(metrics[-1], ALL, M.metric_name("map", config.evaluation.k)))
     curve_columns = ["k", "recall", "model", "test_week"]
     return (
-        pd.concat(metrics)[RUN_COLUMNS].reset_index(drop=True),
+        pd.concat(metrics)[RUN_COLUMNS + ["seconds"]].reset_index(drop=True),
         pd.concat(curve_frames).reset_index(drop=True) if curve_frames else pd.DataFrame(columns=curve_columns),
     )
 
@@ -121,8 +125,6 @@ def write_runs(lake: Lakehouse, metrics: pd.DataFrame) -> None:
 def log_to_mlflow(config: Config, run_id: str, metrics: pd.DataFrame, curve: pd.DataFrame | None = None,
                   report_path: str | Path | None = None) -> None:
     """Metrics of one model on one week into its MLflow run: `test_<metric>` ('all') and `test_<segment>_<metric>`."""
-    import time
-
     from mlflow.entities import Metric
 
     client = config.mlflow_client()
@@ -311,11 +313,15 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
     earlier = backtest_starts(start, config.split.backtest_weeks, config.split.test_days)[:-1]
     history = backtest_metrics(lake, make_baselines, earlier)
     week = load_week(lake, start)
+    started = time.perf_counter()
     recommenders = dict(make_baselines(week))
+    built = {"baselines": round(time.perf_counter() - started, 1)}  # what is computed as the lists are made
     notes: list[str] = []
     versions: dict[str, str] = {}
     if models is None or any(m in MODEL_NAMES for m in models):
+        started = time.perf_counter()
         model_recs, versions, notes = model_recommenders(lake, week)
+        built["models"] = round(time.perf_counter() - started, 1)
         model_recs = {k: v for k, v in model_recs.items() if models is None or k in models}
         versions = {k: v for k, v in versions.items() if k in model_recs}
         recommenders.update(model_recs)
@@ -323,6 +329,7 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
         raise ValueError("nothing to evaluate: no baseline selected and no model in the registry")
     run_ids = run_ids_of(config, versions) if versions else {}
     report = evaluate_all(lake, recommenders, start, versions=versions, run_ids=run_ids, history=history, week=week)
+    report["seconds"] = {**{f"building {what}": s for what, s in built.items()}, **report["seconds"]}
     report["notes"] = notes
     if gate_challenger:
         report["gate"] = apply_gate(lake, report, start).as_dict()

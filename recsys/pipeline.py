@@ -181,6 +181,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         "report": report.get("report_path"),
         "gate": report["gate"],
         "map_at_k": dict(zip(table["model"], table[metric_name("map", k)].astype(float))),
+        "seconds": report.get("seconds", {}),  # where the stage's time went: building the lists, each model
     }
 
 

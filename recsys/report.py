@@ -34,6 +34,9 @@ def build_report(config: Config, test_start: dt.date, metrics: pd.DataFrame, cur
         "metrics": metrics,
         "curves": curves,
         "backtest": backtest,
+        # model -> seconds its evaluation took (lists and metrics), where the metrics carry it
+        "seconds": ({m: float(v) for m, v in overall.groupby("model")["seconds"].first().items()}
+                    if "seconds" in overall.columns else {}),
     }
 
 
@@ -50,6 +53,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             rows = spread[(spread["segment"] == ALL) & (spread["metric"] == metric)]
             lines += ["", f"Back-test {metric} over {int(rows['weeks'].max())} weeks (mean, std, min, max):",
                       rows[["model", "mean", "std", "min", "max"]].to_string(index=False)]
+    if report.get("seconds"):
+        lines += ["", "time (s): " + ", ".join(f"{what} {s:,.1f}" for what, s in report["seconds"].items())]
     lines += [f"note: {note}" for note in report.get("notes", [])]
     if report.get("report_path"):
         lines += ["", f"HTML report: {report['report_path']}"]

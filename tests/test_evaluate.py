@@ -155,6 +155,7 @@ def test_evaluate_all_writes_table_and_report(week_lake, spark, tmp_path):
     assert page.count("data:image/png;base64,") >= 4 and "Recall@K" in page and "perfect" in page
     text = R.format_report(report)
     assert "perfect" in text and "map_at_12" in text and "2020-09-08 .. 2020-09-14" in text
+    assert set(report["seconds"]) == {"perfect", "wrong"} and all(s >= 0 for s in report["seconds"].values())
 
 
 def test_empty_test_week_is_a_clear_error(week_lake):
@@ -263,5 +264,8 @@ def test_run_back_tests_baselines_and_reports_the_spread(week_lake, spark, tmp_p
     assert weeks == {dt.date(2020, 9, 1), dt.date(2020, 9, 8)}
     assert "Back-test map_at_3 over 2 weeks" in R.format_report(report)
     assert (tmp_path / "artifacts" / "evaluation" / "report.html").exists()
+    # where the time went: building the lists (a baseline may fit a model then), then each model's evaluation
+    assert list(report["seconds"]) == ["building baselines", "popularity_last_week"]
+    assert "time (s): building baselines " in R.format_report(report)
     with pytest.raises(ValueError, match="unknown \\['popular'\\]"):
         E.run(Lakehouse(spark, config), "2020-09-08", models=["popular"])
