@@ -222,7 +222,10 @@ def training_rows(labelled: DataFrame, negatives_per_customer: int, seed: int) -
     positives and at most `negatives_per_customer` random negatives; `qid` groups one customer's rows."""
     positives = labelled.groupBy("customer_id").agg(F.max(LABEL).alias("_any"))
     useful = labelled.join(positives.filter("_any = 1").select("customer_id"), "customer_id", "left_semi")
-    order = Window.partitionBy("customer_id", LABEL).orderBy(F.rand(seed))
+    # a random order that depends on the pair and the seed only, not on how Spark happened to partition the rows
+    # (F.rand does): the same inputs give the same negatives, hence the same ranker, whatever the plan
+    order = Window.partitionBy("customer_id", LABEL).orderBy(F.xxhash64("customer_id", "article_id", F.lit(seed)),
+                                                              "article_id")
     kept = useful.withColumn("_n", F.row_number().over(order)).filter(
         (F.col(LABEL) == 1) | (F.col("_n") <= negatives_per_customer)).drop("_n")
     # XGBoost wants a non-negative integer query id, sorted: number the customers, not the rows; one partition

@@ -57,3 +57,20 @@ def test_a_customer_without_history_or_profile_gets_zeros_and_missing(rows):
     assert (new.cust_purchases_all, new.pair_purchases, new.product_purchases) == (0.0, 0.0, 0.0)
     assert new.cust_age is None and new.cust_days_since_last is None and new.share_index_group is None
     assert new.art_share_7d == pytest.approx(2 / 3)  # A: 2 of the 3 units sold in the 7 days before as_of
+
+
+def test_training_rows_keep_every_positive_and_the_same_negatives_however_the_rows_are_partitioned(spark):
+    rows = [(f"c{c}", f"a{a}", int(a == c % 7)) for c in range(30) for a in range(12)]
+    rows += [("lost", f"a{a}", 0) for a in range(5)]  # no positive: teaches nothing, left out
+    labelled = spark.createDataFrame(rows, "customer_id string, article_id string, label int")
+
+    def kept(frame):
+        return sorted((r.customer_id, r.article_id, r.label, r.qid) for r in R.training_rows(frame, 3, 7).collect())
+
+    one, other = kept(labelled.coalesce(1)), kept(labelled.repartition(5, "article_id"))
+    assert one == other
+    assert {(c, a) for c, a, label, _ in one if label == 1} == {(f"c{c}", f"a{c % 7}") for c in range(30)}
+    negatives = {}
+    for c, _, label, _ in one:
+        negatives[c] = negatives.get(c, 0) + (label == 0)
+    assert set(negatives) == {f"c{c}" for c in range(30)} and set(negatives.values()) == {3}
