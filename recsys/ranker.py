@@ -77,7 +77,7 @@ def article_table(transactions: DataFrame, articles: DataFrame, customers: DataF
         (F.abs(F.xxhash64("index_group_name")) % 1000).cast("double").alias("art_index_group"),
         F.col("product_type_no").cast("double").alias("art_product_type"),
     ).dropDuplicates(["article_id"]), "article_id")
-    ages = customers.groupBy("customer_id").agg(F.max("age").cast("double").alias("cust_age"))
+    ages = customer_ages(customers)
 
     recent = before(past, cutoff, 28).withColumn("days", days).join(ages, "customer_id", "left")
     sold = recent.groupBy("article_id").agg(
@@ -102,6 +102,11 @@ def article_table(transactions: DataFrame, articles: DataFrame, customers: DataF
     )
     first_sale = past.groupBy("article_id").agg(F.max(days).alias("art_days_since_first_sale"))
     return attributes.join(sold, "article_id", "left").join(first_sale, "article_id", "left")
+
+
+def customer_ages(customers: DataFrame) -> DataFrame:
+    """customer_id, cust_age: the largest age per customer_id (a duplicated customer row keeps one)."""
+    return customers.groupBy("customer_id").agg(F.max("age").cast("double").alias("cust_age"))
 
 
 def article_keys(articles: DataFrame) -> DataFrame:
@@ -150,7 +155,7 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
         article = article_table(transactions, articles, customers, cutoff)
     if history is None:
         history = purchase_history(transactions, articles, rows.select("customer_id").distinct(), cutoff)
-    ages = customers.groupBy("customer_id").agg(F.max("age").cast("double").alias("cust_age"))
+    ages = customer_ages(customers)
 
     def counts(key: str, name: str, with_days: bool) -> DataFrame:
         """customer_id -> map key -> struct(n, last) over the customer's history (one small map per customer)."""
