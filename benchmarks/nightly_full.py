@@ -13,9 +13,14 @@ by `measure.ProcessTree`. Setup times (synth, ingest, prime) are recorded too, b
 With --primed the nightly refreshes the profile's own lake instead (<data_dir>, left trained, gated and published
 by benchmarks/pipeline_full.py): only the drop is synthesised (the same simulation, one day on) and the model is
 warm-started from the champion (`model.refresh=warm`, the nightly job's default) unless --set says otherwise.
-The lake then holds that day: run `make bench-pipeline` again before another --primed run.
+The lake then holds that day, unless --restore puts every table back to its version before the nightly (Delta
+RESTORE; what the nightly created is dropped), so the next --primed run starts from the same lake.
 
-Usage: python benchmarks/nightly_full.py [--scale full|small|tiny] [--prime | --primed] [--set K=V] [--out FILE]
+Whether the night relists (the buyers since the last publish get new lists, nothing is retrained) or runs in
+full is the nightly's own decision (`nightly.full_every_days`); --full forces the full run.
+
+Usage: python benchmarks/nightly_full.py [--scale full|small|tiny] [--prime | --primed [--restore]] [--full]
+       [--set K=V] [--out FILE]
 Writes benchmarks/results/nightly_<scale>.json (nightly_full.json at the default scale).
 """
 from __future__ import annotations
@@ -73,11 +78,16 @@ def main() -> int:
     parser.add_argument("--prime", action="store_true", help="run the whole pipeline before the nightly (untimed)")
     parser.add_argument("--primed", action="store_true",
                         help="refresh the profile's own published lake (after benchmarks/pipeline_full.py)")
+    parser.add_argument("--restore", action="store_true",
+                        help="with --primed: afterwards, every table back to its version before the nightly")
+    parser.add_argument("--full", action="store_true", help="a full nightly even if the last full run is recent")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/nightly_<scale>.json")
     args = parser.parse_args()
     if args.prime and args.primed:
         parser.error("--prime builds a fresh lake, --primed reuses the profile's own: pick one")
+    if args.restore and not args.primed:
+        parser.error("--restore puts the profile's own lake back after a --primed run: give --primed")
 
     from recsys import ingest, pipeline, synth
     from recsys.config import load_config
@@ -109,13 +119,21 @@ def main() -> int:
         messages.append(message)
         print(message, flush=True)
 
-    with ProcessTree() as tree:
-        first, nightly_s = timed(pipeline.nightly, config, day.isoformat(), out=say)
-        published = lake.version(RECOMMENDATIONS)
-        again, rerun_s = timed(pipeline.nightly, config, day.isoformat(), out=say)
-    skipped = [s for s in pipeline.STAGES[1:] if again[s]["status"] == "up to date"]
-    if again["ingest"]["drop"] != "unchanged" or len(skipped) != len(pipeline.STAGES) - 1 \
-            or lake.version(RECOMMENDATIONS) != published:
+    tables_before = lake.versions() if args.restore else {}
+    try:
+        with ProcessTree() as tree:
+            first, nightly_s = timed(pipeline.nightly, config, day.isoformat(), full=args.full, out=say)
+            published = lake.version(RECOMMENDATIONS)
+            again, rerun_s = timed(pipeline.nightly, config, day.isoformat(), full=args.full, out=say)
+        relisted = first["score"].get("relisted")
+        republished = lake.version(RECOMMENDATIONS) != published
+        transactions = lake.read(TRANSACTIONS).count()
+    finally:
+        if args.restore:  # the same lake for the next --primed run
+            for name in lake.existing():
+                lake.restore(name, tables_before.get(name))
+    redone = [s for s in pipeline.STAGES[1:] if again[s]["status"] not in ("up to date", "skipped")]
+    if again["ingest"]["drop"] != "unchanged" or redone or republished:
         raise SystemExit(f"the rerun of {day} was not a no-op: {json.dumps(again, default=str)}")
     result = {
         "benchmark": "nightly_full",
@@ -126,13 +144,17 @@ def main() -> int:
         "overrides": args.set,
         "day": day.isoformat(),
         "drop_rows": sum(1 for _ in open(config.path(config.landing_dir) / drop_file(day))) - 1,
-        "transactions": lake.read(TRANSACTIONS).count(),
+        "transactions": transactions,
         "nightly_s": nightly_s,
         "rerun_s": rerun_s,
         "peak_rss_gib": round(tree.peak / 2**30, 2),
         "cpu_s": round(tree.cpu_s, 1),
         "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+        "mode": first.get("mode"),
+        "relisted_customers": relisted,
         "stages": {s: {k: first[s].get(k) for k in ("status", "seconds")} for s in pipeline.STAGES},
+        "score": {k: first["score"].get(k) for k in ("seconds", "slice_seconds", "checks", "checks_s", "customers")},
+        "restored": args.restore,
         "train_refresh": first["train"].get("refresh", config.model.refresh),
         "rerun_says": messages[-1],
         "setup_s": {"synth": synth_s, "ingest": ingest_s, "prime_pipeline": prime_s},

@@ -186,7 +186,7 @@ def _pipeline(config: Config, args: argparse.Namespace) -> int:
 
     result = pipeline.run(config, steps=args.steps.split(",") if args.steps else None, as_of=args.as_of,
                           force=args.force, from_stage=args.from_stage, since=args.since, drop_day=args.date,
-                          replace_day=args.replace_day)
+                          replace_day=args.replace_day, nightly=args.nightly)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -195,7 +195,7 @@ def _pipeline(config: Config, args: argparse.Namespace) -> int:
 def _nightly(config: Config, args: argparse.Namespace) -> int:
     from recsys import pipeline
 
-    result = pipeline.nightly(config, args.date, force=args.force, replace_day=args.replace_day)
+    result = pipeline.nightly(config, args.date, force=args.force, replace_day=args.replace_day, full=args.full)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -360,11 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute stages whose inputs did not change")
     p.add_argument("--since", default=None, help="ingest only the purchases from this date on (incremental)")
     drop_options(p, required=False)
+    p.add_argument("--nightly", action="store_true",
+                   help="as `recsys nightly`: between full runs (nightly.full_every_days) relist the buyers since "
+                        "the last publish and skip train, rank and evaluate (each bundle task runs one step so)")
 
     p = sub.add_parser("nightly", parents=[common],
-                       help="merge day DATE's drop file, then refresh, retrain, gate, score, publish")
+                       help="merge day DATE's drop file, then new lists for its buyers, or (weekly) a full run")
     drop_options(p, required=True)
     p.add_argument("--force", action="store_true", help="recompute stages whose inputs did not change")
+    p.add_argument("--full", action="store_true",
+                   help="a full run (retrain, rank, gate, publish everyone) even if the last is recent")
 
     sub.add_parser("demo", parents=[common],
                    help="synth + pipeline on the profile's data, then show some recommendations")

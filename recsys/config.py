@@ -237,6 +237,14 @@ class MonitoringConfig:
 
 
 @dataclass
+class NightlyConfig:
+    """`recsys nightly`: between full runs, only the customers whose purchases changed get new lists."""
+    full_every_days: int = 7             # a full run (train, rank, evaluate + gate, every customer) when the last
+                                         # full publish is this many days old; between them the nightly relists
+                                         # the buyers since the last publish with the champion. 0: always full
+
+
+@dataclass
 class Config:
     profile: str = "small"
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -253,6 +261,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def path(self, relative: str) -> Path:
         """Relative paths in config are relative to the working directory."""

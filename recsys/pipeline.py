@@ -17,9 +17,14 @@ A stage whose inputs did not change since its last success (fingerprints in the 
 the lake with the others, so a job cluster that starts bare resumes where the last run stopped) is skipped
 unless `force`.
 
-The nightly (`nightly`, or `run(drop_day=...)`) is the same run with one difference: ingest merges the day's drop
-file from `paths.landing_dir` into `transactions` (recsys.drop) instead of reading the raw CSVs again. A day
-loaded again writes nothing, so every later stage finds its inputs unchanged and is skipped.
+A run with `drop_day` differs in one way: ingest merges the day's drop file from `paths.landing_dir` into
+`transactions` (recsys.drop) instead of reading the raw CSVs again. A day loaded again writes nothing, so every
+later stage finds its inputs unchanged and is skipped.
+
+The nightly (`nightly`) is such a run, full once the last full publish is `nightly.full_every_days` old. On the
+days between it relists: features for P only, no training, ranking or evaluation, and new lists by the
+champion the last gate chose for the customers who bought since the last publish (their candidates changed);
+everyone else keeps the list they have. That is what makes a night a fraction of a full run at full size.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from recsys.tables import (
 )
 
 STAGES = ("ingest", "features", "train", "rank", "evaluate", "score")
+FULL_RUN_ONLY = ("train", "rank", "evaluate")  # what a relist night leaves to the next full run
 
 
 class StageFailed(RuntimeError):
@@ -56,6 +62,8 @@ class Context:
     since: str | None = None              # ingest only the days from here (the big CSV again)
     drop_day: str | None = None           # ingest only this day's drop (YYYY-MM-DD or 'latest'): the nightly
     replace_day: bool = False             # a drop for a day already loaded with other rows replaces it
+    nightly: bool = False                 # relist between full runs (`nightly.full_every_days`)
+    loaded_day: dt.date | None = None     # the drop's day, once ingested
     results: dict[str, Any] = field(default_factory=dict)
     out: Callable[[str], None] = print
 
@@ -77,6 +85,13 @@ class Context:
     def train_as_of(self) -> dt.date:
         """Where the two-tower's training rows end and the ranker's label window starts."""
         return self.test_start() - dt.timedelta(days=self.config.ranker.label_days)
+
+    def relist_since(self) -> dt.date | None:
+        """On a nightly between full runs, the first purchase day whose buyers get new lists; None: a full run.
+        Decided once, after ingest (it depends on the publish date the drop moves)."""
+        if "relist_since" not in self.results:
+            self.results["relist_since"] = _relist_since(self)
+        return self.results["relist_since"]
 
 
 # --- fingerprints: skip work whose inputs did not change ----------------------------------------------------
@@ -108,6 +123,34 @@ def _versions(lake: Lakehouse, *names: str) -> list[int | None]:
     return [lake.version(name) for name in names]
 
 
+def _relist_since(ctx: Context) -> dt.date | None:
+    """A nightly relists while the last full publish is younger than `nightly.full_every_days` and a gate has
+    decided what to publish; from the earlier of the last publish's date and the drop's day (a replaced older
+    day relists its buyers too)."""
+    from recsys.gate import latest_decision
+    from recsys.publish import EVERYONE, checked_as_of, history, last_as_of
+
+    every = ctx.config.nightly.full_every_days
+    if every < 0:
+        raise ValueError(f"nightly.full_every_days must be >= 0 (0: every nightly is a full run), got {every}")
+    lake = ctx.lake
+    if not ctx.nightly or every == 0 or not lake.exists(RECOMMENDATIONS) or latest_decision(lake) is None:
+        return None
+    commits, checked = history(lake), checked_as_of(lake)
+    full = last_as_of(commits, EVERYONE, checked)
+    if full is None or (ctx.publish_as_of() - full).days >= every:
+        return None
+    since = last_as_of(commits, checked=checked) or full
+    return min(since, ctx.loaded_day) if ctx.loaded_day else since
+
+
+def _relist_reason(ctx: Context) -> str:
+    every = ctx.config.nightly.full_every_days
+    return (f"a relist night: the buyers since {ctx.relist_since()} get new lists from the champion, the others "
+            f"keep theirs; the next full run comes when the last full publish is {every} days old "
+            "(nightly.full_every_days)")
+
+
 def _challenger_tower(config: Config) -> str | None:
     """The two-tower version under `challenger`; None before the first training (an outage raises)."""
     return Registry.of(config).alias_version(config.mlflow.registered_model, CHALLENGER)
@@ -121,6 +164,7 @@ def stage_ingest(ctx: Context) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if ctx.drop_day:
         loaded = drop.load_day(ctx.lake, ctx.config.landing_dir, ctx.drop_day, replace=ctx.replace_day)
+        ctx.loaded_day = loaded.day
         ctx.out(loaded.format())
         summary = {"day": loaded.day.isoformat(), "drop": loaded.outcome}
     else:
@@ -129,12 +173,13 @@ def stage_ingest(ctx: Context) -> dict[str, Any]:
 
 
 def stage_features(ctx: Context) -> dict[str, Any]:
-    """Three snapshots: training rows as of A, the evaluation week's start E, the publish date P."""
+    """Three snapshots: training rows as of A, the evaluation week's start E, the publish date P (a relist: P)."""
     from recsys import features
 
     out = {}
     train_as_of = ctx.train_as_of()
-    for as_of in sorted({train_as_of, ctx.test_start(), ctx.publish_as_of()}):
+    dates = {ctx.publish_as_of()} if ctx.relist_since() else {train_as_of, ctx.test_start(), ctx.publish_as_of()}
+    for as_of in sorted(dates):
         summary = features.run(ctx.lake, as_of=as_of, training=as_of == train_as_of)
         out[as_of.isoformat()] = {t: {"rows": v.get("rows"), "seconds": v.get("seconds")}
                                   for t, v in summary["tables"].items()}
@@ -188,6 +233,9 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
 def stage_score(ctx: Context) -> dict[str, Any]:
     from recsys import score
 
+    since = ctx.relist_since()
+    if since:
+        return score.relist_decided(ctx.lake, since, as_of=ctx.publish_as_of())
     return score.publish_decided(ctx.lake, as_of=ctx.publish_as_of())
 
 
@@ -206,9 +254,9 @@ def fingerprint(stage: str, ctx: Context) -> str:
     config, lake = ctx.config, ctx.lake
     if stage == "ingest":
         return _digest(_raw_fingerprint(config.path(config.paths.raw_dir)), ctx.since, config.ingest)
-    if stage == "features":
+    if stage == "features":  # a relist's snapshots are not a full run's: the mode is part of the key
         return _digest(_versions(lake, ARTICLES, CUSTOMERS, TRANSACTIONS), ctx.publish_as_of(), config.features,
-                       ctx.train_as_of())
+                       ctx.train_as_of(), ctx.relist_since() is not None)
     if stage == "train":  # not the champion a warm refresh starts from: the gate moves it after this stage
         return _digest(_versions(lake, TRAINING_EXAMPLES), ctx.train_as_of(), config.model)
     if stage == "rank":
@@ -216,7 +264,7 @@ def fingerprint(stage: str, ctx: Context) -> str:
     if stage == "evaluate":
         return _digest(_system(config), ctx.test_start(), config.evaluation, config.scoring, config.candidates)
     return _digest(_decision(lake), _versions(lake, CUSTOMER_FEATURES), config.scoring, config.candidates,
-                   ctx.publish_as_of())
+                   ctx.publish_as_of(), ctx.relist_since())
 
 
 def _system(config: Config) -> Any:
@@ -239,10 +287,11 @@ def _outputs_exist(stage: str, lake: Lakehouse) -> bool:
 
 def run(config: Config, steps: list[str] | None = None, as_of: str | None = None, force: bool = False,
         from_stage: str | None = None, since: str | None = None, out: Callable[[str], None] = print,
-        drop_day: str | None = None, replace_day: bool = False) -> dict:
+        drop_day: str | None = None, replace_day: bool = False, nightly: bool = False) -> dict:
     """Run the stages in order; returns per stage its status, seconds and summary.
 
-    `drop_day` (YYYY-MM-DD or 'latest'): ingest merges that day's drop instead of reading the raw CSVs."""
+    `drop_day` (YYYY-MM-DD or 'latest'): ingest merges that day's drop instead of reading the raw CSVs.
+    `nightly`: relist between full runs (module docstring)."""
     from recsys.spark import get_spark
 
     selected = _select(steps, from_stage)
@@ -252,13 +301,18 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
         raise ValueError("--replace-day replaces the day of a drop: give the day with --date")
     lake = Lakehouse(get_spark(config, "recsys-pipeline"), config)
     ctx = Context(config, lake, force=force, as_of=dt.date.fromisoformat(as_of) if as_of else None, since=since,
-                  drop_day=drop_day, replace_day=replace_day, out=out)
+                  drop_day=drop_day, replace_day=replace_day, nightly=nightly, out=out)
     state = load_state(lake)
     summary: dict[str, Any] = {"run_id": uuid.uuid4().hex[:12]}
     started = time.perf_counter()
     for stage in selected:
         t0, began, before = time.perf_counter(), _now(), lake.versions()
         try:  # the fingerprint reads the registry too: an outage there fails the stage like any other error
+            if stage in FULL_RUN_ONLY and ctx.relist_since():
+                summary[stage] = {"status": "skipped", "seconds": 0.0}
+                out(f"[{stage:>8}] skipped: {_relist_reason(ctx)}")
+                record_run(lake, summary["run_id"], stage, began, "skipped", before, None, _relist_reason(ctx))
+                continue
             # partial ingests always run: they are idempotent, and cheap next to a fingerprint of their inputs
             key = fingerprint(stage, ctx) if stage != "ingest" or not (since or drop_day) else None
             if key and not force and state.get(stage) == key and _outputs_exist(stage, lake):
@@ -286,6 +340,9 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
         record_run(lake, summary["run_id"], stage, began, "done", before, _rows(result), headline)
         out(f"[{stage:>8}] done in {seconds:.1f}s  {headline}")
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    if nightly or drop_day:
+        since = ctx.relist_since()
+        summary["mode"] = {"relist": True, "since": since.isoformat()} if since else {"relist": False}
     if summary.get("ingest", {}).get("drop") == "unchanged":
         out(_unchanged_day(summary, selected))
     if "score" in selected:
@@ -325,7 +382,7 @@ def _unchanged_day(summary: dict[str, Any], selected: list[str]) -> str:
     if again:
         return f"{head}; {', '.join(again)} ran again because their inputs had changed since their last success"
     if set(selected) == set(STAGES):
-        return f"{head} and every stage is up to date: nothing new is published"
+        return f"{head} and every stage it runs is up to date: nothing new is published"
     return f"{head}; {', '.join(selected)}: nothing changed"
 
 
@@ -364,12 +421,14 @@ def _headline(stage: str, result: dict[str, Any]) -> str:
     return "published"
 
 
-def nightly(config: Config, date: str, force: bool = False, replace_day: bool = False,
+def nightly(config: Config, date: str, force: bool = False, replace_day: bool = False, full: bool = False,
             out: Callable[[str], None] = print) -> dict:
-    """Merge day `date`'s drop (YYYY-MM-DD or 'latest') into `transactions`, then every later stage as of the day
-    after the newest purchase (the day after `date` when it is the newest): features, training (`model.refresh`),
-    rank, evaluate + gate, score + publish. A day already loaded with the same rows changes nothing, and says so."""
-    return run(config, drop_day=date, force=force, replace_day=replace_day, out=out)
+    """Merge day `date`'s drop (YYYY-MM-DD or 'latest') into `transactions`, then the later stages as of the day
+    after the newest purchase (the day after `date` when it is the newest). A full run (features, training by
+    `model.refresh`, rank, evaluate + gate, score + publish for everyone) when `full` or once the last full
+    publish is `nightly.full_every_days` old; otherwise a relist (module docstring). A day already loaded with
+    the same rows changes nothing, and says so."""
+    return run(config, drop_day=date, force=force, replace_day=replace_day, nightly=not full, out=out)
 
 
 # --- the demo -----------------------------------------------------------------------------------------------

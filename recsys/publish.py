@@ -27,13 +27,14 @@ from pyspark.sql import functions as F
 from recsys import monitor
 from recsys.spark import release
 from recsys.tables import (
-    ARTICLES, CUSTOMERS, RECOMMENDATIONS, RECOMMENDATIONS_NAMED, RECOMMENDATIONS_SCHEMA, RECOMMENDATIONS_STAGING,
-    Lakehouse,
+    ARTICLES, CUSTOMERS, PUBLISH_CHECKS, RECOMMENDATIONS, RECOMMENDATIONS_NAMED, RECOMMENDATIONS_SCHEMA,
+    RECOMMENDATIONS_STAGING, Lakehouse,
 )
 
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 NAME_COLUMNS = ("prod_name", "product_type_name", "colour_group_name", "index_group_name")
 PUBLISH, ROLLBACK = "publish", "rollback"
+EVERYONE, RELIST = "everyone", "relist"  # a publish's scope: every customer's list new, or only some of them
 
 
 def new_run_id() -> str:
@@ -158,7 +159,8 @@ def write_for_lookup(lake: Lakehouse, recs: DataFrame, name: str = RECOMMENDATIO
 
 
 def publish(lake: Lakehouse, recs: DataFrame | Iterable[DataFrame], model_version: str, run_id: str | None = None,
-            k: int | None = None, as_of: dt.date | None = None, popularity_only: bool = False) -> dict[str, Any]:
+            k: int | None = None, as_of: dt.date | None = None, popularity_only: bool = False,
+            kept: DataFrame | None = None) -> dict[str, Any]:
     """Stage, validate, check (recsys.monitor), then replace `recommendations` in one commit, and the named
     companion table after it.
 
@@ -169,6 +171,11 @@ def publish(lake: Lakehouse, recs: DataFrame | Iterable[DataFrame], model_versio
     back to their previous version (`Lakehouse.restore_on_failure`). `as_of`: the feature snapshot the lists
     were scored from (its drift against the one before is checked). `popularity_only`: lists that are all
     popularity by design (the walking skeleton), so their fallback share is recorded, not checked.
+
+    `kept`: published rows (the `recommendations` schema) that stay as they are beside `recs` (a relist: only some
+    customers got new lists). They take this run's run_id, so one publish is one run, but keep their
+    model_version and generated_at: each row still says which model made it, and when. The whole table is
+    validated and checked, and rewritten in the lookup layout, as for a full publish.
     """
     config = lake.config
     k = k or config.scoring.k
@@ -185,6 +192,8 @@ def publish(lake: Lakehouse, recs: DataFrame | Iterable[DataFrame], model_versio
         started = time.perf_counter()
     if not slice_seconds:
         raise ValueError("publish: no recommendations given (an empty list of slices)")
+    if kept is not None:
+        lake.write(kept.withColumn("run_id", F.lit(run_id)), RECOMMENDATIONS_STAGING, mode="append")
     staged = lake.read(RECOMMENDATIONS_STAGING)
     report = validate(staged, lake.read(CUSTOMERS), k)
     started = time.perf_counter()
@@ -193,7 +202,8 @@ def publish(lake: Lakehouse, recs: DataFrame | Iterable[DataFrame], model_versio
     checks_s = round(time.perf_counter() - started, 1)  # what watching the lists costs, per run (BENCHMARKS)
     articles = lake.read(ARTICLES)
     with lake.restore_on_failure(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):
-        with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version):
+        with commit_metadata(lake.spark, action=PUBLISH, run_id=run_id, model_version=model_version,
+                             as_of=as_of, scope=EVERYONE if kept is None else RELIST):
             write_for_lookup(lake, staged)
             lake.write(with_article_names(staged, articles), RECOMMENDATIONS_NAMED)
     return {
@@ -222,6 +232,33 @@ def history(lake: Lakehouse, name: str = RECOMMENDATIONS) -> list[dict[str, Any]
             meta = {"note": r["userMetadata"]}
         out.append({"version": int(r["version"]), "timestamp": r["timestamp"], "operation": r["operation"], **meta})
     return out
+
+
+def live_publishes(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The publish commits (oldest first) whose run was not rolled back since."""
+    withdrawn = {c.get("from_run_id") for c in commits if c.get("action") == ROLLBACK}
+    return [c for c in commits if c.get("action") == PUBLISH and c.get("run_id") not in withdrawn]
+
+
+def last_as_of(commits: list[dict[str, Any]], scope: str | None = None,
+               checked: dict[str, dt.date] | None = None) -> dt.date | None:
+    """The snapshot date of the newest live publish (of `scope`: EVERYONE or RELIST, when given); None when there
+    is none or its date is unknown. A publish without a scope was a full one; one from before commits recorded
+    their date takes it from `checked` (run_id -> as_of, what `publish_checks` recorded for the run)."""
+    for commit in reversed(live_publishes(commits)):
+        if scope is None or commit.get("scope", EVERYONE) == scope:
+            if commit.get("as_of"):
+                return dt.date.fromisoformat(commit["as_of"])
+            return (checked or {}).get(commit["run_id"])
+    return None
+
+
+def checked_as_of(lake: Lakehouse) -> dict[str, dt.date]:
+    """run_id -> the snapshot date its checks recorded (`publish_checks`; empty without monitoring)."""
+    if not lake.exists(PUBLISH_CHECKS):
+        return {}
+    rows = lake.read(PUBLISH_CHECKS).where(F.col("as_of").isNotNull()).select("run_id", "as_of").distinct()
+    return {r.run_id: r.as_of for r in rows.collect()}
 
 
 def current_run(lake: Lakehouse) -> dict[str, str]:

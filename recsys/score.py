@@ -16,7 +16,7 @@ import datetime as dt
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,9 @@ from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, customer_segment
 from recsys.features import read_snapshot
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label
 from recsys.split import as_date, before
-from recsys.tables import ARTICLE_FEATURES, CANDIDATES, CUSTOMER_FEATURES, CUSTOMERS, TRANSACTIONS, Lakehouse
+from recsys.tables import (
+    ARTICLE_FEATURES, CANDIDATES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRANSACTIONS, Lakehouse,
+)
 
 PREFERENCE = (CHAMPION, CHALLENGER)  # the default model: the gate's pick, else the latest trained one
 
@@ -279,44 +281,92 @@ def customer_slices(lake: Lakehouse, size: int) -> list[DataFrame]:
     return [everyone.filter(F.pmod(F.xxhash64("customer_id"), F.lit(n)) == i) for i in range(n)]
 
 
-def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict[str, Any]:
-    """Publish what the latest gate decided (`gate_decisions`): the champion system's lists, or, when no model
-    beat the best baseline on the evaluated week, that baseline's lists (source = its name), as of `as_of`
-    (default: the latest feature snapshot) for every customer."""
+def _decided_lists(lake: Lakehouse, snapshot: dt.date, customers: DataFrame | None
+                   ) -> tuple[Iterable[DataFrame], str, dict[str, Any]]:
+    """What the latest gate decided (`gate_decisions`), as lists for `customers` (None: everyone, in slices):
+    the champion system's, or, when no model beat the best baseline on the evaluated week, that baseline's
+    (source = its name). Returns (lazy lists, model_version, the decision)."""
     from recsys import baselines, evaluate
     from recsys.gate import latest_decision
     from recsys.two_stage import APPEND, REPLACE
 
     config = lake.config
-    started = time.perf_counter()
     decision = latest_decision(lake)
     if decision is None or not decision.get("publish"):
         raise ValueError("nothing decided to publish: run the evaluation with the gate first (`recsys evaluate "
                          "--gate`, the pipeline's evaluate stage)")
-    snapshot = snapshot_of(lake, as_of)
     choice = decision["publish"]
     if choice == "model":
         system = decision["champion"]
         if not system:
             raise ValueError("the latest gate decision publishes the model, but names no champion system")
-        version = system_label(config, system)
-        slices = customer_slices(lake, config.scoring.slice_customers)
-        recs = (evaluate.system_recommender(lake, system, snapshot, part, write_candidates=APPEND if i else REPLACE)
-                for i, part in enumerate(slices))  # one slice computed at a time, as publish stages it
-    elif choice.startswith("baseline:"):
+        if customers is None:  # one slice computed at a time, as publish stages it; the candidates are kept
+            recs = (evaluate.system_recommender(lake, system, snapshot, part, write_candidates=APPEND if i else REPLACE)
+                    for i, part in enumerate(customer_slices(lake, config.scoring.slice_customers)))
+        else:  # some customers: the `candidates` table keeps the last full run's
+            recs = [evaluate.system_recommender(lake, system, snapshot, customers)]
+        return recs, system_label(config, system), decision
+    if choice.startswith("baseline:"):
         name = choice.split(":", 1)[1]
-        transactions = lake.read(TRANSACTIONS)
-        everyone = lake.read(CUSTOMERS).select("customer_id").distinct()
-        (recs,) = baselines.recommend(config, transactions, lake.read(CUSTOMERS), lake.read("articles"), everyone,
-                                      snapshot, [name]).values()
-        version = f"{name}@{snapshot.isoformat()}"
-    else:
-        raise ValueError(f"gate_decisions: unknown publish choice {choice!r}")
+        target = lake.read(CUSTOMERS).select("customer_id").distinct() if customers is None else customers
+        (recs,) = baselines.recommend(config, lake.read(TRANSACTIONS), lake.read(CUSTOMERS), lake.read("articles"),
+                                      target, snapshot, [name]).values()
+        return [recs], f"{name}@{snapshot.isoformat()}", decision
+    raise ValueError(f"gate_decisions: unknown publish choice {choice!r}")
+
+
+def _decided_summary(summary: dict[str, Any], snapshot: dt.date, decision: dict[str, Any], started: float
+                     ) -> dict[str, Any]:
+    return {**summary, "as_of": snapshot.isoformat(), "published": decision["publish"],
+            "gate_test_week": str(decision["test_week"]), "reason": decision["reason"],
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def publish_decided(lake: Lakehouse, as_of: dt.date | str | None = None) -> dict[str, Any]:
+    """Publish what the latest gate decided for every customer, as of `as_of` (default: the latest feature
+    snapshot)."""
+    started = time.perf_counter()
+    snapshot = snapshot_of(lake, as_of)
+    recs, version, decision = _decided_lists(lake, snapshot, None)
     # the candidates are written slice by slice as the lists are computed: a failure puts them back with the lists
     with lake.restore_on_failure(CANDIDATES):
-        summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=config.scoring.k, as_of=snapshot)
-    return {**summary, "as_of": snapshot.isoformat(), "published": choice, "gate_test_week": str(
-        decision["test_week"]), "reason": decision["reason"], "seconds": round(time.perf_counter() - started, 1)}
+        summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=lake.config.scoring.k,
+                          as_of=snapshot)
+    return _decided_summary(summary, snapshot, decision, started)
+
+
+def customers_to_relist(lake: Lakehouse, since: dt.date, as_of: dt.date) -> DataFrame:
+    """Whose list a relist recomputes: everyone who bought from `since` up to `as_of` (their history, so their
+    candidates and features, changed), and every customer who has no published list yet."""
+    transactions = lake.read(TRANSACTIONS)
+    buyers = before(transactions.where(F.col("t_dat") >= F.lit(since)), as_of).select("customer_id")
+    everyone = lake.read(CUSTOMERS).select("customer_id")
+    listed = lake.read(RECOMMENDATIONS).select("customer_id")
+    return buyers.union(everyone.join(listed, "customer_id", "left_anti")).distinct().join(
+        everyone, "customer_id", "left_semi")
+
+
+def relist_decided(lake: Lakehouse, since: dt.date, as_of: dt.date | str | None = None) -> dict[str, Any]:
+    """Publish new lists, by what the latest gate decided, for the customers who bought since `since` (and those
+    without a list); everyone else keeps the list published now. What a nightly does between full runs: the
+    day's buyers are the customers whose candidates changed, and a fraction of the customer base."""
+    started = time.perf_counter()
+    snapshot = snapshot_of(lake, as_of)
+    if not lake.exists(RECOMMENDATIONS):
+        raise ValueError("nothing is published yet, so there is nothing to keep: publish every customer first "
+                         "(`recsys pipeline`)")
+    target = customers_to_relist(lake, since, snapshot).persist()
+    try:
+        relisted = target.count()
+        recs, version, decision = _decided_lists(lake, snapshot, target)
+        kept = lake.read(RECOMMENDATIONS).join(target, "customer_id", "left_anti").join(
+            lake.read(CUSTOMERS).select("customer_id"), "customer_id", "left_semi")
+        summary = publish(lake, recs, model_version=version, run_id=new_run_id(), k=lake.config.scoring.k,
+                          as_of=snapshot, kept=kept)
+    finally:
+        target.unpersist()
+    return {**_decided_summary(summary, snapshot, decision, started), "relisted": relisted,
+            "relisted_since": since.isoformat()}
 
 
 def run(lake: Lakehouse, model_uri: str | None = None, encoder: Any = None,

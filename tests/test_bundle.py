@@ -258,6 +258,7 @@ def test_wheel_task_parameters_are_accepted_by_the_cli(target):
         assert config.mlflow.registered_model == f"{model['catalog_name']}.{model['schema_name']}.{model['name']}"
         assert config.scoring.k == int(values["k"])
         assert args.date == "latest" and config.model.refresh == "warm"  # the newest drop, a warm refresh
+        assert args.nightly and config.nightly.full_every_days == 7  # relists between weekly full runs
     assert steps == STAGES
     assert len(options) == 1, "every stage must get the same options (tables, volume, model, K)"
 

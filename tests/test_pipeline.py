@@ -19,7 +19,7 @@ from recsys.tables import (
 
 @pytest.fixture(scope="module")
 def setup(spark, tmp_path_factory):
-    """Tiny data whose last day is held back, so that the nightly run can add it."""
+    """Tiny data whose last two days are held back, so that two nightly runs can add them."""
     from recsys import synth
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -34,11 +34,31 @@ def setup(spark, tmp_path_factory):
     for name in ("articles.csv", "customers.csv"):
         shutil.copy(generated / name, raw / name)
     lines = (generated / RAW_FILES[TRANSACTIONS]).read_text().splitlines(keepends=True)
-    last_day = max(line[:10] for line in lines[1:])
-    (raw / RAW_FILES[TRANSACTIONS]).write_text("".join(line for line in lines if not line.startswith(last_day)))
+    held = sorted({line[:10] for line in lines[1:]})[-2:]
+    (raw / RAW_FILES[TRANSACTIONS]).write_text("".join(line for line in lines if line[:10] not in held))
     messages: list[str] = []
     summary = pipeline.run(config, out=messages.append)
-    return config, Lakehouse(spark, config), summary, messages, generated, dt.date.fromisoformat(last_day)
+    return config, Lakehouse(spark, config), summary, messages, generated, [dt.date.fromisoformat(d) for d in held]
+
+
+def land(config, generated, day: dt.date) -> int:
+    """Write day `day`'s purchases from the generated file as its drop; returns their count."""
+    lines = (generated / RAW_FILES[TRANSACTIONS]).read_text().splitlines(keepends=True)
+    landing = config.path(config.landing_dir) / "transactions"
+    landing.mkdir(parents=True, exist_ok=True)
+    day_lines = [line for line in lines if line.startswith(str(day))]
+    (landing / f"{day}.csv").write_text(lines[0] + "".join(day_lines))
+    return len(day_lines)
+
+
+def published_lists(lake) -> dict[str, tuple]:
+    """customer_id -> (articles in rank order, model_version, generated_at, run_ids)."""
+    rows = lake.read(RECOMMENDATIONS).groupBy("customer_id").agg(
+        F.sort_array(F.collect_list(F.struct("rank", "article_id"))).alias("items"),
+        F.first("model_version").alias("model_version"), F.max("generated_at").alias("generated_at"),
+        F.collect_set("run_id").alias("run_ids")).collect()
+    return {r.customer_id: (tuple(i.article_id for i in r["items"]), r.model_version, r.generated_at,
+                            tuple(r.run_ids)) for r in rows}
 
 
 def test_every_stage_runs_and_publishes_k_per_customer(setup):
@@ -137,29 +157,63 @@ def test_a_registry_outage_fails_the_stage_and_publishes_nothing(setup, registry
     assert {table: lake.version(table) for table in before} == before  # nothing decided, nothing published
 
 
-def test_nightly_merges_the_day_s_drop_and_republishes_then_a_rerun_changes_nothing(setup):
-    config, lake, _, _, generated, last_day = setup
-    assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == last_day).count() == 0
+def test_a_nightly_between_full_runs_relists_the_day_s_buyers_and_keeps_every_other_list(setup):
+    from recsys.publish import RELIST, history
+
+    config, lake, _, _, generated, (day, _) = setup
+    day_rows = land(config, generated, day)
+    before = published_lists(lake)
+    messages: list[str] = []
+    summary = pipeline.nightly(config, day.isoformat(), out=messages.append)
+    assert summary["ingest"]["drop"] == "loaded" and summary["mode"] == {"relist": True, "since": day.isoformat()}
+    assert [summary[s]["status"] for s in pipeline.STAGES] == ["done", "done", "skipped", "skipped", "skipped",
+                                                               "done"]
+    assert any("skipped: a relist night: the buyers since" in m for m in messages)
+    snapshots = [key for key in summary["features"] if key not in ("status", "seconds")]
+    assert snapshots == [(day + dt.timedelta(days=1)).isoformat()]  # P only, no training rows
+    buyers = {r.customer_id for r in lake.read(TRANSACTIONS).filter(F.col("t_dat") == day)
+              .select("customer_id").distinct().collect()}
+    assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == day).count() == day_rows and buyers
+    assert summary["score"]["relisted"] == len(buyers)
+    after = published_lists(lake)
+    assert set(after) == set(before) and all(len(v[0]) == config.scoring.k == len(set(v[0])) for v in after.values())
+    run_id = summary["score"]["run_id"]
+    assert {v[3] for v in after.values()} == {(run_id,)}  # one publish, one run
+    for customer, (articles, version, generated_at, _) in after.items():
+        if customer in buyers:  # computed tonight, by the model the last gate chose
+            assert generated_at > before[customer][2] and version == summary["score"]["model_version"]
+        else:  # kept exactly as published, with when and by what it was made
+            assert (articles, version, generated_at) == before[customer][:3]
+    last = history(lake)[-1]
+    assert last["scope"] == RELIST and last["as_of"] == (day + dt.timedelta(days=1)).isoformat()
+    published = lake.version(RECOMMENDATIONS)
+    messages = []
+    again = pipeline.nightly(config, day.isoformat(), out=messages.append)
+    assert again["ingest"]["drop"] == "unchanged" and again["mode"]["relist"]
+    assert [again[s]["status"] for s in ("features", "score")] == ["up to date", "up to date"]
+    assert messages[-1].endswith("every stage it runs is up to date: nothing new is published")
+    assert lake.version(RECOMMENDATIONS) == published
+
+
+def test_a_full_nightly_merges_the_day_s_drop_retrains_and_republishes_then_a_rerun_changes_nothing(setup):
+    config, lake, _, _, generated, (_, day) = setup
+    assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == day).count() == 0
     before = lake.version(RECOMMENDATIONS)
-    lines = (generated / RAW_FILES[TRANSACTIONS]).read_text().splitlines(keepends=True)
-    landing = config.path(config.landing_dir) / "transactions"
-    landing.mkdir(parents=True)
-    last_day_lines = "".join(line for line in lines if line.startswith(str(last_day)))
-    (landing / f"{last_day}.csv").write_text(lines[0] + last_day_lines)
+    day_rows = land(config, generated, day)
     config.model.refresh = "warm"  # from the champion when the first run's gate promoted one, else full
-    summary = pipeline.nightly(config, last_day.isoformat(), out=lambda m: None)
+    summary = pipeline.nightly(config, day.isoformat(), full=True, out=lambda m: None)
     assert summary["ingest"]["drop"] == "loaded" and summary["score"]["status"] == "done"
+    assert summary["mode"] == {"relist": False}
     assert summary["train"]["refresh"].startswith(("warm from the champion", "no 'recsys-two-tower@champion'"))
-    day_rows = sum(1 for line in lines if line.startswith(str(last_day)))
-    assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == last_day).count() == day_rows
+    assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == day).count() == day_rows
     assert lake.version(RECOMMENDATIONS) > before
-    assert str(summary["score"]["as_of"]) == (last_day + dt.timedelta(days=1)).isoformat()
+    assert str(summary["score"]["as_of"]) == (day + dt.timedelta(days=1)).isoformat()
     published = lake.version(RECOMMENDATIONS)
     messages: list[str] = []
-    again = pipeline.nightly(config, last_day.isoformat(), out=messages.append)
+    again = pipeline.nightly(config, day.isoformat(), full=True, out=messages.append)
     assert again["ingest"]["drop"] == "unchanged"
     assert all(again[s]["status"] == "up to date" for s in pipeline.STAGES[1:])
-    assert messages[-1].endswith("every stage is up to date: nothing new is published")
+    assert messages[-1].endswith("every stage it runs is up to date: nothing new is published")
     assert lake.version(RECOMMENDATIONS) == published
 
 

@@ -176,6 +176,24 @@ def test_rollback_skips_withdrawn_runs():
         publish.rollback_target(commits, "zzz")
 
 
+def test_the_last_publish_dates_skip_withdrawn_runs_and_fall_back_to_the_checks():
+    import datetime as dt
+
+    commits = [
+        {"version": 0, "action": "publish", "run_id": "a"},  # before commits recorded their date
+        {"version": 1, "action": "publish", "run_id": "b", "as_of": "2020-09-24", "scope": "relist"},
+        {"version": 2, "action": "publish", "run_id": "c", "as_of": "2020-09-25", "scope": "relist"},
+        {"version": 3, "action": "rollback", "run_id": "b", "from_run_id": "c"},
+        {"version": 4},
+    ]
+    checked = {"a": dt.date(2020, 9, 23)}
+    assert publish.last_as_of(commits, checked=checked) == dt.date(2020, 9, 24)  # "c" was rolled back
+    assert publish.last_as_of(commits, publish.RELIST) == dt.date(2020, 9, 24)
+    assert publish.last_as_of(commits, publish.EVERYONE, checked) == dt.date(2020, 9, 23)
+    assert publish.last_as_of(commits, publish.EVERYONE) is None  # its date unknown: the nightly runs in full
+    assert publish.last_as_of([], publish.EVERYONE, checked) is None
+
+
 def test_recommend_for_a_subset_without_publishing(scored, scored_lake):
     lake = scored_lake
     target = lake.spark.createDataFrame([(data.WITH_HISTORY[0],), (data.NEW[0],), ("e" * 64,)], "customer_id string")
