@@ -141,7 +141,14 @@ def _relist_since(ctx: Context) -> dt.date | None:
     if full is None or (ctx.publish_as_of() - full).days >= every:
         return None
     since = last_as_of(commits, checked=checked) or full
-    return min(since, ctx.loaded_day) if ctx.loaded_day else since
+    day = ctx.loaded_day or _drop_day(ctx)  # a bundle task runs its step alone: the day from the landing folder
+    return min(since, day) if day else since
+
+
+def _drop_day(ctx: Context) -> dt.date | None:
+    from recsys import drop
+
+    return drop.resolve_day(ctx.config.landing_dir, ctx.drop_day) if ctx.drop_day else None
 
 
 def _relist_reason(ctx: Context) -> str:

@@ -41,7 +41,13 @@ def published(lake: Lakehouse) -> dict[str, Any] | None:
     if lake.exists(PUBLISH_CHECKS):
         checks = [r.asDict() for r in lake.read(PUBLISH_CHECKS).filter(F.col("run_id") == row.run_id)
                   .orderBy("check").collect()]
-    return {"version": lake.version(RECOMMENDATIONS), **row.asDict(), "checks": checks}
+    from recsys.publish import EVERYONE, checked_as_of, history, last_as_of, live_publishes
+
+    commits, dates = history(lake), checked_as_of(lake)
+    live = live_publishes(commits)
+    scope = live[-1].get("scope", EVERYONE) if live else None
+    return {"version": lake.version(RECOMMENDATIONS), **row.asDict(), "checks": checks, "scope": scope,
+            "as_of": last_as_of(commits, checked=dates), "full_as_of": last_as_of(commits, EVERYONE, dates)}
 
 
 def collect(lake: Lakehouse) -> dict[str, Any]:
@@ -63,8 +69,12 @@ def _value(v: Any) -> str:
 def published_line(lists: dict[str, Any] | None) -> str:
     if not lists:
         return "published: nothing yet"
-    return (f"published: version {lists['version']}, {lists['customers']:,} customers, model "
+    line = (f"published: version {lists['version']}, {lists['customers']:,} customers, model "
             f"{lists['model_version']}, run {lists['run_id']}, generated {lists['generated_at']}")
+    if lists.get("scope") == "relist":  # a nightly between full runs: some lists are older than the rest
+        line += (f"; a relist as of {lists.get('as_of')} (the buyers since the last publish), everyone else's "
+                 f"from the full publish as of {lists.get('full_as_of')}")
+    return line
 
 
 def format_text(status: dict[str, Any]) -> str:

@@ -186,6 +186,10 @@ def test_a_nightly_between_full_runs_relists_the_day_s_buyers_and_keeps_every_ot
             assert (articles, version, generated_at) == before[customer][:3]
     last = history(lake)[-1]
     assert last["scope"] == RELIST and last["as_of"] == (day + dt.timedelta(days=1)).isoformat()
+    from recsys import status
+
+    assert (f"a relist as of {day + dt.timedelta(days=1)} (the buyers since the last publish), everyone else's "
+            f"from the full publish as of {day}") in status.format_text(status.collect(lake))
     published = lake.version(RECOMMENDATIONS)
     messages = []
     again = pipeline.nightly(config, day.isoformat(), out=messages.append)
@@ -193,6 +197,9 @@ def test_a_nightly_between_full_runs_relists_the_day_s_buyers_and_keeps_every_ot
     assert [again[s]["status"] for s in ("features", "score")] == ["up to date", "up to date"]
     assert messages[-1].endswith("every stage it runs is up to date: nothing new is published")
     assert lake.version(RECOMMENDATIONS) == published
+    # a bundle task runs one step alone (`pipeline --steps train --date latest --nightly`): the same decision
+    alone = pipeline.run(config, steps=["train"], drop_day="latest", nightly=True, out=lambda m: None)
+    assert alone["train"]["status"] == "skipped" and alone["mode"] == {"relist": True, "since": day.isoformat()}
 
 
 def test_a_full_nightly_merges_the_day_s_drop_retrains_and_republishes_then_a_rerun_changes_nothing(setup):
