@@ -23,7 +23,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from recsys.popularity import AGE_BUCKETS, GLOBAL_SEGMENT, UNKNOWN, age_bucket, decay_weight
+from recsys.popularity import AGE_BUCKETS, GLOBAL_SEGMENT, UNKNOWN, customer_age_buckets, decay_weight
 from recsys.split import as_date, before, days_before
 
 __all__ = [
@@ -223,8 +223,8 @@ def bought_together(
 
 
 def customer_buckets(customers: DataFrame) -> DataFrame:
-    """customer_id, bucket: recsys.popularity's age_bucket of the largest age per customer_id."""
-    return customers.groupBy("customer_id").agg(age_bucket(F.max("age")).alias("bucket"))
+    """customer_id, bucket: recsys.popularity's age bucket of each customer."""
+    return customer_age_buckets(customers).withColumnRenamed("age_bucket", "bucket")
 
 
 def bucket_lists(transactions: DataFrame, customers: DataFrame, as_of: dt.date | str, window_days: int, n: int,

@@ -44,8 +44,9 @@ def decay_weight(days: Column, half_life_days: float) -> Column:
     return F.pow(F.lit(0.5), (days.cast("double") - 1.0) / F.lit(float(half_life_days)))
 
 
-def _customer_segments(customers: DataFrame) -> DataFrame:
-    """customer_id -> age bucket; a duplicated customer row takes its largest age (deterministic)."""
+def customer_age_buckets(customers: DataFrame) -> DataFrame:
+    """customer_id, age_bucket: one row per customer (a duplicated customer row takes its largest age, so the
+    bucket is deterministic); the one definition every popularity list, fill-in and candidate source uses."""
     return customers.groupBy("customer_id").agg(age_bucket(F.max("age")).alias("age_bucket"))
 
 
@@ -78,7 +79,7 @@ def popularity(
     )
     # Pre-aggregate once to (age bucket, index group, article): every segment level is a roll-up of this.
     cells = (
-        weights.join(_customer_segments(customers), "customer_id", "left")
+        weights.join(customer_age_buckets(customers), "customer_id", "left")
         .join(F.broadcast(_article_segments(articles)), "article_id", "left")
         .groupBy(
             F.coalesce("age_bucket", F.lit(UNKNOWN)).alias("age_bucket"),

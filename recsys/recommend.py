@@ -17,7 +17,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from recsys.popularity import UNKNOWN, age_bucket, popularity
+from recsys.popularity import customer_age_buckets, popularity
 from recsys.publish import NAME_COLUMNS, publish, with_article_names
 from recsys.split import as_date, day_after_last_purchase
 from recsys.tables import ARTICLES, CUSTOMERS, POPULARITY, RECOMMENDATIONS, TRANSACTIONS, Lakehouse
@@ -32,13 +32,6 @@ CANDIDATE_COLUMNS = "customer_id string, article_id string, score double, pos in
 def _no_source():
     """A fill row's source: named by its priority in `rank_sources`."""
     return F.lit(None).cast("string").alias("source")
-
-
-def customer_segments(customers: DataFrame) -> DataFrame:
-    """customer_id -> age_bucket (THE definition in recsys.popularity), one row per customer."""
-    return customers.groupBy("customer_id").agg(
-        F.coalesce(age_bucket(F.max("age")), F.lit(UNKNOWN)).alias("age_bucket")
-    )
 
 
 def _segment(popular: DataFrame, segment_type: str, limit: int | None) -> DataFrame:
@@ -151,7 +144,7 @@ def run_popularity(lake: Lakehouse, cutoff: dt.date | str | None = None) -> dict
     k = lake.config.scoring.k
     popular = popularity_lists(lake, cutoff, k).cache()
     try:
-        recs = complete_lists(None, customer_segments(lake.read(CUSTOMERS)), popular, k)
+        recs = complete_lists(None, customer_age_buckets(lake.read(CUSTOMERS)), popular, k)
         summary = publish(lake, recs, model_version=f"popularity@{cutoff.isoformat()}", k=k, popularity_only=True)
     finally:
         popular.unpersist()

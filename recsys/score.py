@@ -24,9 +24,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from recsys.index import ArticleIndex, build_from_config, save_with_model, set_threads
-from recsys.popularity import UNKNOWN
+from recsys.popularity import UNKNOWN, customer_age_buckets
 from recsys.publish import conform, new_run_id, publish
-from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, customer_segments, popularity_lists
+from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, popularity_lists
 from recsys.features import read_snapshot
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label
 from recsys.split import as_date, before
@@ -221,7 +221,7 @@ def retrieval(lake: Lakehouse, encoder: Any, snapshot: dt.date, mlflow_run_id: s
 def customer_rows(lake: Lakehouse, snapshot: dt.date, customers: DataFrame | None) -> tuple[DataFrame, DataFrame]:
     """(the customer_features rows to encode, customer_id + age_bucket of everyone who needs a list)."""
     customer_features = read_snapshot(lake, CUSTOMER_FEATURES, snapshot)
-    segments = customer_segments(lake.read(CUSTOMERS))
+    segments = customer_age_buckets(lake.read(CUSTOMERS))
     if customers is not None:  # a subset (e.g. an evaluation week's buyers); unknown ids get the 'unknown' bucket
         segments = (
             customers.select("customer_id").distinct().join(segments, "customer_id", "left")
