@@ -128,7 +128,7 @@ def _relist_since(ctx: Context) -> dt.date | None:
     decided what to publish; from the earlier of the last publish's date and the drop's day (a replaced older
     day relists its buyers too)."""
     from recsys.gate import latest_decision
-    from recsys.publish import EVERYONE, checked_as_of, history, last_as_of
+    from recsys.publish import EVERYONE, checked_as_of, current_run, history, last_as_of
 
     every = ctx.config.nightly.full_every_days
     if every < 0:
@@ -136,11 +136,11 @@ def _relist_since(ctx: Context) -> dt.date | None:
     lake = ctx.lake
     if not ctx.nightly or every == 0 or not lake.exists(RECOMMENDATIONS) or latest_decision(lake) is None:
         return None
-    commits, checked = history(lake), checked_as_of(lake)
-    full = last_as_of(commits, EVERYONE, checked)
+    commits, checked, live = history(lake), checked_as_of(lake), current_run(lake)["run_id"]
+    full = last_as_of(commits, EVERYONE, checked, live)
     if full is None or (ctx.publish_as_of() - full).days >= every:
         return None
-    since = last_as_of(commits, checked=checked) or full
+    since = last_as_of(commits, checked=checked, current_run_id=live) or full
     day = ctx.loaded_day or _drop_day(ctx)  # a bundle task runs its step alone: the day from the landing folder
     return min(since, day) if day else since
 

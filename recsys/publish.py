@@ -234,18 +234,24 @@ def history(lake: Lakehouse, name: str = RECOMMENDATIONS) -> list[dict[str, Any]
     return out
 
 
-def live_publishes(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The publish commits (oldest first) whose run was not rolled back since."""
+def live_publishes(commits: list[dict[str, Any]], current_run_id: str | None = None) -> list[dict[str, Any]]:
+    """The publish commits (oldest first) that led to what readers see: not rolled back since, and, given the
+    run_id of the rows in the table now (`current_run`), none after that run's (a Delta RESTORE, e.g. a failed
+    publish put back, records no rollback)."""
     withdrawn = {c.get("from_run_id") for c in commits if c.get("action") == ROLLBACK}
-    return [c for c in commits if c.get("action") == PUBLISH and c.get("run_id") not in withdrawn]
+    live = [c for c in commits if c.get("action") == PUBLISH and c.get("run_id") not in withdrawn]
+    if current_run_id is not None:
+        last = max((i for i, c in enumerate(live) if c["run_id"] == current_run_id), default=None)
+        live = live[:last + 1] if last is not None else []
+    return live
 
 
 def last_as_of(commits: list[dict[str, Any]], scope: str | None = None,
-               checked: dict[str, dt.date] | None = None) -> dt.date | None:
+               checked: dict[str, dt.date] | None = None, current_run_id: str | None = None) -> dt.date | None:
     """The snapshot date of the newest live publish (of `scope`: EVERYONE or RELIST, when given); None when there
     is none or its date is unknown. A publish without a scope was a full one; one from before commits recorded
     their date takes it from `checked` (run_id -> as_of, what `publish_checks` recorded for the run)."""
-    for commit in reversed(live_publishes(commits)):
+    for commit in reversed(live_publishes(commits, current_run_id)):
         if scope is None or commit.get("scope", EVERYONE) == scope:
             if commit.get("as_of"):
                 return dt.date.fromisoformat(commit["as_of"])

@@ -44,10 +44,11 @@ def published(lake: Lakehouse) -> dict[str, Any] | None:
     from recsys.publish import EVERYONE, checked_as_of, history, last_as_of, live_publishes
 
     commits, dates = history(lake), checked_as_of(lake)
-    live = live_publishes(commits)
+    live = live_publishes(commits, row.run_id)
     scope = live[-1].get("scope", EVERYONE) if live else None
     return {"version": lake.version(RECOMMENDATIONS), **row.asDict(), "checks": checks, "scope": scope,
-            "as_of": last_as_of(commits, checked=dates), "full_as_of": last_as_of(commits, EVERYONE, dates)}
+            "as_of": last_as_of(commits, checked=dates, current_run_id=row.run_id),
+            "full_as_of": last_as_of(commits, EVERYONE, dates, row.run_id)}
 
 
 def collect(lake: Lakehouse) -> dict[str, Any]:

@@ -192,6 +192,12 @@ def test_the_last_publish_dates_skip_withdrawn_runs_and_fall_back_to_the_checks(
     assert publish.last_as_of(commits, publish.EVERYONE, checked) == dt.date(2020, 9, 23)
     assert publish.last_as_of(commits, publish.EVERYONE) is None  # its date unknown: the nightly runs in full
     assert publish.last_as_of([], publish.EVERYONE, checked) is None
+    # a RESTORE put "b" back (a failed publish, a benchmark): nothing after the run the table holds counts
+    restored = commits[:2] + [{"version": 2, "action": "publish", "run_id": "d", "as_of": "2020-09-26",
+                               "scope": "everyone"}, {"version": 3, "operation": "RESTORE"}]
+    assert publish.last_as_of(restored, current_run_id="b") == dt.date(2020, 9, 24)
+    assert publish.last_as_of(restored, publish.EVERYONE, checked, "b") == dt.date(2020, 9, 23)
+    assert publish.last_as_of(restored, publish.EVERYONE, checked) == dt.date(2020, 9, 26)
 
 
 def test_recommend_for_a_subset_without_publishing(scored, scored_lake):
