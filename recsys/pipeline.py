@@ -140,6 +140,7 @@ def _relist_since(ctx: Context) -> dt.date | None:
     full = last_as_of(commits, EVERYONE, checked, live)
     if full is None or (ctx.publish_as_of() - full).days >= every:
         return None
+    ctx.results["next_full_run"] = full + dt.timedelta(days=every)  # the first publish date that runs in full
     since = last_as_of(commits, checked=checked, current_run_id=live) or full
     day = ctx.loaded_day or _drop_day(ctx)  # a bundle task runs its step alone: the day from the landing folder
     return min(since, day) if day else since
@@ -152,10 +153,9 @@ def _drop_day(ctx: Context) -> dt.date | None:
 
 
 def _relist_reason(ctx: Context) -> str:
-    every = ctx.config.nightly.full_every_days
-    return (f"a relist night: the buyers since {ctx.relist_since()} get new lists from the champion, the others "
-            f"keep theirs; the next full run comes when the last full publish is {every} days old "
-            "(nightly.full_every_days)")
+    return (f"a relist night: the customers who bought since {ctx.relist_since()} get new lists from the champion, "
+            f"the others keep theirs; train, rank and evaluate wait for the next full run (publish date "
+            f"{ctx.results['next_full_run']} or later, nightly.full_every_days; --full runs one now)")
 
 
 def _challenger_tower(config: Config) -> str | None:
@@ -316,8 +316,10 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
         t0, began, before = time.perf_counter(), _now(), lake.versions()
         try:  # the fingerprint reads the registry too: an outage there fails the stage like any other error
             if stage in FULL_RUN_ONLY and ctx.relist_since():
+                if not any(summary.get(s, {}).get("status") == "skipped" for s in FULL_RUN_ONLY):
+                    out(f"[ nightly] {_relist_reason(ctx)}")
                 summary[stage] = {"status": "skipped", "seconds": 0.0}
-                out(f"[{stage:>8}] skipped: {_relist_reason(ctx)}")
+                out(f"[{stage:>8}] skipped (relist night)")
                 record_run(lake, summary["run_id"], stage, began, "skipped", before, None, _relist_reason(ctx))
                 continue
             # partial ingests always run: they are idempotent, and cheap next to a fingerprint of their inputs
@@ -422,6 +424,11 @@ def _headline(stage: str, result: dict[str, Any]) -> str:
     if stage == "evaluate":
         best = max(result["map_at_k"].items(), key=lambda kv: kv[1])
         return f"best MAP@K {best[1]:.4f} ({best[0]}); publish: {result['gate']['publish']}"
+    if isinstance(result.get("relisted"), int):
+        return (f"{result['relisted']:,} customers relisted (bought since {result['relisted_since']}), "
+                f"{result['customers'] - result['relisted']:,} kept: {result['customers']:,} x {result.get('k')} "
+                f"published ({result.get('published')}, {result.get('model_version')}); "
+                f"{result.get('checks', 'checks: n/a')}")
     if isinstance(result.get("customers"), int):
         return (f"{result['customers']:,} customers x {result.get('k')} published ({result.get('published')}, "
                 f"{result.get('model_version')}); {result.get('checks', 'checks: n/a')}")

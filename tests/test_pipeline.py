@@ -168,7 +168,13 @@ def test_a_nightly_between_full_runs_relists_the_day_s_buyers_and_keeps_every_ot
     assert summary["ingest"]["drop"] == "loaded" and summary["mode"] == {"relist": True, "since": day.isoformat()}
     assert [summary[s]["status"] for s in pipeline.STAGES] == ["done", "done", "skipped", "skipped", "skipped",
                                                                "done"]
-    assert any("skipped: a relist night: the buyers since" in m for m in messages)
+    assert [m for m in messages if m.startswith("[ nightly]")] == [
+        f"[ nightly] a relist night: the customers who bought since {day} get new lists from the champion, the "
+        f"others keep theirs; train, rank and evaluate wait for the next full run (publish date "
+        f"{day + dt.timedelta(days=config.nightly.full_every_days)} or later, nightly.full_every_days; --full runs "
+        "one now)"]
+    assert any(m.startswith("[   score] done") and f"customers relisted (bought since {day})" in m
+               for m in messages)
     snapshots = [key for key in summary["features"] if key not in ("status", "seconds")]
     assert snapshots == [(day + dt.timedelta(days=1)).isoformat()]  # P only, no training rows
     buyers = {r.customer_id for r in lake.read(TRANSACTIONS).filter(F.col("t_dat") == day)
