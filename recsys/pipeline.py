@@ -128,7 +128,7 @@ def _relist_since(ctx: Context) -> dt.date | None:
     decided what to publish; from the earlier of the last publish's date and the drop's day (a replaced older
     day relists its buyers too)."""
     from recsys.gate import latest_decision
-    from recsys.publish import EVERYONE, checked_as_of, current_run, history, last_as_of
+    from recsys.publish import published_dates
 
     every = ctx.config.nightly.full_every_days
     if every < 0:
@@ -136,12 +136,12 @@ def _relist_since(ctx: Context) -> dt.date | None:
     lake = ctx.lake
     if not ctx.nightly or every == 0 or not lake.exists(RECOMMENDATIONS) or latest_decision(lake) is None:
         return None
-    commits, checked, live = history(lake), checked_as_of(lake), current_run(lake)["run_id"]
-    full = last_as_of(commits, EVERYONE, checked, live)
+    dates = published_dates(lake)
+    full = dates["full_as_of"]
     if full is None or (ctx.publish_as_of() - full).days >= every:
         return None
     ctx.results["next_full_run"] = full + dt.timedelta(days=every)  # the first publish date that runs in full
-    since = last_as_of(commits, checked=checked, current_run_id=live) or full
+    since = dates["as_of"] or full
     day = ctx.loaded_day or _drop_day(ctx)  # a bundle task runs its step alone: the day from the landing folder
     return min(since, day) if day else since
 

@@ -267,6 +267,17 @@ def checked_as_of(lake: Lakehouse) -> dict[str, dt.date]:
     return {r.run_id: r.as_of for r in rows.collect()}
 
 
+def published_dates(lake: Lakehouse, run_id: str | None = None) -> dict[str, Any]:
+    """What the table holds now (the rows of `run_id`, default `current_run`): the scope of its publish, the
+    snapshot date of that publish (`as_of`) and of the last full one (`full_as_of`); None where unknown."""
+    commits, checked = history(lake), checked_as_of(lake)
+    run_id = run_id or current_run(lake)["run_id"]
+    live = live_publishes(commits, run_id)
+    return {"scope": live[-1].get("scope", EVERYONE) if live else None,
+            "as_of": last_as_of(commits, checked=checked, current_run_id=run_id),
+            "full_as_of": last_as_of(commits, EVERYONE, checked, run_id)}
+
+
 def current_run(lake: Lakehouse) -> dict[str, str]:
     """run_id and model_version of the rows readers see now (read from the data, so restores count)."""
     row = lake.read(RECOMMENDATIONS).select("run_id", "model_version").limit(1).first()

@@ -14,6 +14,7 @@ from typing import Any
 from pyspark.sql import functions as F
 
 from recsys.monitor import DRIFT_PREFIX
+from recsys.publish import RELIST, published_dates
 from recsys.tables import PIPELINE_RUNS, PUBLISH_CHECKS, RECOMMENDATIONS, Lakehouse
 
 
@@ -41,14 +42,8 @@ def published(lake: Lakehouse) -> dict[str, Any] | None:
     if lake.exists(PUBLISH_CHECKS):
         checks = [r.asDict() for r in lake.read(PUBLISH_CHECKS).filter(F.col("run_id") == row.run_id)
                   .orderBy("check").collect()]
-    from recsys.publish import EVERYONE, checked_as_of, history, last_as_of, live_publishes
-
-    commits, dates = history(lake), checked_as_of(lake)
-    live = live_publishes(commits, row.run_id)
-    scope = live[-1].get("scope", EVERYONE) if live else None
-    return {"version": lake.version(RECOMMENDATIONS), **row.asDict(), "checks": checks, "scope": scope,
-            "as_of": last_as_of(commits, checked=dates, current_run_id=row.run_id),
-            "full_as_of": last_as_of(commits, EVERYONE, dates, row.run_id)}
+    return {"version": lake.version(RECOMMENDATIONS), **row.asDict(), "checks": checks,
+            **published_dates(lake, row.run_id)}
 
 
 def collect(lake: Lakehouse) -> dict[str, Any]:
@@ -72,7 +67,7 @@ def published_line(lists: dict[str, Any] | None) -> str:
         return "published: nothing yet"
     line = (f"published: version {lists['version']}, {lists['customers']:,} customers, model "
             f"{lists['model_version']}, run {lists['run_id']}, generated {lists['generated_at']}")
-    if lists.get("scope") == "relist":  # a nightly between full runs: some lists are older than the rest
+    if lists.get("scope") == RELIST:  # a nightly between full runs: some lists are older than the rest
         line += (f"; a relist as of {lists.get('as_of')} (the buyers since the last publish), everyone else's "
                  f"from the full publish as of {lists.get('full_as_of')}")
     return line
