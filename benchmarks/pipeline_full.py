@@ -74,6 +74,9 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="delete the profile's tables and artifacts first")
     parser.add_argument("--resume", action="store_true",
                         help="keep the stages the result file already has (a run that stopped), run the others")
+    parser.add_argument("--redo", default="", metavar="STAGE[,STAGE]",
+                        help="re-measure these stages on the tables as they are (the others' figures are kept; the "
+                             "replaced ones move to `redone`): a stage changed since the whole run")
     parser.add_argument("--out", default=str(RESULT))
     parser.add_argument("--system-lists", type=int, nargs="?", const=0, default=None, metavar="CUSTOMERS",
                         help="only time the challenger system's lists for everyone (or CUSTOMERS of them) on the "
@@ -95,16 +98,26 @@ def main() -> int:
         write_result(args.out, result)
         print(measured, flush=True)
         return 0
+    redo = [s for s in args.redo.split(",") if s]
+    unknown = [s for s in redo if s not in pipeline.STAGES]
+    if unknown:
+        parser.error(f"--redo: unknown stage(s) {unknown}; stages: {', '.join(pipeline.STAGES)}")
+    if redo and args.fresh:
+        parser.error("--redo re-measures stages on the tables a run left; --fresh deletes them: pick one")
     if args.resume and args.fresh:
         parser.error("--resume continues on the tables a stopped run left; --fresh deletes them: pick one")
     raw = config.path(config.paths.raw_dir)
     result: dict = {"benchmark": "pipeline_full", "date": now(), "machine": machine(), "profile": config.profile,
                     "load_avg_start": load_avg(), "stages": {}, "stage_details": {}}
-    if args.resume and Path(args.out).exists():
+    if (args.resume or redo) and Path(args.out).exists():
         import json
 
         result = json.loads(Path(args.out).read_text())
-        result.setdefault("resumed_at", []).append({"date": now(), "after": list(result["stages"])})
+        result.setdefault("resumed_at", []).append({"date": now(), "after": list(result["stages"]), "redo": redo})
+        for stage in redo:
+            if stage in result["stages"]:
+                result.setdefault("redone", []).append({stage: result["stage_details"].pop(stage)})
+                del result["stages"][stage]
     if not all((raw / name).exists() for name in RAW_FILES.values()):
         with ProcessTree() as tree:
             started = time.perf_counter()
