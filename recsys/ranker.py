@@ -25,7 +25,7 @@ import datetime as dt
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -317,37 +317,59 @@ def fit(rows: DataFrame, features: Sequence[str], params: dict[str, Any], worker
     return RankerModel(bytes(raw), columns, dict(params))
 
 
-def _predict_fn(payload, token: str, keep: list[str]):
-    def predict(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+def by_customer(rows: DataFrame) -> DataFrame:
+    """`rows` hash-partitioned by customer_id into spark.sql.shuffle.partitions: the one shuffle of a customer's
+    candidate rows. The wide aggregation (customer, article), the join with the customer side of the features
+    and the top K all need a customer's rows together; partitioned so once, Spark adds no exchange for the
+    later ones (and drops this one when the rows are already so partitioned)."""
+    partitions = int(rows.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    return rows.repartition(partitions, "customer_id")
+
+
+def _best(scored: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The best k rows of each customer in `scored`: score descending, then article_id (top_k's order)."""
+    ordered = scored.sort_values(["customer_id", "score", "article_id"], ascending=[True, False, True], kind="stable")
+    pos = ordered.groupby("customer_id", sort=False).cumcount() + 1
+    return ordered.assign(pos=pos.astype(np.int32))[pos <= k]
+
+
+def _top_k_fn(payload, token: str, k: int, keep: list[str]):
+    def rank(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from pyspark import cloudpickle
 
         if token not in _WORKER_STATE:
             _WORKER_STATE.clear()
             _WORKER_STATE[token] = cloudpickle.loads(payload.value)
         model = _WORKER_STATE[token]
+        carry = None  # the last customer of a batch may go on in the next one: its rows wait
         for pdf in batches:
-            if len(pdf):
-                yield pdf[keep].assign(ranker_score=model.predict_pandas(pdf).astype(np.float64))
+            if not len(pdf):
+                continue
+            scored = pdf[keep].assign(score=model.predict_pandas(pdf).astype(np.float64))
+            if carry is not None:
+                scored = pd.concat([carry, scored], ignore_index=True)
+            finished = scored["customer_id"] != scored["customer_id"].iat[-1]
+            carry = scored[~finished]
+            if finished.any():
+                yield _best(scored[finished], k)
+        if carry is not None and len(carry):
+            yield _best(carry, k)
 
-    return predict
+    return rank
 
 
-def predict(model: RankerModel, rows: DataFrame, keep: Iterable[str] = ("customer_id", "article_id", "source")
-            ) -> DataFrame:
-    """`keep` columns + `ranker_score` for every row (lazy; the booster is broadcast once per run)."""
+def predict_top_k(model: RankerModel, rows: DataFrame, k: int) -> DataFrame:
+    """The model's best k of each customer's rows: customer_id, article_id, score, pos (1 = best), source.
+
+    Scored and cut in one pass over rows partitioned and sorted by customer (`by_customer`; a join on
+    customer_id leaves them so, and then neither costs anything): each customer's rows arrive together, so only
+    the k kept leave Python, with no window sort of every scored row."""
     from pyspark import cloudpickle
 
-    keep = list(keep)
+    keep = ["customer_id", "article_id", "source"]
     payload = rows.sparkSession.sparkContext.broadcast(cloudpickle.dumps(model))
-    schema = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in rows.select(*keep).schema.fields)
     wanted = keep + [c for c in model.features if c in rows.columns and c not in keep]
-    return rows.select(*wanted).mapInPandas(_predict_fn(payload, uuid.uuid4().hex, keep),
-                                             f"{schema}, ranker_score double")
-
-
-def top_k(scored: DataFrame, k: int) -> DataFrame:
-    """customer_id, article_id, ranker_score, source -> the best k per customer: customer_id, article_id, score,
-    pos (1 = best), source."""
-    order = Window.partitionBy("customer_id").orderBy(F.desc("ranker_score"), "article_id")
-    return (scored.withColumn("pos", F.row_number().over(order)).filter(F.col("pos") <= k)
-            .select("customer_id", "article_id", F.col("ranker_score").alias("score"), "pos", "source"))
+    grouped = by_customer(rows.select(*wanted)).sortWithinPartitions("customer_id")
+    return grouped.mapInPandas(_top_k_fn(payload, uuid.uuid4().hex, k, keep),
+                               "customer_id string, article_id string, source string, score double, pos int"
+                               ).select("customer_id", "article_id", "score", "pos", "source")

@@ -153,7 +153,10 @@ def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:
     """Long candidates -> one row per (customer, article) proposed by a source, with the two-tower similarity
     (a pick's own score, or the pair's `similarity` row), in one aggregation."""
     similar = F.col("source").isin(TWO_TOWER, SIMILARITY)
-    return C.combine(long, sources, extra={R.TWO_TOWER_SIMILARITY: F.max(F.when(similar, F.col("source_score")))})
+    # partitioned by customer: the aggregation by (customer, article), the features' customer join and the top K
+    # then share this one shuffle
+    return C.combine(R.by_customer(long), sources,
+                     extra={R.TWO_TOWER_SIMILARITY: F.max(F.when(similar, F.col("source_score")))})
 
 
 def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date) -> DataFrame:
@@ -166,14 +169,16 @@ def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date
     return R.ranker_features(wide, transactions, articles, customers, as_of, article=article, history=history)
 
 
-def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = ""
-                 ) -> tuple[DataFrame, DataFrame]:
-    """(long candidates, ranker rows with features) for `target` as of `as_of`."""
+def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = "",
+                 materialise: bool = True) -> tuple[DataFrame, DataFrame]:
+    """(long candidates, ranker rows with features) for `target` as of `as_of`. `materialise=False`: the rows
+    stay lazy, partitioned and sorted by customer as the features' join leaves them, for `R.predict_top_k` to
+    use as they are (a checkpoint forgets that partitioning, and the rows would be shuffled again)."""
     long = build_candidates(lake, encoder, as_of, target, write)
     features = featured(lake, wide_rows(long, lake.config.candidates.sources), target, as_of)
-    # computed once, plan cut off: the rows feed a fit or a prediction, and the plan behind them (every source,
+    # computed once, plan cut off: the rows feed a fit (several passes), and the plan behind them (every source,
     # every aggregate) is long enough that Spark's own plan strings exhaust a small driver
-    return long, features.localCheckpoint()
+    return long, features.localCheckpoint() if materialise else features
 
 
 # --- training -------------------------------------------------------------------------------------------
@@ -255,8 +260,9 @@ def recommend(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of:
     everyone = customers is None
     target = lake.read(CUSTOMERS).select("customer_id").distinct() if everyone else customers.select(
         "customer_id").distinct()
-    _, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates)
-    ranked = R.top_k(R.predict(model, rows), config.scoring.k)
+    _, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates, materialise=False)
+    # computed once (what follows may read it more than once), 12 rows a customer
+    ranked = R.predict_top_k(model, rows, config.scoring.k).localCheckpoint()
     _, segments = customer_rows(lake, snapshot, None if everyone else target)
     popular = popularity_lists(lake, snapshot, config.scoring.k)
     lists = complete_lists(ranked, segments, popular, config.scoring.k)

@@ -3,8 +3,11 @@ feature checked against a value worked out on paper (and nothing from on or afte
 from __future__ import annotations
 
 import datetime as dt
+import sys
 
 import pytest
+
+from pyspark import cloudpickle
 
 from recsys import ranker as R
 
@@ -74,3 +77,37 @@ def test_training_rows_keep_every_positive_and_the_same_negatives_however_the_ro
     for c, _, label, _ in one:
         negatives[c] = negatives.get(c, 0) + (label == 0)
     assert set(negatives) == {f"c{c}" for c in range(30)} and set(negatives.values()) == {3}
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test double below travels to the workers
+
+
+class _ByColumn:
+    """A stand-in for the booster: the score is the row's `x` (what predict_top_k must cut, not what it learns)."""
+
+    features = ["x"]
+
+    def predict_pandas(self, pdf):
+        return pdf["x"].to_numpy(dtype="float64")
+
+
+def test_predict_top_k_keeps_each_customers_best_k_across_arrow_batches_and_partitions(spark):
+    """Batches of 3 rows split customers between batches (the carried customer), ties go to the smaller article,
+    and the rows arrive in no particular order or partitioning: the result is a window's top k."""
+    import random
+
+    rng = random.Random(7)
+    data = [(f"c{c}", f"a{a:02d}", "src", float(rng.randint(0, 4)))
+            for c in range(9) for a in range(rng.randint(1, 8))]
+    rng.shuffle(data)
+    rows = spark.createDataFrame(data, "customer_id string, article_id string, source string, x double").repartition(3)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "3")
+    try:
+        got = sorted(tuple(r) for r in R.predict_top_k(_ByColumn(), rows, 3).collect())
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    expected = []
+    for customer in sorted({d[0] for d in data}):
+        mine = sorted((d for d in data if d[0] == customer), key=lambda d: (-d[3], d[1]))[:3]
+        expected += [(customer, d[1], d[3], pos, "src") for pos, d in enumerate(mine, 1)]
+    assert got == sorted(expected)
