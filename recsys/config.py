@@ -105,6 +105,7 @@ class ModelConfig:
     validation_days: int = 7             # last days before as_of held out for per-epoch Recall/MAP@12
     patience: int = 2                    # epochs without validation gain before early stopping
     loader: str = "petastorm"            # petastorm | memory
+    loader_workers: int = 2              # Petastorm reader threads; 1: the same seed gives the same batches
     negative_source: str = "catalogue"   # catalogue | recent (articles sold in the training window)
     log_q_correction: bool = True
     torch_threads: int = 2

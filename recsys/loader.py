@@ -125,8 +125,10 @@ class MemoryLoader:
 class PetastormLoader:
     """A Spark DataFrame materialised once as Parquet by Petastorm, then streamed to torch each epoch.
 
-    Row groups are shuffled per epoch and a shuffling buffer mixes rows across them; the order is not
-    bit-reproducible (reader threads), the set of rows per epoch is.
+    Row groups are shuffled per epoch and a shuffling buffer mixes rows across them. With several reader threads
+    the order is not bit-reproducible (the threads finish row groups in any order), the set of rows per epoch
+    is; with `workers=1` the same seed gives the same batches (one thread reads the row groups in their seeded
+    order, and the buffer's draws are seeded per epoch), at the cost of reading slower.
     """
 
     def __init__(self, df: DataFrame, batch_size: int, cache_dir: str | Path, seed: int = 0,
@@ -156,9 +158,15 @@ class PetastormLoader:
         )
         if self.shard_count > 1:
             options.update(cur_shard=self.shard_index, shard_count=self.shard_count)
-        with self.converter.make_torch_dataloader(**options) as dataloader:
-            for batch in dataloader:
-                yield {name: _tensor(batch[name]) for name in self.columns}
+        # Petastorm's shuffling buffer draws from numpy's global generator: seeded for the epoch, then put back
+        state = np.random.get_state()
+        np.random.seed([self.seed, epoch])
+        try:
+            with self.converter.make_torch_dataloader(**options) as dataloader:
+                for batch in dataloader:
+                    yield {name: _tensor(batch[name]) for name in self.columns}
+        finally:
+            np.random.set_state(state)
 
     def shard(self, rank: int, world_size: int) -> "PetastormLoader":
         """Petastorm shards by row group; the converter (a Parquet cache path) is shared, not rewritten."""
@@ -174,11 +182,14 @@ class PetastormLoader:
 
 
 def make_loader(kind: str, df: DataFrame, batch_size: int, seed: int, cache_dir: str | Path,
-                shard: int = 0, num_shards: int = 1, columns: Sequence[str] = ()) -> ExampleLoader:
-    """`model.loader` config value -> a loader over `df` (customer_idx, article_idx, weight + `columns`)."""
+                shard: int = 0, num_shards: int = 1, columns: Sequence[str] = (), workers: int = 2) -> ExampleLoader:
+    """`model.loader` config value -> a loader over `df` (customer_idx, article_idx, weight + `columns`);
+    `workers`: Petastorm's reader threads (`model.loader_workers`)."""
     if kind == "petastorm":
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"model.loader_workers must be a whole number >= 1, got {workers!r}")
         return PetastormLoader(df, batch_size, cache_dir, seed=seed, shard=shard, num_shards=num_shards,
-                               columns=columns)
+                               columns=columns, workers=workers)
     if kind == "memory":
         return MemoryLoader.from_dataframe(df, batch_size, seed=seed, shard=shard, num_shards=num_shards,
                                            columns=columns)

@@ -306,7 +306,7 @@ def run(lake: Lakehouse, as_of: str | None = None) -> dict[str, Any]:
             mlflow.log_metrics(popularity_validation(data))
         loader = make_loader(mc.loader, train_rows, mc.batch_size, mc.seed,
                              config.path(config.paths.checkpoint_dir) / "petastorm",
-                             columns=data.spec.customer.columns)
+                             columns=data.spec.customer.columns, workers=mc.loader_workers)
         try:
             extra = {"run_id": run_id}
             if mc.distributed_processes > 1:
