@@ -370,6 +370,7 @@ def predict_top_k(model: RankerModel, rows: DataFrame, k: int) -> DataFrame:
     payload = rows.sparkSession.sparkContext.broadcast(cloudpickle.dumps(model))
     wanted = keep + [c for c in model.features if c in rows.columns and c not in keep]
     grouped = by_customer(rows.select(*wanted)).sortWithinPartitions("customer_id")
+    customer = rows.schema["customer_id"].dataType.simpleString()  # an id, or a number standing for it
     return grouped.mapInPandas(_top_k_fn(payload, uuid.uuid4().hex, k, keep),
-                               "customer_id string, article_id string, source string, score double, pos int"
+                               f"customer_id {customer}, article_id string, source string, score double, pos int"
                                ).select("customer_id", "article_id", "score", "pos", "source")

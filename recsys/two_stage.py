@@ -114,6 +114,30 @@ def shared(lake: Lakehouse, as_of: dt.date) -> Callable[[str, Callable[[], DataF
 REPLACE, APPEND = "replace", "append"  # how a computation keeps its candidates in the `candidates` table
 
 
+# --- customer keys: the ranking rows carry a number, not the 64-character id ----------------------------------
+def customer_keys(target: DataFrame) -> DataFrame:
+    """customer_id, customer_key: one 64-bit number per target customer, fixed once computed (materialised).
+
+    A customer's ~115 ranking rows go through a shuffle, an aggregation, a sort and into Python; a 64-character
+    id is most of such a row's bytes and its slowest comparison, a number neither. The keys are broadcast to
+    the rows (a slice of a publish is ~250,000 customers), so no shuffle carries the id."""
+    return target.select("customer_id").distinct().withColumn("customer_key", F.monotonically_increasing_id()
+                                                              ).localCheckpoint()
+
+
+def keyed(df: DataFrame, keys: DataFrame) -> DataFrame:
+    """`df` with its customer_id replaced by the customer's key (rows of customers without one dropped)."""
+    return (df.join(F.broadcast(keys), "customer_id").drop("customer_id")
+            .withColumnRenamed("customer_key", "customer_id"))
+
+
+def unkeyed(df: DataFrame, keys: DataFrame) -> DataFrame:
+    """The inverse of `keyed`: the customer_id of each key back in place."""
+    return df.withColumnRenamed("customer_id", "customer_key").join(F.broadcast(keys), "customer_key").drop(
+        "customer_key")
+
+
+
 def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame,
                      write: str = "") -> DataFrame:
     """Every source's candidates for `target` as of `as_of`, long, with the two-tower's similarity to the pairs
@@ -146,7 +170,8 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
                    replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
     # this computation's rows only: after an APPEND the partition also holds the slices written before
     written = lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
-    return written.join(target.select("customer_id"), "customer_id", "left_semi")
+    # broadcast: the target ids (a slice of a publish at most) rather than a shuffle of every long row by id
+    return written.join(F.broadcast(target.select("customer_id")), "customer_id", "left_semi")
 
 
 def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:
@@ -159,23 +184,30 @@ def wide_rows(long: DataFrame, sources: list[str]) -> DataFrame:
                      extra={R.TWO_TOWER_SIMILARITY: F.max(F.when(similar, F.col("source_score")))})
 
 
-def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date) -> DataFrame:
+def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date, keys: DataFrame | None = None
+             ) -> DataFrame:
     """`wide` rows with the ranker's features: the article side computed once per date and shared (every slice
-    of a publish needs the same), the target customers' purchase history read once and materialised."""
+    of a publish needs the same), the target customers' purchase history read once and materialised. With
+    `keys`, `wide` is keyed (`keyed`) and so is the customer side."""
     transactions, articles, customers = lake.read(TRANSACTIONS), lake.read(ARTICLES), lake.read(CUSTOMERS)
     article = shared(lake, as_of)("ranker article table",
                                   lambda: R.article_table(transactions, articles, customers, as_of))
-    history = R.purchase_history(transactions, articles, target, as_of).localCheckpoint()
-    return R.ranker_features(wide, transactions, articles, customers, as_of, article=article, history=history)
+    history = R.purchase_history(transactions, articles, target, as_of)
+    if keys is not None:
+        history, customers = keyed(history, keys), keyed(customers, keys)
+    return R.ranker_features(wide, transactions, articles, customers, as_of, article=article,
+                             history=history.localCheckpoint())
 
 
 def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = "",
-                 materialise: bool = True) -> tuple[DataFrame, DataFrame]:
+                 materialise: bool = True, keys: DataFrame | None = None) -> tuple[DataFrame, DataFrame]:
     """(long candidates, ranker rows with features) for `target` as of `as_of`. `materialise=False`: the rows
     stay lazy, partitioned and sorted by customer as the features' join leaves them, for `R.predict_top_k` to
-    use as they are (a checkpoint forgets that partitioning, and the rows would be shuffled again)."""
+    use as they are (a checkpoint forgets that partitioning, and the rows would be shuffled again). With
+    `keys` (`customer_keys` of the target) the rows' customer_id is the customer's key (`unkeyed` undoes it)."""
     long = build_candidates(lake, encoder, as_of, target, write)
-    features = featured(lake, wide_rows(long, lake.config.candidates.sources), target, as_of)
+    wide = wide_rows(long if keys is None else keyed(long, keys), lake.config.candidates.sources)
+    features = featured(lake, wide, target, as_of, keys)
     # computed once, plan cut off: the rows feed a fit (several passes), and the plan behind them (every source,
     # every aggregate) is long enough that Spark's own plan strings exhaust a small driver
     return long, features.localCheckpoint() if materialise else features
@@ -260,9 +292,10 @@ def recommend(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of:
     everyone = customers is None
     target = lake.read(CUSTOMERS).select("customer_id").distinct() if everyone else customers.select(
         "customer_id").distinct()
-    _, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates, materialise=False)
+    keys = customer_keys(target)
+    _, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates, materialise=False, keys=keys)
     # computed once (what follows may read it more than once), 12 rows a customer
-    ranked = R.predict_top_k(model, rows, config.scoring.k).localCheckpoint()
+    ranked = unkeyed(R.predict_top_k(model, rows, config.scoring.k), keys).localCheckpoint()
     _, segments = customer_rows(lake, snapshot, None if everyone else target)
     popular = popularity_lists(lake, snapshot, config.scoring.k)
     lists = complete_lists(ranked, segments, popular, config.scoring.k)

@@ -192,3 +192,21 @@ def test_a_publish_that_fails_in_a_later_slice_leaves_lists_and_candidates_as_th
         score.publish_decided(lake, as_of=data.AS_OF)
     assert "candidates: restored" in str(failure.value.__notes__)
     assert published(lake) == before
+
+
+def test_ranking_rows_keyed_by_a_number_are_the_rows_keyed_by_the_id(lake):
+    """The publish ranks rows keyed by a number standing for the customer: every feature must be what the rows
+    keyed by the id get (a join on ids of another type would match nothing and leave features missing)."""
+    from recsys.tables import CUSTOMERS
+
+    target = lake.read(CUSTOMERS).select("customer_id")
+    keys = two_stage.customer_keys(target)
+    _, by_id = two_stage.ranking_rows(lake, None, data.AS_OF, target)
+    _, by_key = two_stage.ranking_rows(lake, None, data.AS_OF, target, keys=keys)
+    assert dict(by_key.dtypes)["customer_id"] == "bigint"
+    by_key = two_stage.unkeyed(by_key, keys)
+    columns = sorted(by_id.columns)
+    assert sorted(by_key.columns) == columns
+    expected = sorted(map(repr, by_id.select(*columns).collect()))
+    assert expected and sorted(map(repr, by_key.select(*columns).collect())) == expected
+    assert by_id.filter(F.col("pair_purchases") > 0).count() > 0  # the customer side is not empty here
