@@ -73,9 +73,9 @@ def steps(lake, system: dict, as_of, target) -> dict:
     model = timed("two_tower neighbours + similarities",
                   S.two_tower_rows(lake, encoder, as_of, target, others, config.candidates.two_tower_n))
     long = rules.unionByName(S.two_tower_long(model)).select(*C.CANDIDATE_COLUMNS)
-    # as a publish runs them (customers keyed by a number): the wide rows, their features, the prediction and the top K in one lazy chain that
-    # shuffles the rows once (a checkpoint between would forget their partitioning); its first part alone into
-    # the noop sink, so the prediction's share is the difference
+    # as a publish runs them (customers keyed by a number): the wide rows, their features, the prediction and the
+    # top K in one lazy chain that shuffles the rows once (a checkpoint between would forget their partitioning);
+    # its first part alone into the noop sink, so the prediction's share is the difference
     long = timed("long rows", long)
     keys = S.customer_keys(target)
     features = S.featured(lake, S.wide_rows(S.keyed(long, keys), config.candidates.sources), target, as_of, keys)
