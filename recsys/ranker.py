@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -32,6 +31,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from recsys.spark import Shipped
 from recsys.split import as_date, before
 
 LABEL = "label"
@@ -53,7 +53,6 @@ PAIR_FEATURES = [
     "share_product_type", "price_ratio", "age_gap",
 ]
 TWO_TOWER_SIMILARITY = "two_tower_similarity"
-_WORKER_STATE: dict[str, Any] = {}
 
 
 def feature_columns(sources: Sequence[str]) -> list[str]:
@@ -327,20 +326,15 @@ def by_customer(rows: DataFrame) -> DataFrame:
 
 
 def _best(scored: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The best k rows of each customer in `scored`: score descending, then article_id (top_k's order)."""
+    """The best k rows of each customer in `scored`: score descending, then article_id (a window's order)."""
     ordered = scored.sort_values(["customer_id", "score", "article_id"], ascending=[True, False, True], kind="stable")
     pos = ordered.groupby("customer_id", sort=False).cumcount() + 1
     return ordered.assign(pos=pos.astype(np.int32))[pos <= k]
 
 
-def _top_k_fn(payload, token: str, k: int, keep: list[str]):
+def _top_k_fn(shipped, k: int, keep: list[str]):
     def rank(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from pyspark import cloudpickle
-
-        if token not in _WORKER_STATE:
-            _WORKER_STATE.clear()
-            _WORKER_STATE[token] = cloudpickle.loads(payload.value)
-        model = _WORKER_STATE[token]
+        model = shipped.value()
         carry = None  # the last customer of a batch may go on in the next one: its rows wait
         for pdf in batches:
             if not len(pdf):
@@ -364,13 +358,10 @@ def predict_top_k(model: RankerModel, rows: DataFrame, k: int) -> DataFrame:
     Scored and cut in one pass over rows partitioned and sorted by customer (`by_customer`; a join on
     customer_id leaves them so, and then neither costs anything): each customer's rows arrive together, so only
     the k kept leave Python, with no window sort of every scored row."""
-    from pyspark import cloudpickle
-
     keep = ["customer_id", "article_id", "source"]
-    payload = rows.sparkSession.sparkContext.broadcast(cloudpickle.dumps(model))
     wanted = keep + [c for c in model.features if c in rows.columns and c not in keep]
     grouped = by_customer(rows.select(*wanted)).sortWithinPartitions("customer_id")
     customer = rows.schema["customer_id"].dataType.simpleString()  # an id, or a number standing for it
-    return grouped.mapInPandas(_top_k_fn(payload, uuid.uuid4().hex, k, keep),
+    return grouped.mapInPandas(_top_k_fn(Shipped(rows.sparkSession, model), k, keep),
                                f"customer_id {customer}, article_id string, source string, score double, pos int"
                                ).select("customer_id", "article_id", "score", "pos", "source")

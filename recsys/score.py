@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -29,6 +28,7 @@ from recsys.publish import conform, new_run_id, publish
 from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, popularity_lists
 from recsys.features import read_snapshot
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label
+from recsys.spark import Shipped
 from recsys.split import as_date, before
 from recsys.tables import (
     ARTICLE_FEATURES, CANDIDATES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRANSACTIONS, Lakehouse,
@@ -37,7 +37,6 @@ from recsys.tables import (
 PREFERENCE = (CHAMPION, CHALLENGER)  # the default model: the gate's pick, else the latest trained one
 
 # Per Python worker: the deserialised (encoder, index) of the current scoring run, keyed by a run token.
-_WORKER_STATE: dict[str, Any] = {}
 
 
 def resolve_model(config, model_uri: str | None = None) -> tuple[str, str | None]:
@@ -125,17 +124,12 @@ class ArticleVectors:
         return self.ids.get_indexer(ids)
 
 
-def _search_fn(payload, token: str, n: int, threads: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+def _search_fn(shipped: Shipped, n: int, threads: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The mapInPandas body: embed a batch of customers, search the index, emit the top `n` rows (and, when the
     rows carry `extra_articles`, the similarity to each of those, with pos null)."""
 
     def search(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from pyspark import cloudpickle
-
-        if token not in _WORKER_STATE:  # once per Python worker and run, not per batch
-            _WORKER_STATE.clear()
-            _WORKER_STATE[token] = cloudpickle.loads(payload.value)
-        encoder, index, articles = _WORKER_STATE[token]
+        encoder, index, articles = shipped.value()
         set_threads(threads)
         for pdf in batches:
             if len(pdf) == 0:
@@ -159,11 +153,9 @@ def model_candidates(customer_features: DataFrame, encoder: Any, index: ArticleI
     """customer_id, article_id, score, pos: the `n` nearest articles of each customer (lazy; Spark job).
 
     With `extra` (customer_id, article_id pairs) and the article vectors, also each of those pairs' similarity
-    (pos null). The encoder, the index and the vectors are shipped as one broadcast of cloudpickled bytes, so
-    any picklable encoder works (including test doubles defined outside the package).
+    (pos null). The encoder, the index and the vectors are shipped to the workers as one object
+    (`recsys.spark.Shipped`), so any picklable encoder works (including test doubles defined outside the package).
     """
-    from pyspark import cloudpickle
-
     spark = customer_features.sparkSession
     rows = customer_features
     if extra is not None:
@@ -171,10 +163,9 @@ def model_candidates(customer_features: DataFrame, encoder: Any, index: ArticleI
             raise ValueError("model_candidates: `extra` pairs need the article vectors to score them")
         lists = extra.groupBy("customer_id").agg(F.collect_set("article_id").alias("extra_articles"))
         rows = rows.join(lists, "customer_id", "left")
-    payload = spark.sparkContext.broadcast(cloudpickle.dumps((encoder, index, articles)))
-    token = uuid.uuid4().hex
+    shipped = Shipped(spark, (encoder, index, articles))
     rows = rows.repartition(partitions) if partitions else rows
-    return rows.mapInPandas(_search_fn(payload, token, n, threads), CANDIDATE_COLUMNS)
+    return rows.mapInPandas(_search_fn(shipped, n, threads), CANDIDATE_COLUMNS)
 
 
 def purchased(transactions: DataFrame, as_of: dt.date) -> DataFrame:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
+from typing import Any
 
 from pyspark.sql import SparkSession
 
@@ -77,3 +79,26 @@ def release(spark: SparkSession) -> None:
 
     gc.collect()  # Python's references to the JVM objects go first
     spark.sparkContext._jvm.System.gc()  # then the JVM's, which the ContextCleaner acts on
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+class Shipped:
+    """An object (a model, an index) broadcast to the Python workers as cloudpickled bytes and unpickled once
+    per worker and run, not per batch: any picklable object works, test doubles defined outside the package
+    included. Pass the instance into a mapInPandas body and call `value()` there."""
+
+    def __init__(self, spark: SparkSession, value: Any):
+        from pyspark import cloudpickle
+
+        self.payload = spark.sparkContext.broadcast(cloudpickle.dumps(value))
+        self.token = uuid.uuid4().hex
+
+    def value(self) -> Any:
+        from pyspark import cloudpickle
+
+        if self.token not in _WORKER_STATE:
+            _WORKER_STATE.clear()  # the previous run's object: let it go
+            _WORKER_STATE[self.token] = cloudpickle.loads(self.payload.value)
+        return _WORKER_STATE[self.token]

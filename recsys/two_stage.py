@@ -137,7 +137,6 @@ def unkeyed(df: DataFrame, keys: DataFrame) -> DataFrame:
         "customer_key")
 
 
-
 def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame,
                      write: str = "") -> DataFrame:
     """Every source's candidates for `target` as of `as_of`, long, with the two-tower's similarity to the pairs
