@@ -23,7 +23,8 @@ from recsys.config import Config
 from recsys.gate import apply_gate, describe_gate
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label, system_versions
 from recsys.report import build_report, default_report_path, write_html_report
-from recsys.spark_metrics import ALL, customer_segments, evaluate_recommendations, recall_curve
+from recsys.spark_metrics import (ALL, catalogue_popularity, customer_segments, evaluate_recommendations,
+                                  recall_curve)
 from recsys.split import as_date, backtest_starts, default_test_start, evaluation_customers, split
 from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_SCHEMA, TRANSACTIONS, Lakehouse
 
@@ -42,8 +43,12 @@ class Week:
     train: DataFrame
     test: DataFrame
     target: DataFrame          # customer_id: the buyers of the week, who need a list
-    segments: DataFrame
-    catalogue: DataFrame
+    segments: DataFrame        # customer_id, segment: the buyers' segments
+    popularity: DataFrame      # article_id, pct, n_catalogue: the catalogue's sales before the week
+
+    def release(self) -> None:
+        for cached in (self.test, self.target, self.segments, self.popularity):
+            cached.unpersist()
 
 
 def load_week(lake: Lakehouse, test_start: dt.date | str, test_days: int | None = None) -> Week:
@@ -63,8 +68,12 @@ def load_week(lake: Lakehouse, test_start: dt.date | str, test_days: int | None 
         lake.read(ARTICLES).select("article_id") if lake.exists(ARTICLES)
         else transactions.select("article_id").distinct()
     )
-    segments = customer_segments(train, customers, config.evaluation.short_history_max)
-    return Week(start, train, test, evaluation_customers(test).cache(), segments, catalogue)
+    target = evaluation_customers(test).cache()
+    # The same for every model of the week: computed once (each reads two years of sales), and only the buyers'
+    # segments are kept.
+    segments = customer_segments(train, customers, config.evaluation.short_history_max).join(
+        target, "customer_id").cache()
+    return Week(start, train, test, target, segments, catalogue_popularity(catalogue, train).cache())
 
 
 def evaluate_week(
@@ -81,7 +90,7 @@ def evaluate_week(
         # several metric jobs read it: compute the lists once, and cut the plan behind them (candidates, ranker)
         recs = recs if cached else recs.localCheckpoint()
         version = (versions or {}).get(name) or _version_of(recs)
-        scores = evaluate_recommendations(recs, week.test, ks, week.segments, week.catalogue, week.train)
+        scores = evaluate_recommendations(recs, week.test, ks, week.segments, popularity=week.popularity)
         metrics.append(scores.assign(model=name, version=version, test_week=week.test_start))
         if curves:
             curve = recall_curve(recs, week.test, config.evaluation.curve_max_k)
@@ -191,7 +200,7 @@ def backtest_metrics(
         if write:
             write_runs(lake, metrics)
         frames.append(metrics)
-        week.test.unpersist()
+        week.release()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)
 
 

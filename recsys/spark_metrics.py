@@ -112,11 +112,15 @@ def evaluate_recommendations(
     segments: DataFrame | None = None,
     catalogue: DataFrame | None = None,
     train: DataFrame | None = None,
+    popularity: DataFrame | None = None,
 ) -> pd.DataFrame:
     """Metrics of one recommender on one test week: pandas (segment, metric, value), 'all' plus each segment.
 
     `segments`: customer_id, segment (a customer may be in several). `catalogue`: article_id (default: every
     article in train, test and recs). `train`: the transactions before the test week, for popularity bias.
+    `popularity`: `catalogue_popularity(catalogue, train)` already computed (it is the same for every model of
+    a week, and counting two years of sales for each model was most of its evaluation time); then `catalogue`
+    and `train` are not read.
     """
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
@@ -127,14 +131,16 @@ def evaluate_recommendations(
     ranking = population.join(per, "customer_id").groupBy("segment").agg(
         F.count(F.lit(1)).cast("double").alias("customers"), *[F.avg(n).alias(n) for n in names]
     )
-    if catalogue is None:
-        sources = [recs, test] + ([train] if train is not None else [])
-        catalogue = sources[0].select("article_id")
-        for other in sources[1:]:
-            catalogue = catalogue.unionByName(other.select("article_id"))
+    if popularity is None:
+        if catalogue is None:
+            sources = [recs, test] + ([train] if train is not None else [])
+            catalogue = sources[0].select("article_id")
+            for other in sources[1:]:
+                catalogue = catalogue.unionByName(other.select("article_id"))
+        popularity = catalogue_popularity(catalogue, train)
     listed = (
         first_positions(recs, max(ks)).join(population, "customer_id")
-        .join(F.broadcast(catalogue_popularity(catalogue, train)), "article_id")
+        .join(F.broadcast(popularity), "article_id")
     )
     lists = listed.groupBy("segment").agg(*[
         agg

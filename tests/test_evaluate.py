@@ -58,6 +58,10 @@ def test_spark_metrics_match_hand_computed_vectors(spark):
     assert out["popularity_bias_at_12"] == pytest.approx((5 / 6 + 3 / 6 + 3 / 6 + 0 + 3 / 6 + 0) / 6)
     reference = M.evaluate(lists, bought, [2, 12], catalogue=list("abcdxz"), train_counts={"a": 5, "b": 1, "c": 1})
     assert out == pytest.approx(reference)
+    # the week's catalogue popularity computed once, as `recsys evaluate` shares it between models
+    shared = S.catalogue_popularity(catalogue, train)
+    assert as_dict(S.evaluate_recommendations(
+        recs_df(spark, lists), buys_df(spark, bought), [2, 12], None, popularity=shared)) == pytest.approx(reference)
 
 
 def generated(seed: int, n_customers: int = 60, n_articles: int = 40):
