@@ -241,19 +241,27 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
     return make
 
 
+def _system_models(config: Config, system: Mapping[str, str]) -> tuple[Any, Any]:
+    """(the system's ranker or None, its two-tower encoder), from the registry."""
+    from recsys import two_stage
+    from recsys.model import load_encoder
+
+    ranker = (two_stage.load_ranker(config, system[config.mlflow.ranker_model])
+              if config.mlflow.ranker_model in system else None)
+    encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{system[config.mlflow.registered_model]}",
+                           config.tracking_uri, config.registry_uri)
+    return ranker, encoder
+
+
 def system_recommender(lake: Lakehouse, system: Mapping[str, str], as_of: dt.date,
                        customers: DataFrame | None, write_candidates: str = "") -> DataFrame:
     """The lists of one registered system as of `as_of` (the two stages, or the two-tower alone), for
     `customers` (None: everyone). `write_candidates` ("replace" / "append" a slice of customers): keep the first
     stage's lists in `candidates` (publishing)."""
     from recsys import score, two_stage
-    from recsys.model import load_encoder
 
     config = lake.config
-    ranker = (two_stage.load_ranker(config, system[config.mlflow.ranker_model])
-              if config.mlflow.ranker_model in system else None)
-    encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{system[config.mlflow.registered_model]}",
-                           config.tracking_uri, config.registry_uri)
+    ranker, encoder = _system_models(config, system)
     if ranker is not None:
         return two_stage.recommend(lake, encoder, ranker, as_of=as_of, customers=customers,
                                    model_version=system_label(config, system), write_candidates=write_candidates)
@@ -263,9 +271,11 @@ def system_recommender(lake: Lakehouse, system: Mapping[str, str], as_of: dt.dat
 def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame], dict[str, str], list[str]]:
     """The registry's challenger and champion systems, and the challenger's two-tower alone (`two_tower`), scored
     for the week's buyers as of the week's start (so nothing from the test week leaks in; a model trained on
-    later features is refused). Returns (name -> recommendations, name -> versions, notes)."""
-    from recsys import score
-    from recsys.model import load_encoder
+    later features is refused). Returns (name -> recommendations, name -> versions, notes).
+
+    The two-tower alone is cut from the challenger's own candidates (its nearest articles are among them), so
+    its search is not run twice."""
+    from recsys import score, two_stage
 
     config = lake.config
     systems = system_versions(config)
@@ -275,14 +285,18 @@ def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame
     for alias, system in systems.items():
         if alias == CHAMPION and system == systems.get(CHALLENGER):
             continue  # one system under two aliases: evaluate it once
-        recs[alias] = system_recommender(lake, system, week.test_start, week.target)
         labels[alias] = system_label(config, system)
-        if alias == CHALLENGER and config.mlflow.ranker_model in system:
-            tower = system[config.mlflow.registered_model]
-            encoder = load_encoder(f"models:/{config.mlflow.registered_model}/{tower}", config.tracking_uri,
-                                   config.registry_uri)
-            recs[TWO_TOWER] = score.recommend(lake, encoder, as_of=week.test_start, customers=week.target)
-            labels[TWO_TOWER] = tower
+        if alias != CHALLENGER or config.mlflow.ranker_model not in system:
+            recs[alias] = system_recommender(lake, system, week.test_start, week.target)
+            continue
+        ranker, encoder = _system_models(config, system)
+        lists = two_stage.system_lists(lake, encoder, ranker, as_of=week.test_start, customers=week.target,
+                                       model_version=labels[alias])
+        alone = two_stage.two_tower_lists(lake, lists, encoder)
+        recs[alias] = lists.lists
+        recs[TWO_TOWER] = alone if alone is not None else score.recommend(lake, encoder, as_of=week.test_start,
+                                                                          customers=week.target)
+        labels[TWO_TOWER] = system[config.mlflow.registered_model]
     return recs, labels, []
 
 

@@ -173,7 +173,7 @@ def purchased(transactions: DataFrame, as_of: dt.date) -> DataFrame:
     return before(transactions, as_of).select("customer_id", "article_id").distinct()
 
 
-def _model_version(encoder: Any) -> str:
+def model_version_of(encoder: Any) -> str:
     return str(getattr(encoder, "model_version", "") or "unversioned")
 
 
@@ -182,7 +182,7 @@ def check_model_date(encoder: Any, as_of: dt.date, what: str = "scored") -> None
     rows would include the purchases it is asked to predict."""
     trained = getattr(encoder, "as_of", "") or ""
     if trained and as_of < as_date(trained, "model as_of"):
-        raise ValueError(f"model {_model_version(encoder)} was trained on features as of {trained}; it cannot be "
+        raise ValueError(f"model {model_version_of(encoder)} was trained on features as of {trained}; it cannot be "
                          f"{what} as of {as_of.isoformat()} (before its training data ends): that would leak the "
                          "purchases it learned from into the evaluation")
 
@@ -193,7 +193,7 @@ def retrieval(lake: Lakehouse, encoder: Any, snapshot: dt.date, mlflow_run_id: s
     vectors themselves (for similarities of pairs the index did not return)."""
     config = lake.config
     scoring = config.scoring
-    model_version = _model_version(encoder)
+    model_version = model_version_of(encoder)
     article_features = read_snapshot(lake, ARTICLE_FEATURES, snapshot)
     transactions = lake.read(TRANSACTIONS)
     articles_pdf = candidate_articles(article_features, transactions, snapshot, scoring.candidate_weeks).toPandas()
@@ -233,21 +233,34 @@ def _lists(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None, customers
     """(lazy lists customer_id, rank, article_id, score, source; facts about the run; cleanup)."""
     config = lake.config
     scoring = config.scoring
-    k = scoring.k
     snapshot = snapshot_of(lake, as_of)
     check_model_date(encoder, snapshot)
     index, _, facts = retrieval(lake, encoder, snapshot, mlflow_run_id)
-    customer_features, segments = customer_rows(lake, snapshot, customers)
-    n = k if not scoring.exclude_purchased else max(k, scoring.candidates)
+    customer_features, _ = customer_rows(lake, snapshot, customers)
     candidates = model_candidates(
-        scored_customers(customer_features, scoring.min_history), encoder, index, n,
+        scored_customers(customer_features, scoring.min_history), encoder, index, neighbours(config),
         threads=scoring.threads_per_task, partitions=scoring.partitions,
     )
+    recs, cleanup = model_lists(lake, candidates, snapshot, customers)
+    return recs, {"as_of": snapshot.isoformat(), **facts, "exclude_purchased": scoring.exclude_purchased}, cleanup
+
+
+def neighbours(config) -> int:
+    """How many nearest articles the model's own lists are cut from: k, or with `scoring.exclude_purchased`
+    `scoring.candidates` (bought articles are dropped from them)."""
+    scoring = config.scoring
+    return scoring.k if not scoring.exclude_purchased else max(scoring.k, scoring.candidates)
+
+
+def model_lists(lake: Lakehouse, candidates: DataFrame, snapshot: dt.date, customers: DataFrame | None
+                ) -> tuple[DataFrame, Callable[[], None]]:
+    """The model's neighbours (customer_id, article_id, score, pos) -> its lists: exactly k a customer, bought
+    articles left out when configured, completed from popularity. Returns (lazy lists, cleanup)."""
+    scoring = lake.config.scoring
+    _, segments = customer_rows(lake, snapshot, customers)
     exclude = purchased(lake.read(TRANSACTIONS), snapshot) if scoring.exclude_purchased else None
-    popular = popularity_lists(lake, snapshot, k).cache()
-    recs = complete_lists(candidates, segments, popular, k, exclude)
-    return recs, {"as_of": snapshot.isoformat(), **facts, "exclude_purchased": scoring.exclude_purchased}, \
-        popular.unpersist
+    popular = popularity_lists(lake, snapshot, scoring.k).cache()
+    return complete_lists(candidates, segments, popular, scoring.k, exclude), popular.unpersist
 
 
 def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
@@ -258,7 +271,7 @@ def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
     customer_id; default: everyone in `customers`). Lazy: the caller decides when it is computed.
     """
     recs, _, _ = _lists(lake, encoder, as_of, customers)
-    return conform(recs, _model_version(encoder), run_id="")
+    return conform(recs, model_version_of(encoder), run_id="")
 
 
 def customer_slices(lake: Lakehouse, size: int) -> list[DataFrame]:
@@ -376,7 +389,7 @@ def run(lake: Lakehouse, model_uri: str | None = None, encoder: Any = None,
         encoder = load_encoder(model_uri, config.tracking_uri, config.registry_uri)
     recs, facts, cleanup = _lists(lake, encoder, as_of, None, mlflow_run_id)
     try:
-        summary = publish(lake, recs, model_version=_model_version(encoder), run_id=new_run_id(), k=config.scoring.k,
+        summary = publish(lake, recs, model_version=model_version_of(encoder), run_id=new_run_id(), k=config.scoring.k,
                           as_of=dt.date.fromisoformat(facts["as_of"]))
     finally:
         cleanup()

@@ -32,7 +32,10 @@ from recsys.config import Config
 from recsys.publish import conform
 from recsys.recommend import complete_lists, popularity_lists
 from recsys.registry import CHALLENGER, Registry
-from recsys.score import check_model_date, customer_rows, model_candidates, retrieval, snapshot_of
+from recsys.score import (
+    check_model_date, customer_rows, model_candidates, model_lists, model_version_of, neighbours, retrieval,
+    scored_customers, snapshot_of,
+)
 from recsys.tables import ARTICLES, CANDIDATES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
 TWO_TOWER = "two_tower"
@@ -278,11 +281,21 @@ def fit_ranker(lake: Lakehouse, encoder: Any | None, until: dt.date) -> RankerFi
 
 
 # --- scoring --------------------------------------------------------------------------------------------
-def recommend(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of: dt.date | str | None = None,
-              customers: DataFrame | None = None, model_version: str = "", write_candidates: str = ""
-              ) -> DataFrame:
+@dataclass
+class SystemLists:
+    """The two stages' lists, and what they were ranked from."""
+
+    lists: DataFrame           # the `recommendations` schema, lazy
+    candidates: DataFrame      # the long candidates (`build_candidates`), computed
+    snapshot: dt.date
+    target: DataFrame          # customer_id: who got lists
+
+
+def system_lists(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of: dt.date | str | None = None,
+                 customers: DataFrame | None = None, model_version: str = "", write_candidates: str = ""
+                 ) -> SystemLists:
     """The ranker's top K of each customer's candidates as of `as_of` (default: the latest snapshot), filled to
-    exactly K from popularity; `source` names the candidate source each row is credited to. Lazy.
+    exactly K from popularity; `source` names the candidate source each row is credited to.
 
     `customers`: who gets lists (default: every customer). The lists are in the `recommendations` schema.
     """
@@ -292,13 +305,41 @@ def recommend(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of:
     target = lake.read(CUSTOMERS).select("customer_id").distinct() if everyone else customers.select(
         "customer_id").distinct()
     keys = customer_keys(target)
-    _, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates, materialise=False, keys=keys)
+    long, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates, materialise=False, keys=keys)
     # computed once (what follows may read it more than once), 12 rows a customer
     ranked = unkeyed(R.predict_top_k(model, rows, config.scoring.k), keys).localCheckpoint()
     _, segments = customer_rows(lake, snapshot, None if everyone else target)
     popular = popularity_lists(lake, snapshot, config.scoring.k)
     lists = complete_lists(ranked, segments, popular, config.scoring.k)
-    return conform(lists, model_version or model.version or "ranker", run_id="")
+    return SystemLists(conform(lists, model_version or model.version or "ranker", run_id=""), long, snapshot,
+                       target)
+
+
+def recommend(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_of: dt.date | str | None = None,
+              customers: DataFrame | None = None, model_version: str = "", write_candidates: str = ""
+              ) -> DataFrame:
+    """`system_lists`' lists alone."""
+    return system_lists(lake, encoder, model, as_of, customers, model_version, write_candidates).lists
+
+
+def two_tower_lists(lake: Lakehouse, system: SystemLists, encoder: Any) -> DataFrame | None:
+    """The two-tower model's own lists (`score.recommend`) for the same customers and date, cut from the picks
+    the system's candidates already hold rather than from a second search: its first picks of the customers it
+    scores itself, completed as it completes them. None when the candidates hold fewer picks than its lists are
+    cut from (`candidates.two_tower_n` below `score.neighbours`), or none at all."""
+    config = lake.config
+    n = neighbours(config)
+    if TWO_TOWER not in config.candidates.sources or config.candidates.two_tower_n < n:
+        return None
+    features, _ = customer_rows(lake, system.snapshot, system.target)
+    scored = scored_customers(features, config.scoring.min_history).select("customer_id")
+    picks = (
+        system.candidates.filter((F.col("source") == TWO_TOWER) & (F.col("source_rank") <= n))
+        .join(scored, "customer_id", "left_semi")
+        .select("customer_id", "article_id", F.col("source_score").alias("score"), F.col("source_rank").alias("pos"))
+    )
+    lists, _ = model_lists(lake, picks, system.snapshot, system.target)
+    return conform(lists, model_version_of(encoder), run_id="")
 
 
 def merged(lake: Lakehouse, encoder: Any | None, as_of: dt.date | str | None = None,

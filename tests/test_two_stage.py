@@ -210,3 +210,29 @@ def test_ranking_rows_keyed_by_a_number_are_the_rows_keyed_by_the_id(lake):
     expected = sorted(map(repr, by_id.select(*columns).collect()))
     assert expected and sorted(map(repr, by_key.select(*columns).collect())) == expected
     assert by_id.filter(F.col("pair_purchases") > 0).count() > 0  # the customer side is not empty here
+
+
+@pytest.mark.parametrize("setting", ["scoring.min_history=1", "scoring.min_history=2"])
+def test_the_two_tower_alone_cut_from_the_systems_candidates_is_its_own_lists(spark, seed, tmp_path, setting):
+    """`recsys evaluate` reports the challenger's two-tower alone from the system's candidates instead of a
+    second search: the lists must be exactly those `score.recommend` makes (customers it does not score, short
+    of picks or new, completed from popularity the same way)."""
+    lake = data.copy_lake(spark, seed, tmp_path, *SETTINGS, "candidates.sources=[repurchase,two_tower]",
+                          "candidates.two_tower_n=20", setting)
+    encoder = data.HashEncoder()
+    target = lake.spark.createDataFrame([(c,) for c in data.WITH_HISTORY[:6] + data.NO_HISTORY[:2] + data.NEW[:2]],
+                                        "customer_id string")
+    candidates = two_stage.build_candidates(lake, encoder, data.AS_OF, target)
+    system = two_stage.SystemLists(None, candidates, data.AS_OF, target)
+
+    def rows(df):
+        return sorted(map(repr, df.select("customer_id", "rank", "article_id", "score", "source",
+                                          "model_version").collect()))
+
+    expected = rows(score.recommend(lake, encoder, as_of=data.AS_OF, customers=target))
+    assert len(expected) == 10 * K
+    assert rows(two_stage.two_tower_lists(lake, system, encoder)) == expected
+    # fewer picks in the candidates than its lists are cut from: computed on its own instead
+    fewer = data.copy_lake(spark, seed, tmp_path / "fewer", *SETTINGS, "candidates.sources=[repurchase,two_tower]",
+                           "candidates.two_tower_n=5")
+    assert two_stage.two_tower_lists(fewer, system, encoder) is None
