@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import ProcessTree, load_avg, machine, now, scratch_tables, write_result  # noqa: E402
+from benchmarks.measure import ProcessTree, load_avg, machine, now, parse_args, scratch_tables, write_result  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "checks_full.json"
 LINKED = ("articles", "customers", "customer_features", "article_features")
@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--profile", default="full")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=str(RESULT))
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from pyspark.sql import functions as F
 

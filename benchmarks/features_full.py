@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "features_full.json"
 
-from benchmarks.measure import ProcessTree, scratch_tables  # noqa: E402  (one memory sampler for every benchmark)
+from benchmarks.measure import ProcessTree, parse_args, scratch_tables  # noqa: E402  (one memory sampler for every benchmark)
 
 
 def timed_run(lake, as_of: str | None) -> dict:
@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--rerun", action="store_true", help="also time a second run for the same as_of")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=str(RESULT))
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from recsys.config import load_config
     from recsys.spark import get_spark

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "ingest_full.json"
 
-from benchmarks.measure import ProcessTree, machine, scratch_tables  # noqa: E402
+from benchmarks.measure import ProcessTree, machine, parse_args, scratch_tables  # noqa: E402
 
 
 def timed_ingest(lake, raw_dir: str, since: str | None) -> dict:
@@ -61,7 +61,7 @@ def main() -> int:
     parser.add_argument("--nightly", action="store_true", help="also time a --since run of the last day")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=str(RESULT))
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from recsys.config import load_config
     from recsys.spark import get_spark

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from benchmarks.measure import write_result  # noqa: E402
+from benchmarks.measure import parse_args, write_result  # noqa: E402
 
 import published_full  # noqa: E402
 
@@ -137,7 +137,7 @@ def main() -> int:
     parser.add_argument("--singles", type=int, default=2000, help="single lookups per mode (x5 in memory)")
     parser.add_argument("--batches", type=int, default=5, help="batches of 1,000 ids (x4 in memory)")
     parser.add_argument("--starts", type=int, default=7, help="process starts per variant")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from recsys.config import load_config
 

@@ -2,6 +2,7 @@
 machine and its load (wall times mean little on a machine that other jobs share), and the JSON result file."""
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -58,6 +59,19 @@ class ProcessTree:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The benchmark's arguments plus `--verbose`; without it the run prints what `recsys` prints (its own lines
+    and progress, Spark's and the dependencies' logs and warnings kept quiet: recsys.console)."""
+    from recsys import console, progress
+
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show Spark's and the dependencies' logs and warnings (quiet by default)")
+    args = parser.parse_args()
+    console.configure(args.verbose)
+    progress.enable(not args.verbose)
+    return args
 
 
 def machine() -> str:

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from benchmarks.measure import ProcessTree, machine  # noqa: E402  (one memory sampler for every benchmark)
+from benchmarks.measure import ProcessTree, machine, parse_args  # noqa: E402  (one memory sampler for every benchmark)
 
 
 def timed(step, *args, **kwargs) -> tuple[object, float]:
@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="a full nightly even if the last full run is recent")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/nightly_<scale>.json")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.prime and args.primed:
         parser.error("--prime builds a fresh lake, --primed reuses the profile's own: pick one")
     if args.restore and not args.primed:

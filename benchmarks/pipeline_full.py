@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import ProcessTree, load_avg, machine, now, write_result  # noqa: E402
+from benchmarks.measure import ProcessTree, load_avg, machine, now, parse_args, write_result  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "pipeline_full.json"
 
@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--system-lists", type=int, nargs="?", const=0, default=None, metavar="CUSTOMERS",
                         help="only time the challenger system's lists for everyone (or CUSTOMERS of them) on the "
                              "lake the pipeline left, into a noop sink; adds `system_lists` to the result")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from recsys import pipeline, synth
     from recsys.config import load_config

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import parse_args  # noqa: E402
+
 N_CUSTOMERS, N_ARTICLES, K = 1_371_980, 105_542, 12
 DEFAULT_ROOT = ROOT / "data" / "bench-serve"
 MODEL_VERSION = "two_tower@bench"
@@ -113,7 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--force", action="store_true", help="rewrite the tables even if present")
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(build(args.root, args.force))
     return 0
 

@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import parse_args  # noqa: E402
+
 REAL = ROOT.parent / "shared" / "data" / "hm-real"
 TRAIN_START, TEST_START, TEST_END = dt.date(2020, 9, 16), dt.date(2020, 9, 20), dt.date(2020, 9, 22)
 LABEL_DAYS = 2
@@ -187,7 +189,7 @@ def main() -> int:
                                                                  "two-tower inputs")
     parser.add_argument("--keep", default=None, help="work folder to keep and reuse (default: a temporary one)")
     parser.add_argument("--driver-memory", default="6g", help="Spark driver memory")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if not REAL.is_dir():
         print(f"skipped: {REAL} not present")
         return 0

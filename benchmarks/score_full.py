@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import ProcessTree, machine, write_result  # noqa: E402
+from benchmarks.measure import ProcessTree, machine, parse_args, write_result  # noqa: E402
 
 N_CUSTOMERS, N_ARTICLES, DIM, K = 1_371_980, 105_542, 64, 12
 RESULT = ROOT / "benchmarks" / "results" / "score_full.json"
@@ -110,7 +110,7 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=20_000, help="customers for the ANN recall / speed sample")
     parser.add_argument("--spark-customers", type=int, default=200_000)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     import faiss
 

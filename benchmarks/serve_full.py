@@ -28,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.measure import parse_args  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import published_full  # noqa: E402
@@ -125,7 +127,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1_000)
     parser.add_argument("--workers", type=int, default=1, help="server processes (serving.workers)")
     parser.add_argument("--out", type=Path, default=RESULT)
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     published_full.build()
     port, host = free_port(), "127.0.0.1"

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import ProcessTree, load_avg, machine, now, write_result  # noqa: E402
+from benchmarks.measure import ProcessTree, load_avg, machine, now, parse_args, write_result  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "system_cost.json"
 
@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--customers", type=int, nargs="+", default=[20000, 100000])
     parser.add_argument("--out", default=str(RESULT))
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from pyspark.sql import functions as F
 

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import load_avg, machine, now, write_result  # noqa: E402
+from benchmarks.measure import load_avg, machine, now, parse_args, write_result  # noqa: E402
 from recsys import trainer  # noqa: E402
 from recsys.config import load_config  # noqa: E402
 from recsys.loader import MemoryLoader  # noqa: E402
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--id-updates", choices=["dense", "sparse", "both"], default="dense",
                         help="model.sparse_ids off / on; both: the model alone measured each way")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     torch.set_num_threads(args.threads)
     config = load_config(args.scale, [f"paths.data_dir={tempfile.mkdtemp(prefix='bench-train-')}",
