@@ -141,30 +141,33 @@ def als(inputs: BaselineInputs) -> DataFrame:
 
     ev = inputs.config.evaluation
     window = before(inputs.train, inputs.as_of, inputs.config.features.training_window_weeks * 7)
-    counts = window.groupBy("customer_id", "article_id").agg(F.count(F.lit(1)).cast("float").alias("n"))
+    # Computed once each: both indexes and the ratings read the counts, the lists read both indexes again (left
+    # lazy, every one of them re-aggregated the window and re-ran the indexers).
+    counts = window.groupBy("customer_id", "article_id").agg(F.count(F.lit(1)).cast("float").alias("n")).cache()
     # ALS wants int ids: index the ids present in the window.
-    users = _index(counts, "customer_id", "user")
-    items = _index(counts, "article_id", "item")
+    users = _index(counts, "customer_id", "user").cache()
+    items = _index(counts, "article_id", "item").cache()
     ratings = counts.join(users, "customer_id").join(items, "article_id").select("user", "item", "n").cache()
     if ratings.isEmpty():  # nothing to factorise: everyone gets the fill
-        no_scores = ratings.sparkSession.createDataFrame([], "customer_id string, article_id string, score double")
-        return _fill(inputs, no_scores)
-    model = ALS(
-        rank=ev.als_rank, maxIter=ev.als_max_iter, regParam=ev.als_reg, alpha=ev.als_alpha, implicitPrefs=True,
-        userCol="user", itemCol="item", ratingCol="n", coldStartStrategy="drop", seed=inputs.config.model.seed,
-    ).fit(ratings)
-    known = inputs.target.select("customer_id").distinct().join(users, "customer_id")
-    own = (
-        model.recommendForUserSubset(known.select("user"), inputs.k)
-        .select("user", F.explode("recommendations").alias("r"))
-        .select("user", F.col("r.item").alias("item"), F.col("r.rating").cast("double").alias("score"))
-        .join(known, "user")
-        .join(F.broadcast(items), "item")
-        .select("customer_id", "article_id", "score")
-    )
+        own = ratings.sparkSession.createDataFrame([], "customer_id string, article_id string, score double")
+    else:
+        model = ALS(
+            rank=ev.als_rank, maxIter=ev.als_max_iter, regParam=ev.als_reg, alpha=ev.als_alpha, implicitPrefs=True,
+            userCol="user", itemCol="item", ratingCol="n", coldStartStrategy="drop", seed=inputs.config.model.seed,
+        ).fit(ratings)
+        known = inputs.target.select("customer_id").distinct().join(users, "customer_id")
+        own = (
+            model.recommendForUserSubset(known.select("user"), inputs.k)
+            .select("user", F.explode("recommendations").alias("r"))
+            .select("user", F.col("r.item").alias("item"), F.col("r.rating").cast("double").alias("score"))
+            .join(known, "user")
+            .join(F.broadcast(items), "item")
+            .select("customer_id", "article_id", "score")
+        )
     ranked = _fill(inputs, own).cache()
-    ranked.count()  # materialise before the ratings cache goes
-    ratings.unpersist()
+    ranked.count()  # materialise before the caches go
+    for frame in (ratings, counts, users, items):
+        frame.unpersist()
     return ranked
 
 

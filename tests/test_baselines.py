@@ -90,3 +90,20 @@ def test_unknown_baseline_is_named(spark):
     empty = spark.createDataFrame([], "customer_id string")
     with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['popularity'\]"):
         baselines.recommend(config, empty, empty, empty, empty, AS_OF)
+
+
+def test_als_with_nothing_in_its_window_gives_everyone_the_best_sellers(spark):
+    """No purchase in the training window (a window shorter than the best sellers' week): nothing to factorise,
+    every list is the fill, not an error."""
+    config = load_config("tiny", ["evaluation.k=2", "features.training_window_weeks=1",
+                                  "features.popularity_window_days=20"])
+    ten_days_ago = AS_OF - dt.timedelta(days=10)
+    rows = [(ten_days_ago, "old", a(n), 0.01) for n in (5, 5, 5, 6, 6, 7)]
+    train = spark.createDataFrame(rows, "t_dat date, customer_id string, article_id string, price double")
+    customers = spark.createDataFrame([("old", 30), ("cold", 40)], "customer_id string, age int")
+    articles = spark.createDataFrame([(a(n), "Ladieswear") for n in (5, 6, 7)],
+                                     "article_id string, index_group_name string")
+    (recs,) = baselines.recommend(config, train, customers, articles, customers.select("customer_id"), AS_OF,
+                                  ["als"]).values()
+    got = sorted((r.customer_id, r.rank, r.article_id) for r in recs.collect())
+    assert got == [("cold", 1, a(5)), ("cold", 2, a(6)), ("old", 1, a(5)), ("old", 2, a(6))]
