@@ -107,3 +107,9 @@ def test_als_with_nothing_in_its_window_gives_everyone_the_best_sellers(spark):
                                   ["als"]).values()
     got = sorted((r.customer_id, r.rank, r.article_id) for r in recs.collect())
     assert got == [("cold", 1, a(5)), ("cold", 2, a(6)), ("old", 1, a(5)), ("old", 2, a(6))]
+
+
+def test_als_ids_number_the_distinct_values_in_order_from_zero(spark):
+    df = spark.createDataFrame([("c",), ("a",), ("c",), ("b",)], "customer_id string")
+    rows = baselines._index(df, "customer_id", "user").collect()
+    assert sorted((r.customer_id, r.user) for r in rows) == [("a", 0), ("b", 1), ("c", 2)]
