@@ -104,21 +104,29 @@ class SampledSoftmaxLoss:
                article_idx: torch.Tensor, negatives: torch.Tensor | None = None,
                negative_idx: torch.Tensor | None = None, positive_log_q: torch.Tensor | None = None,
                negative_log_q: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, B + M] corrected, masked logits; the true candidate of row i is column i."""
-        batch = user @ positives.T / self.temperature
-        if positive_log_q is not None:
-            batch = batch - positive_log_q[None, :]
-        same_article = article_idx[:, None] == article_idx[None, :]
-        same_customer = customer_idx[:, None] == customer_idx[None, :]
-        also_positive = same_article | same_customer
-        also_positive.fill_diagonal_(False)
-        parts = [batch.masked_fill(also_positive, float("-inf"))]
-        if negatives is not None and len(negatives):
-            extra = user @ negatives.T / self.temperature
-            if negative_log_q is not None:
-                extra = extra - negative_log_q[None, :]
-            parts.append(extra.masked_fill(negative_idx[None, :] == article_idx[:, None], float("-inf")))
-        return torch.cat(parts, dim=1)
+        """[B, B + M] corrected, masked logits; the true candidate of row i is column i.
+
+        The [B, B + M] matrix is a step's largest tensor (8,192 x 10,240 at full size), and on a CPU every pass
+        over it costs about what the towers cost: one matrix product gives every logit with the temperature and
+        the log-Q correction folded in (an extra column), and one in-place fill masks what is also a positive.
+        """
+        b = len(article_idx)
+        extra = negatives is not None and len(negatives) > 0
+        items = torch.cat([positives, negatives]) if extra else positives
+        candidate_idx = torch.cat([article_idx, negative_idx]) if extra else article_idx
+        scaled = user / self.temperature
+        if positive_log_q is not None or negative_log_q is not None:
+            zeros = user.new_zeros
+            log_q = torch.cat([positive_log_q if positive_log_q is not None else zeros(b),
+                               *([negative_log_q if negative_log_q is not None else zeros(len(negatives))]
+                                 if extra else [])])
+            scaled = torch.cat([scaled, user.new_ones(b, 1)], dim=1)
+            items = torch.cat([items, -log_q.to(items.dtype)[:, None]], dim=1)
+        logits = scaled @ items.T
+        also_positive = article_idx[:, None] == candidate_idx[None, :]          # the same article elsewhere
+        also_positive[:, :b] |= customer_idx[:, None] == customer_idx[None, :]  # the customer's other purchases
+        also_positive.diagonal().fill_(False)
+        return logits.masked_fill_(also_positive, float("-inf"))
 
     def __call__(self, weight: torch.Tensor, **candidates) -> torch.Tensor:
         logits = self.logits(**candidates)

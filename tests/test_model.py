@@ -205,3 +205,38 @@ def test_history_pooling_weights_recent_articles_and_ignores_padding():
         out = pooling(torch.tensor([[1, 2, 0], [0, 0, 0]]), torch.tensor([[0.0, 70.0, 0.0], [0.0, 0.0, 0.0]]))
     assert torch.allclose(out[0], torch.tensor([1.0, 0.0]), atol=1e-3)  # the older article barely counts
     assert torch.equal(out[1], torch.zeros(2))  # padding only: nothing, not the unknown row's embedding
+
+
+def test_the_folded_logits_and_their_gradients_are_the_plain_formula():
+    """The loss folds the temperature and log-Q into one product: the logits and the gradients reaching the towers
+    must be those of the formula written out (scale, subtract log-Q, mask, per block)."""
+    g = torch.Generator().manual_seed(3)
+    b, m, d, t = 16, 8, 6, 0.2
+    customers, articles = torch.randint(0, 6, (b,), generator=g), torch.randint(1, 9, (b,), generator=g)
+    negative_idx = torch.randint(1, 9, (m,), generator=g)
+    q_pos, q_neg = torch.rand(b, generator=g).log(), torch.rand(m, generator=g).log()
+    weight = torch.rand(b, generator=g)
+
+    def leaves():
+        return [torch.randn(n, d, generator=torch.Generator().manual_seed(s)).requires_grad_() for n, s in
+                ((b, 0), (b, 1), (m, 2))]
+
+    user, pos, neg = leaves()
+    loss = SampledSoftmaxLoss(temperature=t)
+    folded = loss.logits(user, pos, customers, articles, neg, negative_idx, q_pos, q_neg)
+    loss(weight, user=user, positives=pos, customer_idx=customers, article_idx=articles, negatives=neg,
+         negative_idx=negative_idx, positive_log_q=q_pos, negative_log_q=q_neg).backward()
+
+    user2, pos2, neg2 = leaves()
+    inner = (user2 @ pos2.T / t - q_pos[None, :])
+    mask = (articles[:, None] == articles[None, :]) | (customers[:, None] == customers[None, :])
+    mask.fill_diagonal_(False)
+    plain = torch.cat([inner.masked_fill(mask, float("-inf")),
+                       (user2 @ neg2.T / t - q_neg[None, :]).masked_fill(negative_idx[None, :] == articles[:, None],
+                                                                         float("-inf"))], dim=1)
+    per = torch.nn.functional.cross_entropy(plain, torch.arange(b), reduction="none")
+    ((per * weight).sum() / weight.sum()).backward()
+    assert torch.isinf(plain).sum() > 0 and torch.equal(torch.isinf(folded), torch.isinf(plain))
+    assert torch.allclose(folded[torch.isfinite(folded)], plain[torch.isfinite(plain)], atol=1e-5)
+    for got, want in ((user, user2), (pos, pos2), (neg, neg2)):
+        assert torch.allclose(got.grad, want.grad, atol=1e-5)
