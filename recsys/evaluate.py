@@ -241,7 +241,7 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
     return make
 
 
-def _system_models(config: Config, system: Mapping[str, str]) -> tuple[Any, Any]:
+def system_models(config: Config, system: Mapping[str, str]) -> tuple[Any, Any]:
     """(the system's ranker or None, its two-tower encoder), from the registry."""
     from recsys import two_stage
     from recsys.model import load_encoder
@@ -254,14 +254,16 @@ def _system_models(config: Config, system: Mapping[str, str]) -> tuple[Any, Any]
 
 
 def system_recommender(lake: Lakehouse, system: Mapping[str, str], as_of: dt.date,
-                       customers: DataFrame | None, write_candidates: str = "") -> DataFrame:
+                       customers: DataFrame | None, write_candidates: str = "", models: tuple | None = None
+                       ) -> DataFrame:
     """The lists of one registered system as of `as_of` (the two stages, or the two-tower alone), for
     `customers` (None: everyone). `write_candidates` ("replace" / "append" a slice of customers): keep the first
-    stage's lists in `candidates` (publishing)."""
+    stage's lists in `candidates` (publishing). `models`: `system_models` already loaded (the slices of a
+    publish)."""
     from recsys import score, two_stage
 
     config = lake.config
-    ranker, encoder = _system_models(config, system)
+    ranker, encoder = models or system_models(config, system)
     if ranker is not None:
         return two_stage.recommend(lake, encoder, ranker, as_of=as_of, customers=customers,
                                    model_version=system_label(config, system), write_candidates=write_candidates)
@@ -289,7 +291,7 @@ def model_recommenders(lake: Lakehouse, week: Week) -> tuple[dict[str, DataFrame
         if alias != CHALLENGER or config.mlflow.ranker_model not in system:
             recs[alias] = system_recommender(lake, system, week.test_start, week.target)
             continue
-        ranker, encoder = _system_models(config, system)
+        ranker, encoder = system_models(config, system)
         lists = two_stage.system_lists(lake, encoder, ranker, as_of=week.test_start, customers=week.target,
                                        model_version=labels[alias])
         alone = two_stage.two_tower_lists(lake, lists, encoder)

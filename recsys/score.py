@@ -190,7 +190,27 @@ def check_model_date(encoder: Any, as_of: dt.date, what: str = "scored") -> None
 def retrieval(lake: Lakehouse, encoder: Any, snapshot: dt.date, mlflow_run_id: str | None = None
               ) -> tuple[ArticleIndex, ArticleVectors, dict[str, Any]]:
     """The item tower over the candidate articles of `snapshot`: a FAISS index (saved beside the model) and the
-    vectors themselves (for similarities of pairs the index did not return)."""
+    vectors themselves (for similarities of pairs the index did not return). Built once per encoder, date and
+    state of the tables it reads, and handed out again (every slice of a publish searches the same index)."""
+    return lake.kept("retrieval", lambda: _retrieval(lake, encoder, snapshot, mlflow_run_id),
+                     ARTICLE_FEATURES, TRANSACTIONS, key=(_Same(encoder), snapshot, mlflow_run_id))
+
+
+class _Same:
+    """Equal only to the very same object (an encoder class may define a value equality, or none)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+def _retrieval(lake: Lakehouse, encoder: Any, snapshot: dt.date, mlflow_run_id: str | None
+               ) -> tuple[ArticleIndex, ArticleVectors, dict[str, Any]]:
     config = lake.config
     scoring = config.scoring
     model_version = model_version_of(encoder)
@@ -305,7 +325,9 @@ def _decided_lists(lake: Lakehouse, snapshot: dt.date, customers: DataFrame | No
         if not system:
             raise ValueError("the latest gate decision publishes the model, but names no champion system")
         if customers is None:  # one slice computed at a time, as publish stages it; the candidates are kept
-            recs = (evaluate.system_recommender(lake, system, snapshot, part, write_candidates=APPEND if i else REPLACE)
+            models = evaluate.system_models(config, system)  # loaded once for every slice
+            recs = (evaluate.system_recommender(lake, system, snapshot, part, write_candidates=APPEND if i else REPLACE,
+                                                models=models)
                     for i, part in enumerate(customer_slices(lake, config.scoring.slice_customers)))
         else:  # some customers: the `candidates` table keeps the last full run's
             recs = [evaluate.system_recommender(lake, system, snapshot, customers)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -267,7 +267,7 @@ class Lakehouse:
         self.config = config
         self.catalog = config.paths.catalog
         self.root = config.path(config.paths.tables_dir)
-        self._derived: dict[str, tuple[tuple, DataFrame]] = {}
+        self._kept: dict[str, tuple[tuple, Any]] = {}
 
     # -- addressing
     def location(self, name: str) -> str:
@@ -297,12 +297,17 @@ class Lakehouse:
 
     def derived(self, name: str, build: Callable[[], DataFrame], *tables: str, key: tuple = ()) -> DataFrame:
         """A small table computed from `tables` once, then shared: the catalogue's features as of a date, which
-        every slice of a publish needs. Recomputed when `key` or a version of one of `tables` changes (a table
-        written since cannot leave a stale copy); one copy per `name` is kept."""
+        every slice of a publish needs (`kept`, materialised)."""
+        return self.kept(name, lambda: build().localCheckpoint(), *tables, key=key)
+
+    def kept(self, name: str, build: Callable[[], Any], *tables: str, key: tuple = ()) -> Any:
+        """What `build` returns, computed once from `tables`, then handed out again. Recomputed when `key` or a
+        version of one of `tables` changes (a table written since cannot leave a stale copy); one copy per `name`
+        is kept."""
         stamp = (*key, *[self._commit(t) for t in tables])
-        held = self._derived.get(name)
+        held = self._kept.get(name)
         if held is None or held[0] != stamp:
-            self._derived[name] = held = (stamp, build().localCheckpoint())
+            self._kept[name] = held = (stamp, build())
         return held[1]
 
     def version(self, name: str) -> int | None:

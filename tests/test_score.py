@@ -274,3 +274,18 @@ def data_lists(lake):
         [(c, 1, data.ARTICLE_IDS[0], 1.0, "x") for c in data.CUSTOMER_IDS],
         "customer_id string, rank int, article_id string, score double, source string",
     )
+
+
+def test_the_index_is_built_once_per_encoder_date_and_table_state(lake):
+    """Every slice of a publish searches the same index: built once, and again only for another encoder or date,
+    or once a table it reads has changed."""
+    from recsys.tables import TRANSACTIONS
+
+    encoder = data.HashEncoder()
+    first = score.retrieval(lake, encoder, data.AS_OF)
+    assert score.retrieval(lake, encoder, data.AS_OF) is first
+    assert score.retrieval(lake, data.HashEncoder(), data.AS_OF) is not first
+    again = score.retrieval(lake, encoder, data.AS_OF)
+    assert again is not first and score.retrieval(lake, encoder, data.AS_OF) is again
+    lake.write(lake.read(TRANSACTIONS).limit(1), TRANSACTIONS, mode="append")
+    assert score.retrieval(lake, encoder, data.AS_OF) is not again
