@@ -181,12 +181,15 @@ def test_a_publish_that_fails_in_a_later_slice_leaves_lists_and_candidates_as_th
                         {lake.config.mlflow.registered_model: "1", lake.config.mlflow.ranker_model: "1"})
     lake.config.scoring.slice_customers = len(data.CUSTOMER_IDS) // 3
 
-    def system(lake_, versions, snapshot, customers, write_candidates=""):
+    def system(lake_, versions, snapshot, customers, write_candidates="", models=None):
         if write_candidates == "append":
             raise RuntimeError("the second slice broke")
-        return two_stage.recommend(lake_, None, fit.model, as_of=snapshot, customers=customers,
+        ranker, encoder = models
+        return two_stage.recommend(lake_, encoder, ranker, as_of=snapshot, customers=customers,
                                    write_candidates=write_candidates)
 
+    # the models come once for every slice (none is registered here: the fitted ranker, no two-tower)
+    monkeypatch.setattr(evaluate, "system_models", lambda config, versions: (fit.model, None))
     monkeypatch.setattr(evaluate, "system_recommender", system)
     with pytest.raises(RuntimeError, match="second slice broke") as failure:
         score.publish_decided(lake, as_of=data.AS_OF)
