@@ -36,8 +36,6 @@ from recsys.tables import (
 
 PREFERENCE = (CHAMPION, CHALLENGER)  # the default model: the gate's pick, else the latest trained one
 
-# Per Python worker: the deserialised (encoder, index) of the current scoring run, keyed by a run token.
-
 
 def resolve_model(config, model_uri: str | None = None) -> tuple[str, str | None]:
     """(model URI, MLflow run id of that model or None). Default: registry alias `champion`, else `challenger`;
