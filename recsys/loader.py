@@ -158,15 +158,22 @@ class PetastormLoader:
         )
         if self.shard_count > 1:
             options.update(cur_shard=self.shard_index, shard_count=self.shard_count)
-        # Petastorm's shuffling buffer draws from numpy's global generator: seeded for the epoch, then put back
-        state = np.random.get_state()
+        # Petastorm's tensor-wise loader: a row group enters the shuffling buffer as one tensor per column and a
+        # batch leaves it as one gather (the default loader splits every row group into Python tuples, shuffles and
+        # collates them one by one: most of a training step's input cost at full size, BENCHMARKS, Training). Its
+        # buffer draws from torch's global generator, the reader from numpy's: seeded for the epoch, then put back.
+        from petastorm.pytorch import BatchedDataLoader
+
+        state, torch_state = np.random.get_state(), torch.get_rng_state()
         np.random.seed([self.seed, epoch])
+        torch.manual_seed(self.seed * 1000 + epoch)
         try:
-            with self.converter.make_torch_dataloader(**options) as dataloader:
+            with self.converter.make_torch_dataloader(data_loader_fn=BatchedDataLoader, **options) as dataloader:
                 for batch in dataloader:
                     yield {name: _tensor(batch[name]) for name in self.columns}
         finally:
             np.random.set_state(state)
+            torch.set_rng_state(torch_state)
 
     def shard(self, rank: int, world_size: int) -> "PetastormLoader":
         """Petastorm shards by row group; the converter (a Parquet cache path) is shared, not rewritten."""

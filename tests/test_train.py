@@ -284,11 +284,12 @@ def test_loaders_yield_every_training_row_once_per_epoch(lake, tmp_path):
     n = 5003
     pdf = pd.DataFrame({"customer_idx": np.arange(n, dtype="int32") % 97, "article_idx": np.arange(n, dtype="int32"),
                         "weight": np.linspace(0.1, 1.0, n), "t_dat": date(2020, 9, 1)})
+    pdf["seq_article_idx"] = [[i, i + 1, 0] for i in range(n)]  # a history array: must stay with its row
     lake.write(lake.spark.createDataFrame(pdf), "probe_examples")
     df = lake.read("probe_examples")
 
-    petastorm = PetastormLoader(df, batch_size=512, cache_dir=tmp_path / "cache", seed=3)
-    memory = MemoryLoader.from_dataframe(df, batch_size=512, seed=3)
+    petastorm = PetastormLoader(df, batch_size=512, cache_dir=tmp_path / "cache", seed=3, columns=["seq_article_idx"])
+    memory = MemoryLoader.from_dataframe(df, batch_size=512, seed=3, columns=["seq_article_idx"])
     try:
         assert petastorm.num_rows == memory.num_rows == n
         for loader in (petastorm, memory):
@@ -299,6 +300,10 @@ def test_loaders_yield_every_training_row_once_per_epoch(lake, tmp_path):
                 assert sorted(seen.tolist()) == list(range(n)), type(loader).__name__
                 assert max(len(b["weight"]) for b in batches) == 512
                 assert batches[0]["article_idx"].dtype == torch.int64 and batches[0]["weight"].dtype == torch.float32
+                for b in batches:  # every column of a row shuffled together
+                    assert b["seq_article_idx"].shape == (len(b["article_idx"]), 3)
+                    assert torch.equal(b["seq_article_idx"][:, 0], b["article_idx"])
+                    assert torch.equal(b["seq_article_idx"][:, 1], b["article_idx"] + 1)
                 weights = dict(zip(seen.tolist(), torch.cat([b["weight"] for b in batches]).tolist()))
                 assert weights[n - 1] == pytest.approx(1.0) and weights[0] == pytest.approx(0.1)
                 orders.append(seen.tolist())
