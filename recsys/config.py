@@ -123,6 +123,8 @@ class ScoringConfig:
     ivf_probe: int = 16
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
+    min_recall: float = 0.99             # ivf / hnsw kept only when they find this share of the exact neighbours
+    recall_sample: int = 2000            # ...for this many of the customers they serve (else exact search)
     partitions: int = 8
     min_history: int = 1                 # fewer purchases than this: popularity fallback
     candidate_weeks: int = 0             # >0: index only articles sold in the last N weeks (still selling)

@@ -240,6 +240,25 @@ def compare_to_exact(index: ArticleIndex, queries: Any, k: int = 12) -> dict[str
     }
 
 
+def checked(index: ArticleIndex, vectors: Any, queries: Any, k: int, min_recall: float
+            ) -> tuple[ArticleIndex, dict[str, Any]]:
+    """An approximate index kept only when it finds at least `min_recall` of the exact top `k` of `queries` (a
+    sample of the customers it will serve); else the exact index over the same `vectors`. Its recall depends on
+    how a model's embeddings cluster, which every training run changes: measured each time, never assumed.
+    Returns (the index to search, what was measured; empty for an exact index)."""
+    if isinstance(min_recall, bool) or not isinstance(min_recall, (int, float)) or not 0 <= min_recall <= 1:
+        raise ValueError(f"scoring.min_recall must be a share between 0 and 1, got {min_recall!r}")
+    if index.index_type == "flat" or len(queries) == 0:
+        return index, {}
+    report = compare_to_exact(index, queries, k)
+    facts = {"recall": round(report["recall_at_k"], 4), "recall_k": report["k"], "recall_queries": report["queries"],
+             "speedup": round(report["speedup"], 1), "min_recall": min_recall}
+    if report["recall_at_k"] >= min_recall:
+        return index, facts
+    meta = {key: value for key, value in index.meta.items() if key in ("model_version", "as_of")}
+    return build_index(vectors, list(index.ids), "flat", **meta), {**facts, "fallback": "flat"}
+
+
 def _ivf_vectors(index: ArticleIndex) -> np.ndarray:
     """Vectors of an IVF index in insertion order (IVF lists store them grouped by cell)."""
     import faiss

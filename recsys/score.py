@@ -22,7 +22,7 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from recsys.index import ArticleIndex, build_from_config, save_with_model, set_threads
+from recsys.index import ArticleIndex, build_from_config, checked, save_with_model, set_threads
 from recsys.popularity import UNKNOWN, customer_age_buckets
 from recsys.publish import conform, new_run_id, publish
 from recsys.recommend import CANDIDATE_COLUMNS, complete_lists, popularity_lists
@@ -221,10 +221,31 @@ def _retrieval(lake: Lakehouse, encoder: Any, snapshot: dt.date, mlflow_run_id: 
     vectors = encoder.encode_articles(articles_pdf)
     ids = articles_pdf["article_id"].tolist()
     index = build_from_config(vectors, ids, scoring, model_version=model_version, as_of=snapshot.isoformat())
+    recall: dict[str, Any] = {}
+    if index.index_type != "flat":  # approximate: checked against exact search on customers it will serve
+        searched = max(neighbours(config), config.candidates.two_tower_n)  # the most any caller asks for
+        queries = recall_queries(lake, encoder, snapshot, scoring.recall_sample)
+        index, recall = checked(index, vectors, queries, searched, scoring.min_recall)
+        if recall:
+            fallback = f", below scoring.min_recall {scoring.min_recall}: exact search instead" \
+                if "fallback" in recall else ""
+            print(f"article index: {scoring.index_type} found {recall['recall']:.2%} of the exact top {searched} "
+                  f"for {recall['recall_queries']:,} customers ({recall['speedup']}x faster){fallback}", flush=True)
     index_dir = Path(config.path(config.paths.artifacts_dir)) / "index" / model_version.replace("/", "_")
     index_location = save_with_model(index, index_dir, run_id=mlflow_run_id, tracking_uri=config.tracking_uri)
-    facts = {"index": {"type": index.index_type, "articles": index.size, "dim": index.dim, **index_location}}
+    facts = {"index": {"type": index.index_type, "articles": index.size, "dim": index.dim, **recall,
+                       **index_location}}
     return index, ArticleVectors(ids, vectors), facts
+
+
+def recall_queries(lake: Lakehouse, encoder: Any, snapshot: dt.date, n: int) -> np.ndarray:
+    """The vectors of up to `n` of the customers the model scores as of `snapshot` (a sample by a hash of the id,
+    the same every run): the queries an approximate index is checked on."""
+    if n <= 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    rows = scored_customers(read_snapshot(lake, CUSTOMER_FEATURES, snapshot), lake.config.scoring.min_history)
+    sample = rows.orderBy(F.xxhash64("customer_id"), "customer_id").limit(n).toPandas()  # bounded: n rows
+    return encoder.encode_customers(sample) if len(sample) else np.zeros((0, 0), dtype=np.float32)
 
 
 def customer_rows(lake: Lakehouse, snapshot: dt.date, customers: DataFrame | None) -> tuple[DataFrame, DataFrame]:

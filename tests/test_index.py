@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recsys.config import load_config
-from recsys.index import build_from_config, build_index, compare_to_exact, load_index, recall_at_k
+from recsys.index import build_from_config, build_index, checked, compare_to_exact, load_index, recall_at_k
 
 
 def unit(rows: int, dim: int, seed: int) -> np.ndarray:
@@ -46,6 +46,23 @@ def test_ann_recall_against_exact_is_measured(kind, options, floor):
     wider = build_index(ITEMS, IDS, kind, **{**options, "ivf_probe": 32, "hnsw_ef_search": 256})
     assert compare_to_exact(wider, QUERIES, k=12)["recall_at_k"] >= report["recall_at_k"]
     assert compare_to_exact(build_index(ITEMS, IDS), QUERIES)["recall_at_k"] == 1.0
+
+
+def test_an_approximate_index_is_kept_only_at_its_measured_recall():
+    every_cell = build_index(ITEMS, IDS, "ivf", ivf_lists=32, ivf_probe=32)  # all cells probed: exact
+    kept, facts = checked(every_cell, ITEMS, QUERIES, 12, 0.99)
+    assert kept is every_cell and facts["recall"] == 1.0 and facts["recall_queries"] == 200
+    assert facts["recall_k"] == 12 and "fallback" not in facts
+    one_cell = build_index(ITEMS, IDS, "ivf", ivf_lists=64, ivf_probe=1, model_version="3", as_of="2020-09-23")
+    exact, facts = checked(one_cell, ITEMS, QUERIES, 12, 0.99)
+    assert facts["fallback"] == "flat" and facts["recall"] < 0.99 and exact.index_type == "flat"
+    assert exact.meta["model_version"] == "3" and exact.meta["as_of"] == "2020-09-23"
+    assert exact.search(QUERIES, 12)[1].tolist() == build_index(ITEMS, IDS).search(QUERIES, 12)[1].tolist()
+    assert checked(one_cell, ITEMS, QUERIES, 12, 0.0)[0] is one_cell  # no floor: whatever it finds
+    flat = build_index(ITEMS, IDS)
+    assert checked(flat, ITEMS, QUERIES, 12, 0.99) == (flat, {})
+    with pytest.raises(ValueError, match="scoring.min_recall must be a share between 0 and 1, got 1.5"):
+        checked(every_cell, ITEMS, QUERIES, 12, 1.5)
 
 
 def test_recall_at_k_by_hand():

@@ -84,6 +84,23 @@ def test_every_customer_gets_exactly_k_with_sources(scored, scored_lake):
     assert (lake.config.path(summary["index"]["path"]) / "index.faiss").exists()
 
 
+def test_an_approximate_index_is_checked_against_exact_search_before_scoring(lake, monkeypatch):
+    lake.config.scoring.index_type = "hnsw"
+    lake.config.scoring.recall_sample = 7
+    summary = score.run(lake, encoder=data.HashEncoder())
+    assert summary["index"]["type"] == "hnsw" and summary["index"]["recall_queries"] == 7  # of 20 with history
+    assert summary["index"]["recall"] >= 0.99 and "fallback" not in summary["index"]
+    # an index that misses too much is replaced by exact search: the lists are the exact top K
+    monkeypatch.setattr("recsys.index.compare_to_exact", lambda index, queries, k: {
+        "recall_at_k": 0.5, "k": k, "queries": len(queries), "speedup": 3.0})
+    summary = score.run(lake, encoder=data.HashEncoder(model_version="again"))
+    assert summary["index"]["type"] == "flat" and summary["index"]["fallback"] == "flat"
+    assert summary["index"]["recall"] == 0.5 and summary["index"]["recall_k"] == 100
+    got = data.lists(lake)
+    want = brute_force_top(data.HashEncoder(), list(range(1, 21)), data.ARTICLE_IDS, K)
+    assert [[r[1] for r in got[c]] for c in data.WITH_HISTORY] == want
+
+
 def test_short_candidate_lists_are_filled_from_popularity(lake):
     # Only articles sold in the last 2 weeks are indexed (A00..A19); K neighbours are fetched and what the
     # customer bought is dropped, so model lists come up short and popularity fills them.
