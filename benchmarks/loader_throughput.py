@@ -1,6 +1,6 @@
 """How fast the training rows reach torch through Petastorm, without the model: one epoch of `training_examples`
 (the latest snapshot, the columns the trainer reads) through `recsys.loader.PetastormLoader`, with Petastorm's
-tensor-wise `BatchedDataLoader` (what the trainer uses) and, for comparison, its default row-wise `DataLoader`.
+default row-wise `DataLoader` (what the trainer uses) and its tensor-wise `BatchedDataLoader` (`tensor_batches`).
 
     .venv/bin/python benchmarks/loader_throughput.py [--profile full] [--set KEY=VALUE] [--rows N]
 
@@ -24,20 +24,13 @@ LOADERS = ("batched", "row-wise")
 
 def epoch_rate(loader, name: str) -> dict:
     """One epoch through `loader` with Petastorm's `name` data loader: rows, seconds, rows/s."""
-    import petastorm.pytorch as pt
-
-    batched = pt.BatchedDataLoader
-    if name == "row-wise":  # the loader imports it by name when an epoch starts: the default one stands in
-        pt.BatchedDataLoader = pt.DataLoader
-    try:
-        with ProcessTree() as tree:
-            started, rows, batches = time.perf_counter(), 0, 0
-            for batch in loader.epoch(0):
-                rows += len(batch["weight"])
-                batches += 1
-            seconds = time.perf_counter() - started
-    finally:
-        pt.BatchedDataLoader = batched
+    loader.tensor_batches = name == "batched"
+    with ProcessTree() as tree:
+        started, rows, batches = time.perf_counter(), 0, 0
+        for batch in loader.epoch(0):
+            rows += len(batch["weight"])
+            batches += 1
+        seconds = time.perf_counter() - started
     return {"rows": rows, "batches": batches, "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds),
             "cpu_s": round(tree.cpu_s, 1), "peak_rss_gib": tree.peak_gib}
 

@@ -133,7 +133,7 @@ class PetastormLoader:
 
     def __init__(self, df: DataFrame, batch_size: int, cache_dir: str | Path, seed: int = 0,
                  shard: int = 0, num_shards: int = 1, workers: int = 2, shuffle: bool = True,
-                 columns: Sequence[str] = ()):
+                 columns: Sequence[str] = (), tensor_batches: bool = False):
         from petastorm.spark import SparkDatasetConverter, make_spark_converter
 
         wanted = _columns(df, columns)
@@ -143,6 +143,7 @@ class PetastormLoader:
         self.converter = make_spark_converter(_typed(df, wanted), parquet_row_group_size_bytes=4 * 1024 * 1024)
         self.columns = wanted
         self.batch_size, self.seed, self.shuffle, self.workers = batch_size, seed, shuffle, workers
+        self.tensor_batches = tensor_batches
         self.shard_index, self.shard_count = shard, num_shards
         total = len(self.converter)
         self.num_rows = total if num_shards == 1 else -1  # Petastorm shards by row group: size known after a pass
@@ -158,17 +159,21 @@ class PetastormLoader:
         )
         if self.shard_count > 1:
             options.update(cur_shard=self.shard_index, shard_count=self.shard_count)
-        # Petastorm's tensor-wise loader: a row group enters the shuffling buffer as one tensor per column and a
-        # batch leaves it as one gather (the default loader splits every row group into Python tuples, shuffles and
-        # collates them one by one: most of a training step's input cost at full size, BENCHMARKS, Training). Its
-        # buffer draws from torch's global generator, the reader from numpy's: seeded for the epoch, then put back.
-        from petastorm.pytorch import BatchedDataLoader
+        # The default loader splits every row group into Python tuples, shuffles and collates them one by one; the
+        # tensor-wise one (`tensor_batches`) moves one tensor per column and gathers each batch at once: 14x the
+        # rows/s alone and half the real week's fit, but at full size its reader threads, never idle, take the
+        # two cores from the training step (epoch 1,004 s against 714; BENCHMARKS, Training), so it is opt-in.
+        # Their buffers draw from numpy's (row-wise) or torch's (tensor-wise) global generator: seeded for the
+        # epoch, then put back.
+        from petastorm.pytorch import BatchedDataLoader, DataLoader
 
         state, torch_state = np.random.get_state(), torch.get_rng_state()
         np.random.seed([self.seed, epoch])
-        torch.manual_seed(self.seed * 1000 + epoch)
+        if self.tensor_batches:
+            torch.manual_seed(self.seed * 1000 + epoch)
+        loader = BatchedDataLoader if self.tensor_batches else DataLoader
         try:
-            with self.converter.make_torch_dataloader(data_loader_fn=BatchedDataLoader, **options) as dataloader:
+            with self.converter.make_torch_dataloader(data_loader_fn=loader, **options) as dataloader:
                 for batch in dataloader:
                     yield {name: _tensor(batch[name]) for name in self.columns}
         finally:

@@ -308,13 +308,19 @@ def test_loaders_yield_every_training_row_once_per_epoch(lake, tmp_path):
                 assert weights[n - 1] == pytest.approx(1.0) and weights[0] == pytest.approx(0.1)
                 orders.append(seen.tolist())
             assert orders[0] != orders[1]  # reshuffled between epochs
-        # one reader thread: the same seed and epoch give the same order, run after run
-        again = PetastormLoader(df, batch_size=512, cache_dir=tmp_path / "again", seed=3, workers=1)
+        # one reader thread: the same seed and epoch give the same order, run after run, with either buffer
+        again = PetastormLoader(df, batch_size=512, cache_dir=tmp_path / "again", seed=3, workers=1,
+                                columns=["seq_article_idx"])
         try:
-            runs = [torch.cat([b["article_idx"] for b in again.epoch(0)]).tolist() for _ in range(2)]
+            for tensor_batches in (False, True):
+                again.tensor_batches = tensor_batches
+                runs = [list(again.epoch(0)) for _ in range(2)]
+                orders = [torch.cat([b["article_idx"] for b in run]).tolist() for run in runs]
+                assert orders[0] == orders[1] and sorted(orders[0]) == list(range(n))
+                for b in runs[0]:
+                    assert torch.equal(b["seq_article_idx"][:, 0], b["article_idx"])
         finally:
             again.close()
-        assert runs[0] == runs[1] and sorted(runs[0]) == list(range(n))
         shards = [torch.cat([b["article_idx"] for b in memory.shard(r, 2).epoch(0)]).tolist() for r in range(2)]
         assert sorted(shards[0] + shards[1]) == list(range(n)) and not set(shards[0]) & set(shards[1])
     finally:
