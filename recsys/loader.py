@@ -161,8 +161,8 @@ class PetastormLoader:
             options.update(cur_shard=self.shard_index, shard_count=self.shard_count)
         # The default loader splits every row group into Python tuples, shuffles and collates them one by one; the
         # tensor-wise one (`tensor_batches`) moves one tensor per column and gathers each batch at once: 14x the
-        # rows/s alone and half the real week's fit, but at full size its reader threads, never idle, take the
-        # two cores from the training step (epoch 1,004 s against 714; BENCHMARKS, Training), so it is opt-in.
+        # rows/s alone and half the real week's fit, but at full size the epoch was slower (1,004 s against 714;
+        # likely its never-idle reader threads taking the two cores from the step, not isolated), so it is opt-in.
         # Their buffers draw from numpy's (row-wise) or torch's (tensor-wise) global generator: seeded for the
         # epoch, then put back.
         from petastorm.pytorch import BatchedDataLoader, DataLoader
