@@ -167,7 +167,8 @@ class PetastormLoader:
         # epoch, then put back.
         from petastorm.pytorch import BatchedDataLoader, DataLoader
 
-        state, torch_state = np.random.get_state(), torch.get_rng_state()
+        state = np.random.get_state()
+        torch_state = torch.get_rng_state() if self.tensor_batches else None
         np.random.seed([self.seed, epoch])
         if self.tensor_batches:
             torch.manual_seed(self.seed * 1000 + epoch)
@@ -178,7 +179,8 @@ class PetastormLoader:
                     yield {name: _tensor(batch[name]) for name in self.columns}
         finally:
             np.random.set_state(state)
-            torch.set_rng_state(torch_state)
+            if torch_state is not None:
+                torch.set_rng_state(torch_state)
 
     def shard(self, rank: int, world_size: int) -> "PetastormLoader":
         """Petastorm shards by row group; the converter (a Parquet cache path) is shared, not rewritten."""

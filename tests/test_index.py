@@ -46,6 +46,8 @@ def test_ann_recall_against_exact_is_measured(kind, options, floor):
     wider = build_index(ITEMS, IDS, kind, **{**options, "ivf_probe": 32, "hnsw_ef_search": 256})
     assert compare_to_exact(wider, QUERIES, k=12)["recall_at_k"] >= report["recall_at_k"]
     assert compare_to_exact(build_index(ITEMS, IDS), QUERIES)["recall_at_k"] == 1.0
+    given = compare_to_exact(index, QUERIES, k=12, exact=build_index(ITEMS, IDS))  # the truth handed in
+    assert given["recall_at_k"] == report["recall_at_k"]
 
 
 def test_an_approximate_index_is_kept_only_at_its_measured_recall():
