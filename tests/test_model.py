@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from recsys.model import Encoder, FeatureSpec, FeatureTable, TowerConfig, TwoTower
+from recsys import trainer
 from recsys.trainer import CatalogueSampler, FrequencySampler, SampledSoftmaxLoss
 
 torch.set_num_threads(2)
@@ -240,3 +241,28 @@ def test_the_folded_logits_and_their_gradients_are_the_plain_formula():
     assert torch.allclose(folded[torch.isfinite(folded)], plain[torch.isfinite(plain)], atol=1e-5)
     for got, want in ((user, user2), (pos, pos2), (neg, neg2)):
         assert torch.allclose(got.grad, want.grad, atol=1e-5)
+
+
+def _faults_of_big_buffers(times: int = 6, megabytes: int = 96) -> int:
+    """Minor page faults of allocating, touching and freeing a buffer of the size of a step's logits."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        buffer = torch.ones(megabytes * 2**20 // 4)  # torch's CPU allocator: malloc, small pages
+        del buffer
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(trainer._glibc() is None, reason="the heap settings are glibc's")
+def test_training_reuses_the_heap_for_large_buffers_and_gives_it_back_after():
+    """Each freed big buffer is unmapped by default, so the next one faults in fresh pages; while training,
+    once the heap has grown to what the buffers need, the same memory is reused."""
+    outside = _faults_of_big_buffers()
+    with trainer.reused_heap():
+        _faults_of_big_buffers()  # the heap grows to what the buffers need
+        inside = _faults_of_big_buffers()
+    after = _faults_of_big_buffers()
+    one_buffer = 96 * 2**20 // 4096
+    assert outside >= 5 * one_buffer and after >= 5 * one_buffer  # the defaults, before and after
+    assert inside <= one_buffer
