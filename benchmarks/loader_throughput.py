@@ -1,6 +1,6 @@
 """How fast the training rows reach torch through Petastorm, without the model: one epoch of `training_examples`
 (the latest snapshot, the columns the trainer reads) through `recsys.loader.PetastormLoader`, with Petastorm's
-default row-wise `DataLoader` (what the trainer uses) and its tensor-wise `BatchedDataLoader` (`tensor_batches`).
+default row-wise `DataLoader` and its tensor-wise `BatchedDataLoader` (`tensor_batches`, what the trainer uses).
 
     .venv/bin/python benchmarks/loader_throughput.py [--profile full] [--set KEY=VALUE] [--rows N]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -243,26 +244,38 @@ def test_the_folded_logits_and_their_gradients_are_the_plain_formula():
         assert torch.allclose(got.grad, want.grad, atol=1e-5)
 
 
-def _faults_of_big_buffers(times: int = 6, megabytes: int = 96) -> int:
-    """Minor page faults of allocating, touching and freeing a buffer of the size of a step's logits."""
-    import resource
+HEAP_PROBE = """
+import json, resource, torch
+from recsys import trainer
 
+def faults(times=6, megabytes=96):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(times):
         buffer = torch.ones(megabytes * 2**20 // 4)  # torch's CPU allocator: malloc, small pages
         del buffer
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+outside = faults()
+with trainer.reused_heap():
+    faults()  # the heap grows to what the buffers need
+    inside = faults()
+print(json.dumps({"outside": outside, "inside": inside, "after": faults()}))
+"""
+
 
 @pytest.mark.skipif(trainer._glibc() is None, reason="the heap settings are glibc's")
 def test_training_reuses_the_heap_for_large_buffers_and_gives_it_back_after():
     """Each freed big buffer is unmapped by default, so the next one faults in fresh pages; while training,
-    once the heap has grown to what the buffers need, the same memory is reused."""
-    outside = _faults_of_big_buffers()
-    with trainer.reused_heap():
-        _faults_of_big_buffers()  # the heap grows to what the buffers need
-        inside = _faults_of_big_buffers()
-    after = _faults_of_big_buffers()
+    once the heap has grown to what the buffers need, the same memory is reused. Measured in a fresh
+    interpreter: this one's heap holds whatever the tests before left in it."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    faults = json.loads(done.stdout.splitlines()[-1])
     one_buffer = 96 * 2**20 // 4096
-    assert outside >= 5 * one_buffer and after >= 5 * one_buffer  # the defaults, before and after
-    assert inside <= one_buffer
+    assert faults["outside"] >= 5 * one_buffer and faults["after"] >= 5 * one_buffer  # the defaults
+    assert faults["inside"] <= one_buffer
