@@ -325,8 +325,9 @@ def reused_heap() -> Iterator[None]:
     glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free; a step's logits and their
     gradient (8,192 x 10,240 floats at full size, 335 MB each) are such buffers, so every step faulted in and
     zeroed ~1 GB of new pages: at full size a third of the training CPU went to the kernel and the model ran at
-    3,711 examples/s instead of 6,251 (BENCHMARKS, Training). On leaving, the defaults come back and the freed
-    heap is handed back to the system. Nothing changes where the C library is not glibc."""
+    3,567-3,711 examples/s instead of 6,217-6,720 (BENCHMARKS, Training, "The heap"). On leaving, the defaults
+    come back and the freed heap is handed back to the system. Nothing changes where the C library is not
+    glibc."""
     libc = _glibc()
     if libc is None:
         yield
