@@ -174,8 +174,13 @@ def rows(run_id: str, as_of: dt.date | None, checked: list[Check], stats: dict[s
 
 # --- the I/O edge: what the publish step calls -------------------------------------------------------------------
 def previous_snapshot(lake, table: str, as_of: dt.date) -> DataFrame | None:
-    """The snapshot of `table` just before `as_of`, if any."""
+    """The snapshot of `table` just before `as_of`, if any; never a partial one (some customers only: another
+    population, not an earlier state of the same one)."""
+    from recsys.tables import PARTIAL
+
     df = lake.read(table)
+    if PARTIAL in df.columns:
+        df = df.where(F.col(PARTIAL) == 0)
     before = df.where(F.col("as_of") < F.lit(as_of)).agg(F.max("as_of")).first()[0]
     return None if before is None else df.where(F.col("as_of") == F.lit(before))
 

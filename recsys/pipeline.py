@@ -180,16 +180,24 @@ def stage_ingest(ctx: Context) -> dict[str, Any]:
 
 
 def stage_features(ctx: Context) -> dict[str, Any]:
-    """Three snapshots: training rows as of A, the evaluation week's start E, the publish date P (a relist: P)."""
+    """Three snapshots: training rows as of A, the evaluation week's start E, the publish date P (a relist: P).
+
+    A's customers are read only for the ranker's label window A .. E-1 and E's only for the evaluation week
+    E .. P-1: their customer features are built for those buyers alone (partial snapshots); P's for everyone."""
     from recsys import features
 
+    publish, test_start, train_as_of = ctx.publish_as_of(), ctx.test_start(), ctx.train_as_of()
+    if ctx.relist_since():
+        snapshots = [features.Snapshot(publish, training=False)]
+    else:
+        snapshots = [features.Snapshot(train_as_of, training=True, buyers=(train_as_of, test_start)),
+                     features.Snapshot(test_start, training=False, buyers=(test_start, publish)),
+                     features.Snapshot(publish, training=False)]
     out = {}
-    train_as_of = ctx.train_as_of()
-    dates = {ctx.publish_as_of()} if ctx.relist_since() else {train_as_of, ctx.test_start(), ctx.publish_as_of()}
-    for as_of in sorted(dates):
-        summary = features.run(ctx.lake, as_of=as_of, training=as_of == train_as_of)
-        out[as_of.isoformat()] = {t: {"rows": v.get("rows"), "seconds": v.get("seconds")}
-                                  for t, v in summary["tables"].items()}
+    for summary in features.run_snapshots(ctx.lake, snapshots):
+        out[summary["as_of"]] = {t: {"rows": v.get("rows"), "seconds": v.get("seconds")}
+                                 for t, v in summary["tables"].items()}
+        out[summary["as_of"]]["partial"] = summary["partial"]
     return out
 
 
@@ -414,7 +422,8 @@ def _headline(stage: str, result: dict[str, Any]) -> str:
         day = f"day {result['day']} {result['drop']}; " if "drop" in result else ""
         return f"{day}{result['rows']:,} transactions up to {result['last_day']}"
     if stage == "features":
-        return "snapshots " + ", ".join(result)
+        return "snapshots " + ", ".join(f"{day} (buyers only)" if tables.get("partial") else day
+                                        for day, tables in result.items())
     if stage == "train":
         return (f"two-tower version {result['model_version']} (training rows before {result['as_of']}; "
                 f"{result['refresh'].split(':')[0]})")

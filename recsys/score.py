@@ -31,7 +31,7 @@ from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label
 from recsys.spark import Shipped
 from recsys.split import as_date, before
 from recsys.tables import (
-    ARTICLE_FEATURES, CANDIDATES, CUSTOMER_FEATURES, CUSTOMERS, RECOMMENDATIONS, TRANSACTIONS, Lakehouse,
+    ARTICLE_FEATURES, CANDIDATES, CUSTOMER_FEATURES, CUSTOMERS, PARTIAL, RECOMMENDATIONS, TRANSACTIONS, Lakehouse,
 )
 
 PREFERENCE = (CHAMPION, CHALLENGER)  # the default model: the gate's pick, else the latest trained one
@@ -251,6 +251,10 @@ def recall_queries(lake: Lakehouse, encoder: Any, snapshot: dt.date, n: int) -> 
 def customer_rows(lake: Lakehouse, snapshot: dt.date, customers: DataFrame | None) -> tuple[DataFrame, DataFrame]:
     """(the customer_features rows to encode, customer_id + age_bucket of everyone who needs a list)."""
     customer_features = read_snapshot(lake, CUSTOMER_FEATURES, snapshot)
+    if customers is None and PARTIAL in customer_features.columns and \
+            customer_features.where(F.col(PARTIAL) == 1).limit(1).count():
+        raise ValueError(f"the customer_features snapshot as of {snapshot} holds some customers only (a pipeline's "
+                         f"evaluation snapshot): run `recsys features --as-of {snapshot}` to list everyone from it")
     segments = customer_age_buckets(lake.read(CUSTOMERS))
     if customers is not None:  # a subset (e.g. an evaluation week's buyers); unknown ids get the 'unknown' bucket
         segments = (

@@ -23,6 +23,7 @@ TRANSACTIONS = "transactions"
 QUARANTINE = "quarantine"
 INGEST_RUNS = "ingest_runs"
 CUSTOMER_FEATURES = "customer_features"
+PARTIAL = "partial"  # customer_features column: 1 in a snapshot built for some customers only (features.Snapshot)
 ARTICLE_FEATURES = "article_features"
 POPULARITY = "popularity"
 CUSTOMER_INDEX = "customer_index"

@@ -344,3 +344,35 @@ def test_job_ids_stable_snapshots_replaced_and_older_ones_readable(spark, frames
         features.read_snapshot(lake, ARTICLE_FEATURES, "2019-01-01")
     with pytest.raises(ValueError, match="as_of: 'soon'"):
         features.run(lake, as_of="soon")
+
+
+def test_a_partial_snapshot_holds_the_window_s_buyers_as_the_full_one_would_and_is_never_listed_from(
+        spark, frames, lake):
+    """The pipeline's evaluation snapshots are read only for some buyers: built for them alone, each row as the
+    full snapshot has it; the drift check never compares with one, and listing everyone from one fails."""
+    from recsys import monitor, score
+    from recsys.tables import PARTIAL
+
+    customers, articles, everything, _, _, _ = frames
+    _load(lake, customers, articles, everything)
+    week = D("2020-09-16")
+    summaries = features.run_snapshots(lake, [
+        features.Snapshot(AS_OF, training=False),
+        features.Snapshot(week, training=False, buyers=(D("2020-09-20"), AS_OF)),  # c_many and c_one bought
+    ])
+    assert [(s["as_of"], s["partial"]) for s in summaries] == [("2020-09-16", True), ("2020-09-23", False)]
+    partial = features.read_snapshot(lake, CUSTOMER_FEATURES, week)
+    assert sorted(r.customer_id for r in partial.collect()) == ["c_many", "c_one"]
+    assert {r[PARTIAL] for r in partial.collect()} == {1}
+    assert {r[PARTIAL] for r in features.read_snapshot(lake, CUSTOMER_FEATURES, AS_OF).collect()} == {0}
+    assert monitor.previous_snapshot(lake, CUSTOMER_FEATURES, AS_OF) is None
+    with pytest.raises(ValueError, match="as of 2020-09-16 holds some customers only"):
+        score.customer_rows(lake, week, None)
+    assert score.customer_rows(lake, week, partial.select("customer_id"))[0].count() == 2
+
+    features.run(lake, as_of=week, training=False)  # the same date for everyone replaces it
+    full = features.read_snapshot(lake, CUSTOMER_FEATURES, week)
+    assert full.count() == 3 and {r[PARTIAL] for r in full.collect()} == {0}
+    assert_df_equality(partial.drop(PARTIAL), full.join(partial.select("customer_id"), "customer_id", "left_semi")
+                       .drop(PARTIAL), ignore_row_order=True, ignore_nullable=True)
+    assert monitor.previous_snapshot(lake, CUSTOMER_FEATURES, AS_OF).count() == 3

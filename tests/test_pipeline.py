@@ -87,6 +87,27 @@ def test_every_stage_runs_and_publishes_k_per_customer(setup):
     assert summary["score"]["published"] == gate["publish"]
 
 
+def test_the_evaluation_snapshots_hold_the_buyers_they_are_read_for_and_the_publish_one_everyone(setup):
+    from recsys.features import read_snapshot
+    from recsys.tables import CUSTOMER_FEATURES, CUSTOMERS, PARTIAL
+
+    config, lake, summary, _, _, _ = setup
+    publish = max(dt.date.fromisoformat(d) for d in summary["features"] if d[0].isdigit())
+    test_start = publish - dt.timedelta(days=config.split.test_days)
+    train_as_of = test_start - dt.timedelta(days=config.ranker.label_days)
+    bought = lake.read(TRANSACTIONS)
+
+    def customers(as_of: dt.date) -> set[str]:
+        rows = read_snapshot(lake, CUSTOMER_FEATURES, as_of).select("customer_id", PARTIAL).collect()
+        return {r.customer_id for r in rows if r[PARTIAL] == (as_of != publish)}
+
+    for as_of, end in ((train_as_of, test_start), (test_start, publish)):
+        buyers = bought.filter((F.col("t_dat") >= F.lit(as_of)) & (F.col("t_dat") < F.lit(end)))
+        assert customers(as_of) == {r.customer_id for r in buyers.select("customer_id").distinct().collect()}
+        assert summary["features"][as_of.isoformat()]["partial"]
+    assert customers(publish) == {r.customer_id for r in lake.read(CUSTOMERS).select("customer_id").collect()}
+
+
 def test_every_stage_run_is_recorded_and_the_status_says_what_is_published(setup):
     from recsys import status
 
@@ -117,7 +138,7 @@ def test_second_run_is_up_to_date(setup):
 
 @pytest.mark.parametrize("stage, target", [
     ("ingest", "recsys.ingest.run"),
-    ("features", "recsys.features.run"),
+    ("features", "recsys.features.run_snapshots"),
     ("train", "recsys.train.run"),
     ("rank", "recsys.two_stage.fit_ranker"),
     ("evaluate", "recsys.evaluate.evaluate_all"),
