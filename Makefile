@@ -50,11 +50,11 @@ bench: setup
 	$(PY) benchmarks/score_full.py
 	$(PY) benchmarks/real_week.py --ablation
 
-# The whole pipeline at full size (synth once, then every stage), stage times and peak memory.
 # `make demo` from nothing, in a folder of its own, against its 15-minute target.
 bench-demo: setup
 	$(PY) benchmarks/demo.py
 
+# The whole pipeline at full size (synth once, then every stage), stage times and peak memory.
 bench-pipeline: setup
 	$(PY) benchmarks/pipeline_full.py --fresh
 

@@ -584,8 +584,8 @@ def run_snapshots(lake: Lakehouse, snapshots: list[Snapshot]) -> list[dict]:
             scope = None
             if snapshot.buyers:
                 first, end = snapshot.buyers
-                scope = transactions.where((F.col("t_dat") >= F.lit(first)) & (F.col("t_dat") < F.lit(end))).select(
-                    "customer_id").distinct().persist(StorageLevel.MEMORY_AND_DISK)
+                scope = before(transactions, end, (end - first).days).select("customer_id").distinct().persist(
+                    StorageLevel.MEMORY_AND_DISK)
             try:
                 out.append(_build(lake, snapshot.as_of, before(transactions, snapshot.as_of), customers, articles,
                                   snapshot.training, scope))
