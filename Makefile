@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m recsys.jars --resolve
 	touch $@
 
+# Two pytest workers, a test file each at a time (a file's Spark fixtures are built once): on tiny data a Spark
+# session keeps about one core busy planning queries, so two sessions side by side use both cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The tests that need no Spark session (seconds): models, metrics, config, bundle, lookups, checks.
 test-fast: setup
@@ -32,7 +35,7 @@ lint: setup
 	$(VENV)/bin/ruff check recsys tests benchmarks jobs
 
 test-all: setup
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m ''
 
 demo: setup
 	$(PY) -m recsys.cli --profile $(PROFILE) demo

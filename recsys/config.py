@@ -45,6 +45,7 @@ class SparkConfig:
     ui: bool = False
     log_level: str = "WARN"
     arrow_batch_size: int = 10000
+    conf: dict[str, str] = field(default_factory=dict)  # any other Spark setting, e.g. {"spark.local.dir": "/ssd"}
 
 
 @dataclass
@@ -326,6 +327,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, key_hint, key, source): _coerce(v, value_hint, f"{key}.{k}", source)
+                for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             try:

@@ -65,6 +65,8 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.python.worker.reuse", "true")
     )
+    for key, value in sc.conf.items():  # the profile's own settings last: they win
+        builder = builder.config(key, value)
     if not submitted:  # a plain `python`/`recsys` run: the profile's master, Delta from the JAR cache
         builder = builder.master(sc.master).config("spark.jars", ",".join(str(p) for p in jars.jar_paths()))
     spark = builder.getOrCreate()

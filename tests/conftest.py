@@ -43,6 +43,23 @@ def spark(config):
     session.stop()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_spark_state_after_each_file():
+    """One session serves hundreds of tests: cached frames and the plans behind them piled up until the driver's
+    heap was full and a task hung on a Python worker. After each test file its cached frames and Delta's cached
+    table states go, and both heaps collect."""
+    yield
+    from pyspark.sql import SparkSession
+
+    from recsys.spark import release
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.catalog.clearCache()
+        session._jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()  # each test's tables, snapshots cached
+        release(session)
+
+
 @pytest.fixture()
 def lake(spark, config, tmp_path):
     """A Lakehouse in a fresh folder per test, sharing the one session."""

@@ -46,6 +46,13 @@ def test_unknown_profile_is_an_error():
         load_config("huge")
 
 
+def test_a_profile_s_own_spark_settings_are_checked_and_reach_the_session(lake):
+    assert lake.spark.conf.get("spark.sql.codegen.wholeStage") == "false"  # conf/tiny.yaml spark.conf
+    assert load_config("tiny", ['spark.conf={"spark.local.dir": /ssd}']).spark.conf == {"spark.local.dir": "/ssd"}
+    with pytest.raises(ConfigError, match=r"'spark.conf' must be a mapping"):
+        load_config("tiny", ["spark.conf=8"])
+
+
 def test_spark_session_has_delta_and_round_trips(lake):
     df = lake.spark.createDataFrame([Row(a=1, b="x"), Row(a=2, b="y")])
     lake.write(df, "probe")

@@ -229,6 +229,7 @@ def test_a_nightly_between_full_runs_relists_the_day_s_buyers_and_keeps_every_ot
     assert alone["train"]["status"] == "skipped" and alone["mode"] == {"relist": True, "since": day.isoformat()}
 
 
+@pytest.mark.slow  # a second whole pipeline (8 min here); `benchmarks/nightly_full.py --prime --full` checks the same
 def test_a_full_nightly_merges_the_day_s_drop_retrains_and_republishes_then_a_rerun_changes_nothing(setup):
     config, lake, _, _, generated, (_, day) = setup
     assert lake.read(TRANSACTIONS).filter(F.col("t_dat") == day).count() == 0
