@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # Two pytest workers, a test file each at a time (a file's Spark fixtures are built once): on tiny data a Spark
 # session keeps about one core busy planning queries, so two sessions side by side use both cores.
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 # The tests that need no Spark session (seconds): models, metrics, config, bundle, lookups, checks.
 test-fast: setup
@@ -35,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff check recsys tests benchmarks jobs
 
 test-all: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m ''
+	$(PYTEST) -m ''
 
 demo: setup
 	$(PY) -m recsys.cli --profile $(PROFILE) demo
