@@ -11,6 +11,8 @@ on Databricks the cluster's logging is left alone.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import warnings
@@ -45,9 +47,26 @@ def quiet() -> bool:
     return _quiet
 
 
+@contextlib.contextmanager
+def hushed():
+    """In a quiet run, drop what a library prints itself around one call (MLflow's registry prints its
+    "Successfully registered model" lines with print, past the loggers); a verbose run shows it."""
+    if not _quiet:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def spark_log_level(configured: str) -> str:
     """ERROR in a quiet run, else the configured `spark.log_level`."""
     return "ERROR" if _quiet else configured
+
+
+def python_daemon() -> str | None:
+    """The Spark Python daemon that drops native libraries' console lines in the workers (None when verbose or
+    not run from the command line: pyspark's own)."""
+    return "recsys.quiet_daemon" if _quiet else None
 
 
 def driver_java_options() -> str:

@@ -65,6 +65,9 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.python.worker.reuse", "true")
     )
+    daemon = None if submitted else console.python_daemon()
+    if daemon:  # a quiet local run: the workers' native console lines dropped too
+        builder = builder.config("spark.python.daemon.module", daemon)
     for key, value in sc.conf.items():  # the profile's own settings last: they win
         builder = builder.config(key, value)
     if not submitted:  # a plain `python`/`recsys` run: the profile's master, Delta from the JAR cache

@@ -34,6 +34,7 @@ import torch
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from recsys import console
 from recsys.config import Config, ModelConfig
 from recsys.features import read_snapshot
 from recsys.trainer import (
@@ -237,7 +238,8 @@ def _log_artifacts(lake: Lakehouse, data: TrainingData, encoder: Encoder, model:
 def register(model_uri: str, name: str, as_of: str, run_id: str) -> str:
     """A new registry version of `model_uri`, aliased `challenger`; returns the version number."""
     client = mlflow.MlflowClient()
-    version = mlflow.register_model(model_uri, name, tags={"as_of": as_of, "run_id": run_id}).version
+    with console.hushed():
+        version = mlflow.register_model(model_uri, name, tags={"as_of": as_of, "run_id": run_id}).version
     client.set_registered_model_alias(name, CHALLENGER, version)
     return str(version)
 

@@ -2,6 +2,7 @@
 terminals only, and the demo ending with where to look next."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 import published_lake
 from cli_state import restore_cli_state  # noqa: F401 - fixture: undo process-wide output settings
-from recsys import cli, console, lookup, progress
+from recsys import cli, console, lookup, progress, quiet_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,47 @@ def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(argv)
     assert exc.value.code == 2
+
+
+XGBOOST_RANKS = """
+import sys
+from xgboost import collective
+from xgboost.tracker import RabitTracker
+from recsys.quiet_daemon import FilteredLines
+if sys.argv[1] == "filtered":
+    sys.stdout = FilteredLines(sys.stdout)
+tracker = RabitTracker(host_ip="127.0.0.1", n_workers=1)
+tracker.start()
+with collective.CommunicatorContext(**tracker.worker_args(), dmlc_task_id="0"):
+    print("ours", end="")
+    print(" too")
+sys.stdout.flush()
+"""
+
+
+@pytest.mark.parametrize("mode", ["filtered", "plain"])
+def test_the_quiet_daemon_drops_xgboost_s_rank_lines_and_keeps_the_rest(mode):
+    run = subprocess.run([sys.executable, "-c", XGBOOST_RANKS, mode], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "ours too" in lines
+    assert any(quiet_daemon.NOISE.fullmatch(line + "\n") for line in lines) == (mode == "plain")
+
+
+def test_only_a_quiet_run_swaps_spark_s_python_daemon():
+    console.configure(verbose=False)
+    assert console.python_daemon() == "recsys.quiet_daemon"
+    assert callable(getattr(importlib.import_module("pyspark.daemon"), "manager"))  # what the module hands over to
+    console.configure(verbose=True)
+    assert console.python_daemon() is None
+
+
+def test_hushed_drops_what_a_library_prints_only_in_a_quiet_run(capsys):
+    console.configure(verbose=False)
+    with console.hushed():
+        print("Successfully registered model 'm'.", file=sys.stderr)
+    console.configure(verbose=True)
+    with console.hushed():
+        print("shown")
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == "shown\n"
