@@ -21,6 +21,7 @@ class ProcessTree:
 
     def __init__(self, every_s: float = 0.5):
         self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self.peak_parts: dict[str, int] = {}  # at the peak: bytes by role (driver, jvm, workers)
         self._cpu: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._sample()
@@ -28,15 +29,19 @@ class ProcessTree:
 
     def _sample(self) -> None:
         me = psutil.Process()
-        total = 0
+        parts = {"driver": 0, "jvm": 0, "workers": 0}
         for proc in [me, *me.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
+                rss = proc.memory_info().rss
                 times = proc.cpu_times()
                 self._cpu[proc.pid] = times.user + times.system
+                role = "driver" if proc.pid == me.pid else "jvm" if proc.name() == "java" else "workers"
             except psutil.Error:
-                pass
-        self.peak = max(self.peak, total)
+                continue
+            parts[role] += rss
+        total = sum(parts.values())
+        if total > self.peak:
+            self.peak, self.peak_parts = total, parts
 
     @property
     def cpu_s(self) -> float:
@@ -45,6 +50,11 @@ class ProcessTree:
     @property
     def peak_gib(self) -> float:
         return round(self.peak / 2**30, 2)
+
+    @property
+    def peak_parts_gib(self) -> dict[str, float]:
+        """Where the peak was: the driver process, the Spark JVM, everything else (Python workers, daemons)."""
+        return {role: round(rss / 2**30, 2) for role, rss in self.peak_parts.items()}
 
     def _run(self) -> None:
         while not self._stop.is_set():

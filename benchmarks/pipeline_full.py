@@ -140,8 +140,8 @@ def main() -> int:
         peak, total_cpu = max(peak, tree.peak), total_cpu + tree.cpu_s
         result["stages"][stage] = seconds
         result["stage_details"][stage] = {"seconds": seconds, "cpu_s": round(tree.cpu_s, 1),
-                                          "peak_rss_gib": tree.peak_gib, "load_avg_end": load_avg(),
-                                          "summary": summary.get(stage)}
+                                          "peak_rss_gib": tree.peak_gib, "peak_parts_gib": tree.peak_parts_gib,
+                                          "load_avg_end": load_avg(), "summary": summary.get(stage)}
         write_result(args.out, result)  # what ran so far survives a later failure
     result["total_s"] = round(sum(done.values()), 1)  # the stages' own times (a resumed run's gap is not work)
     result["cpu_s"] = round(total_cpu, 1)
