@@ -3,8 +3,9 @@
 A normal run sets Spark's log level to ERROR, from the JVM's first line on (a log4j2 file passed to the local
 driver with `spark.driver.extraJavaOptions`); ignores the FutureWarning / DeprecationWarning / UserWarning that
 petastorm, pyarrow and mlflow raise (in Spark's Python workers too, which inherit PYTHONWARNINGS); and keeps the
-mlflow (MLFLOW_LOGGING_LEVEL), py4j, alembic, petastorm and XGBoost-PySpark loggers at ERROR. `recsys --verbose`
-leaves all of it as the libraries set it.
+mlflow (MLFLOW_LOGGING_LEVEL), py4j, alembic, petastorm and XGBoost-PySpark loggers at ERROR. What libraries print
+past their loggers is dropped too: MLflow's registry lines (`hushed`), XGBoost's per-task rank lines in Spark's
+workers (`recsys.quiet_daemon`). `recsys --verbose` leaves all of it as the libraries set it.
 
 Only the command line calls `configure`: tests, notebooks and spark-submit jobs keep their own settings, and
 on Databricks the cluster's logging is left alone.

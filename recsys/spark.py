@@ -15,6 +15,11 @@ from pyspark.sql import SparkSession
 from recsys import console, jars
 from recsys.config import Config
 
+# Spark keeps finished jobs, stages, tasks and SQL executions (1,000 executions, 100,000 tasks by default) for
+# its UI even when the UI is off; a full pipeline runs thousands of queries with large plans.
+RETAINED_WITHOUT_UI = {"spark.sql.ui.retainedExecutions": "50", "spark.ui.retainedJobs": "100",
+                       "spark.ui.retainedStages": "100", "spark.ui.retainedTasks": "10000"}
+
 
 def on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
@@ -65,6 +70,9 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.python.worker.reuse", "true")
     )
+    if not sc.ui:  # nobody browses finished jobs: keep few in the driver heap (a plan's graph and metrics each)
+        for key, value in RETAINED_WITHOUT_UI.items():
+            builder = builder.config(key, value)
     daemon = None if submitted else console.python_daemon()
     if daemon:  # a quiet local run: the workers' native console lines dropped too
         builder = builder.config("spark.python.daemon.module", daemon)

@@ -48,6 +48,7 @@ def test_unknown_profile_is_an_error():
 
 def test_a_profile_s_own_spark_settings_are_checked_and_reach_the_session(lake):
     assert lake.spark.conf.get("spark.sql.codegen.wholeStage") == "false"  # conf/tiny.yaml spark.conf
+    assert lake.spark.conf.get("spark.sql.ui.retainedExecutions") == "50"  # no UI: few finished queries kept
     assert load_config("tiny", ['spark.conf={"spark.local.dir": /ssd}']).spark.conf == {"spark.local.dir": "/ssd"}
     with pytest.raises(ConfigError, match=r"'spark.conf' must be a mapping"):
         load_config("tiny", ["spark.conf=8"])
