@@ -32,6 +32,9 @@ def published(lake, k: int) -> dict:
     """Customers in the published table, and how many of them do not have exactly K distinct articles."""
     from pyspark.sql import functions as F
 
+    if not lake.exists("recommendations"):  # a run stopped (or re-measured stages) before any publish
+        print("no published recommendations: run the score stage (--resume, or --redo score)", flush=True)
+        return {"customers_published": 0, "customers_without_exactly_k": None}
     per = lake.read("recommendations").groupBy("customer_id").agg(
         F.count(F.lit(1)).alias("n"), F.countDistinct("article_id").alias("distinct"))
     row = per.agg(F.count(F.lit(1)).alias("customers"),
