@@ -24,7 +24,7 @@ from recsys.gate import apply_gate, describe_gate
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label, system_versions
 from recsys.report import build_report, default_report_path, write_html_report
 from recsys.spark_metrics import (ALL, catalogue_popularity, customer_segments, evaluate_recommendations,
-                                  recall_curve)
+                                  metrics_and_curve)
 from recsys.split import as_date, backtest_starts, default_test_start, evaluation_customers, split
 from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_SCHEMA, TRANSACTIONS, Lakehouse
 
@@ -90,11 +90,13 @@ def evaluate_week(
         # several metric jobs read it: compute the lists once, and cut the plan behind them (candidates, ranker)
         recs = recs if cached else recs.localCheckpoint()
         version = (versions or {}).get(name) or _version_of(recs)
-        scores = evaluate_recommendations(recs, week.test, ks, week.segments, popularity=week.popularity)
-        metrics.append(scores.assign(model=name, version=version, test_week=week.test_start))
         if curves:
-            curve = recall_curve(recs, week.test, config.evaluation.curve_max_k)
+            scores, curve = metrics_and_curve(recs, week.test, ks, config.evaluation.curve_max_k, week.segments,
+                                              popularity=week.popularity)
             curve_frames.append(curve.assign(model=name, test_week=week.test_start))
+        else:
+            scores = evaluate_recommendations(recs, week.test, ks, week.segments, popularity=week.popularity)
+        metrics.append(scores.assign(model=name, version=version, test_week=week.test_start))
         if not cached:
             recs.unpersist()
         metrics[-1] = metrics[-1].assign(seconds=round(time.perf_counter() - started, 1))

@@ -122,6 +122,35 @@ def evaluate_recommendations(
     a week, and counting two years of sales for each model was most of its evaluation time); then `catalogue`
     and `train` are not read.
     """
+    return _metrics_table(_metric_rows(recs, test, ks, segments, catalogue, train, popularity).toPandas())
+
+
+def recall_curve(recs: DataFrame, test: DataFrame, max_k: int = 100) -> pd.DataFrame:
+    """Recall@K for K = 1..max_k over the test week's buyers: pandas (k, recall)."""
+    return _curve_table(_curve_rows(recs, test, max_k).toPandas(), max_k)
+
+
+def metrics_and_curve(
+    recs: DataFrame, test: DataFrame, ks: list[int], curve_max_k: int, segments: DataFrame | None = None,
+    popularity: DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`evaluate_recommendations` and `recall_curve` from one Spark job: both rank each list the same way, so
+    with curve_max_k = max(ks) the plan shares that shuffle and sort, and the lists are read once."""
+    rows = _metric_rows(recs, test, ks, segments, popularity=popularity).withColumn(_PART, F.lit("metrics"))
+    curve = _curve_rows(recs, test, curve_max_k).withColumn(_PART, F.lit("curve"))
+    both = rows.unionByName(curve, allowMissingColumns=True).toPandas()
+    metrics = both[both[_PART] == "metrics"].drop(columns=[_PART, "pos", "gain"])
+    return _metrics_table(metrics), _curve_table(both[both[_PART] == "curve"][["pos", "gain"]], curve_max_k)
+
+
+_PART = "_part"  # which of the two result sets a row of the one job belongs to
+
+
+def _metric_rows(
+    recs: DataFrame, test: DataFrame, ks: list[int], segments: DataFrame | None = None,
+    catalogue: DataFrame | None = None, train: DataFrame | None = None, popularity: DataFrame | None = None,
+) -> DataFrame:
+    """One row per segment: customers and every metric as a column."""
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"evaluation ks must be positive integers, got {ks}")
@@ -151,23 +180,28 @@ def evaluate_recommendations(
             F.avg(F.when(F.col("pos") <= k, F.col("pct"))).alias(M.metric_name("popularity_bias", k)),
         )
     ])
-    wide = ranking.join(lists, "segment", "left").toPandas()  # the one Spark job
+    return ranking.join(lists, "segment", "left")
+
+
+def _metrics_table(wide: pd.DataFrame) -> pd.DataFrame:
     long = wide.melt(id_vars="segment", var_name="metric", value_name="value")
     long["value"] = long["value"].astype(float).fillna(0.0)  # a segment with no lists: coverage and bias are 0
     return long.sort_values(["segment", "metric"]).reset_index(drop=True)
 
 
-def recall_curve(recs: DataFrame, test: DataFrame, max_k: int = 100) -> pd.DataFrame:
-    """Recall@K for K = 1..max_k over the test week's buyers: pandas (k, recall)."""
+def _curve_rows(recs: DataFrame, test: DataFrame, max_k: int) -> DataFrame:
+    """pos, gain: each list position's share of the buyers' relevant articles; position 0 the number of buyers."""
     truth = relevant(test)
     buyers = truth.groupBy("customer_id").agg(F.count(F.lit(1)).alias("n_relevant"))
     by_pos = (
         first_positions(recs, max_k).join(truth, ["customer_id", "article_id"]).join(buyers, "customer_id")
         .groupBy("pos").agg(F.sum(1.0 / F.col("n_relevant")).alias("gain"))
     )
-    # One job: position 0 carries the number of buyers.
     n_buyers_row = buyers.agg(F.lit(0).alias("pos"), F.count(F.lit(1)).cast("double").alias("gain"))
-    rows = n_buyers_row.unionByName(by_pos).toPandas()
+    return n_buyers_row.unionByName(by_pos)
+
+
+def _curve_table(rows: pd.DataFrame, max_k: int) -> pd.DataFrame:
     n_buyers = float(rows.loc[rows["pos"] == 0, "gain"].iloc[0])
     hits = rows[rows["pos"] > 0]
     gains = pd.Series(0.0, index=range(1, max_k + 1))

@@ -102,6 +102,11 @@ def test_spark_agrees_with_reference_on_generated_data(spark, seed):
     curve = S.recall_curve(recs_df(spark, lists), buys_df(spark, bought), 30)
     assert curve["recall"].tolist() == pytest.approx(M.recall_curve(lists, bought, 30).tolist())
     assert curve["recall"].iloc[11] == pytest.approx(as_dict(out)["recall_at_12"])
+    popularity = S.catalogue_popularity(catalogue, spark.createDataFrame(train, BUYS))
+    both, both_curve = S.metrics_and_curve(recs_df(spark, lists), buys_df(spark, bought), ks, 30, seg_df,
+                                           popularity=popularity)  # the evaluation's one job per model
+    pd.testing.assert_frame_equal(both, out)
+    pd.testing.assert_frame_equal(both_curve, curve)
 
 
 def test_customer_segments_by_history_and_age(spark):
