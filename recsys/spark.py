@@ -70,13 +70,12 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.python.worker.reuse", "true")
     )
-    if not sc.ui:  # nobody browses finished jobs: keep few in the driver heap (a plan's graph and metrics each)
-        for key, value in RETAINED_WITHOUT_UI.items():
-            builder = builder.config(key, value)
+    settings = dict(RETAINED_WITHOUT_UI) if not sc.ui else {}  # nobody browses finished jobs: keep few
     daemon = None if submitted else console.python_daemon()
     if daemon:  # a quiet local run: the workers' native console lines dropped too
-        builder = builder.config("spark.python.daemon.module", daemon)
-    for key, value in sc.conf.items():  # the profile's own settings last: they win
+        settings["spark.python.daemon.module"] = daemon
+    settings.update(sc.conf)  # the profile's own settings last: they win
+    for key, value in settings.items():
         builder = builder.config(key, value)
     if not submitted:  # a plain `python`/`recsys` run: the profile's master, Delta from the JAR cache
         builder = builder.master(sc.master).config("spark.jars", ",".join(str(p) for p in jars.jar_paths()))

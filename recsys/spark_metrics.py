@@ -130,6 +130,9 @@ def recall_curve(recs: DataFrame, test: DataFrame, max_k: int = 100) -> pd.DataF
     return _curve_table(_curve_rows(recs, test, max_k).toPandas(), max_k)
 
 
+_PART = "_part"  # which of the two result sets a row of the one job belongs to
+
+
 def metrics_and_curve(
     recs: DataFrame, test: DataFrame, ks: list[int], curve_max_k: int, segments: DataFrame | None = None,
     popularity: DataFrame | None = None,
@@ -141,9 +144,6 @@ def metrics_and_curve(
     both = rows.unionByName(curve, allowMissingColumns=True).toPandas()
     metrics = both[both[_PART] == "metrics"].drop(columns=[_PART, "pos", "gain"])
     return _metrics_table(metrics), _curve_table(both[both[_PART] == "curve"][["pos", "gain"]], curve_max_k)
-
-
-_PART = "_part"  # which of the two result sets a row of the one job belongs to
 
 
 def _metric_rows(
