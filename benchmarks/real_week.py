@@ -15,7 +15,7 @@ else the best baseline. With --ablation it also measures each candidate source r
 against a plain merge of the sources, and the two-tower with and without the history input / the customer-id
 embedding. Writes benchmarks/results/real_week.json and the "Real week" section of docs/BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/real_week.py [--ablation] [--keep DIR]
+    .venv/bin/python benchmarks/real_week.py [--ablation] [--two-tower-n 50,25] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -139,20 +139,22 @@ class Bench:
 
         return score.recommend(self.lake, encoder, as_of=TEST_START, customers=self.week.target)
 
-    def system(self, encoder, sources: list[str] | None = None):
-        """(fit, lists) of the ranker on `sources` (default: the configured ones)."""
+    def system(self, encoder, sources: list[str] | None = None, two_tower_n: int | None = None):
+        """(fit, lists) of the ranker on `sources` (default: the configured ones), the two-tower proposing
+        `two_tower_n` articles per customer (default: `candidates.two_tower_n`)."""
         from recsys import two_stage
 
-        saved = list(self.config.candidates.sources)
-        if sources is not None:
-            self.config.candidates.sources = sources
+        candidates = self.config.candidates
+        saved = list(candidates.sources), candidates.two_tower_n
+        candidates.sources = list(sources) if sources is not None else candidates.sources
+        candidates.two_tower_n = two_tower_n or candidates.two_tower_n
         try:
             fit = two_stage.fit_ranker(self.lake, encoder, TEST_START)
             lists = two_stage.recommend(self.lake, encoder, fit.model, as_of=TEST_START, customers=self.week.target)
             lists = lists.cache()
             lists.count()
         finally:
-            self.config.candidates.sources = saved
+            candidates.sources, candidates.two_tower_n = saved
         return fit, lists
 
     def merged(self, encoder):
@@ -165,7 +167,7 @@ class Bench:
         from recsys import evaluate
         from recsys.spark_metrics import ALL
 
-        metrics, _ = evaluate.evaluate_week(self.week, recommenders, self.config, curves=False)
+        metrics, _, _ = evaluate.evaluate_week(self.week, recommenders, self.config, curves=False)
         overall = metrics[metrics["segment"] == ALL]
         return overall.pivot_table(index="model", columns="metric", values="value")
 
@@ -189,6 +191,8 @@ def main() -> int:
                                                                  "two-tower inputs")
     parser.add_argument("--keep", default=None, help="work folder to keep and reuse (default: a temporary one)")
     parser.add_argument("--driver-memory", default="6g", help="Spark driver memory")
+    parser.add_argument("--two-tower-n", default="", help="also the system with the two-tower proposing each of "
+                        "these numbers of articles per customer (comma-separated), the same two-tower model")
     args = parse_args(parser)
     if not REAL.is_dir():
         print(f"skipped: {REAL} not present")
@@ -251,6 +255,19 @@ def main() -> int:
 
         save()
         print(json.dumps(result["metrics"], indent=1, default=str), flush=True)
+        sweep = [int(n) for n in args.two_tower_n.split(",") if n.strip()]
+        if sweep:
+            result["two_tower_n"] = [{"two_tower_n": config.candidates.two_tower_n, **_pick(scores["two_stage"]),
+                                      "fit_system_s": bench.timings["fit_system_s"]}]
+            for n in sweep:
+                timer = f"fit_system_{n}_s"
+                with bench.timed(timer):
+                    _, lists = bench.system(encoder, two_tower_n=n)
+                result["two_tower_n"].append({"two_tower_n": n, **_pick(bench.scores({"x": lists}).loc["x"]),
+                                              "fit_system_s": bench.timings[timer]})
+                lists.unpersist()
+                print(f"two_tower_n: {result['two_tower_n'][-1]}", flush=True)
+                save()
         if args.ablation:
             result["ablation"] = []
             for row in ablation(bench, encoder, scores):
@@ -313,6 +330,11 @@ def write_section(result: dict) -> None:
     if result.get("ablation"):
         lines += ["", "### Ablation", "", "| variant | map_at_12 | recall_at_12 |", "|---|---:|---:|"]
         lines += [f"| {a['variant']} | {a['map_at_12']:.4f} | {a['recall_at_12']:.4f} |" for a in result["ablation"]]
+    if result.get("two_tower_n"):
+        lines += ["", "### The two-tower's candidates per customer (`--two-tower-n`, the same two-tower model)", "",
+                  "| two_tower_n | map_at_12 | recall_at_12 | ranker fit + lists (s) |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['two_tower_n']} | {r['map_at_12']:.4f} | {r['recall_at_12']:.4f} | {r['fit_system_s']} |"
+                  for r in result["two_tower_n"]]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()) + "."]
     lines += [f"- {note}" for note in result["notes"]]
     section = "\n".join(lines) + "\n"

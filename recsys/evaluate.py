@@ -23,8 +23,7 @@ from recsys.config import Config
 from recsys.gate import apply_gate, describe_gate
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label, system_versions
 from recsys.report import build_report, default_report_path, write_html_report
-from recsys.spark_metrics import (ALL, catalogue_popularity, customer_segments, evaluate_recommendations,
-                                  metrics_and_curve)
+from recsys.spark_metrics import ALL, catalogue_popularity, customer_segments, evaluate_models
 from recsys.split import as_date, backtest_starts, default_test_start, evaluation_customers, split
 from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_SCHEMA, TRANSACTIONS, Lakehouse
 
@@ -79,33 +78,41 @@ def load_week(lake: Lakehouse, test_start: dt.date | str, test_days: int | None 
 def evaluate_week(
     week: Week, recommenders: Mapping[str, DataFrame], config: Config, versions: Mapping[str, str] | None = None,
     curves: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(metrics: model, version, test_week, segment, metric, value, seconds; curves: model, k, recall) for every
-    model. `seconds`: computing the model's lists (what was left lazy of them) and its metrics."""
+) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """(metrics: model, version, test_week, segment, metric, value, seconds; curves: model, k, recall; the
+    seconds of the one metrics job for every model). `seconds`: computing the model's lists (what was left lazy
+    of them)."""
     ks = sorted(set(config.evaluation.ks) | {config.evaluation.k})
-    metrics, curve_frames = [], []
+    lists, made, kept = {}, {}, []
     for name, recs in recommenders.items():
         started = time.perf_counter()
-        cached = recs.is_cached
-        # several metric jobs read it: compute the lists once, and cut the plan behind them (candidates, ranker)
-        recs = recs if cached else recs.localCheckpoint()
         version = (versions or {}).get(name) or _version_of(recs)
-        if curves:
-            scores, curve = metrics_and_curve(recs, week.test, ks, config.evaluation.curve_max_k, week.segments,
-                                              popularity=week.popularity)
-            curve_frames.append(curve.assign(model=name, test_week=week.test_start))
-        else:
-            scores = evaluate_recommendations(recs, week.test, ks, week.segments, popularity=week.popularity)
-        metrics.append(scores.assign(model=name, version=version, test_week=week.test_start))
-        if not cached:
+        if not recs.is_cached:
+            # the metrics job reads the lists more than once: compute them once, and cut the plan behind them
+            # (candidates, ranker); only the columns the metrics read are kept
+            recs = recs.select("customer_id", "article_id", "rank", "score").localCheckpoint()
+            kept.append(recs)
+        lists[name] = recs
+        made[name] = (version, round(time.perf_counter() - started, 1))
+    started = time.perf_counter()
+    try:
+        scores, curve = evaluate_models(lists, week.test, ks, week.segments, week.popularity,
+                                        curve_max_k=config.evaluation.curve_max_k if curves else 0)
+    finally:
+        for recs in kept:
             recs.unpersist()
-        metrics[-1] = metrics[-1].assign(seconds=round(time.perf_counter() - started, 1))
-        log.info("evaluated %s on %s in %.1f s: map@%d = %.5f", name, week.test_start, metrics[-1]["seconds"].iloc[0],
-                 config.evaluation.k, _value(metrics[-1], ALL, M.metric_name("map", config.evaluation.k)))
+    seconds = round(time.perf_counter() - started, 1)
+    scores = scores.assign(
+        version=scores["model"].map(lambda m: made[m][0]), test_week=week.test_start,
+        seconds=scores["model"].map(lambda m: made[m][1]))
+    for name in lists:
+        log.info("evaluated %s on %s: map@%d = %.5f", name, week.test_start, config.evaluation.k,
+                 _value(scores[scores["model"] == name], ALL, M.metric_name("map", config.evaluation.k)))
     curve_columns = ["k", "recall", "model", "test_week"]
     return (
-        pd.concat(metrics)[RUN_COLUMNS + ["seconds"]].reset_index(drop=True),
-        pd.concat(curve_frames).reset_index(drop=True) if curve_frames else pd.DataFrame(columns=curve_columns),
+        scores[RUN_COLUMNS + ["seconds"]].reset_index(drop=True),
+        curve.assign(test_week=week.test_start)[curve_columns] if curves else pd.DataFrame(columns=curve_columns),
+        seconds,
     )
 
 
@@ -171,7 +178,7 @@ def evaluate_all(
     `week`: the already loaded test week, if the caller has it. Returns the report (see `format_report`).
     """
     week = week if week is not None and week.test_start == as_date(test_start) else load_week(lake, test_start)
-    metrics, curves = evaluate_week(week, recommenders, lake.config, versions)
+    metrics, curves, metric_seconds = evaluate_week(week, recommenders, lake.config, versions)
     if write:
         write_runs(lake, metrics)
     spread = None
@@ -179,6 +186,7 @@ def evaluate_all(
         comparable = metrics[metrics["model"].isin(set(history["model"]))]
         spread = spread_of(pd.concat([history, comparable], ignore_index=True))
     report = build_report(lake.config, week.test_start, metrics, curves, spread)
+    report["seconds"]["metrics"] = metric_seconds  # every model's, one job
     if html_report:
         report["report_path"] = str(write_html_report(report, report_path or default_report_path(lake.config)))
     for name, run_id in (run_ids or {}).items():
@@ -198,7 +206,7 @@ def backtest_metrics(
     frames = []
     for start in starts:
         week = load_week(lake, start)
-        metrics, _ = evaluate_week(week, recommenders_for(week), lake.config, curves=False)
+        metrics, _, _ = evaluate_week(week, recommenders_for(week), lake.config, curves=False)
         if write:
             write_runs(lake, metrics)
         frames.append(metrics)

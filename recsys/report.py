@@ -34,7 +34,7 @@ def build_report(config: Config, test_start: dt.date, metrics: pd.DataFrame, cur
         "metrics": metrics,
         "curves": curves,
         "backtest": backtest,
-        # model -> seconds its evaluation took (lists and metrics), where the metrics carry it
+        # model -> seconds its lists took to compute, where the metrics carry it
         "seconds": ({m: float(v) for m, v in overall.groupby("model")["seconds"].first().items()}
                     if "seconds" in overall.columns else {}),
     }

@@ -3,11 +3,12 @@
 The definitions are written down once, in `recsys.metrics` (the plain-Python reference this module is tested
 against): Kaggle's MAP@12 over the customers who bought in the test week, binary Recall/Precision/NDCG@K, hit
 rate, catalogue coverage and popularity bias. Every recommender, the baselines included, goes through
-`evaluate_recommendations`, so the numbers compare like with like.
+`evaluate_models`, so the numbers compare like with like.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Mapping
 
 import pandas as pd
 from pyspark.sql import DataFrame, Window
@@ -20,17 +21,21 @@ from recsys.split import evaluation_customers
 ALL = "all"  # the segment of every buyer of the test week
 
 
-def first_positions(recs: DataFrame, max_k: int) -> DataFrame:
+MODEL = "model"  # the column naming each recommender when several are evaluated in one job
+
+
+def first_positions(recs: DataFrame, max_k: int, by: tuple[str, ...] = ()) -> DataFrame:
     """customer_id, article_id, pos: 1-based list position (rank order), first occurrence only, pos <= max_k.
 
-    A repeated article keeps its first slot and its later slots stay used (as Kaggle's `apk`).
+    A repeated article keeps its first slot and its later slots stay used (as Kaggle's `apk`). `by`: columns
+    that tell several recommenders' lists apart (each customer's list is ranked within its recommender).
     """
-    order = Window.partitionBy("customer_id").orderBy("rank", F.desc("score"), "article_id")
+    order = Window.partitionBy(*by, "customer_id").orderBy("rank", F.desc("score"), "article_id")
     return (
-        recs.select("customer_id", "article_id", "rank", "score")
+        recs.select(*by, "customer_id", "article_id", "rank", "score")
         .withColumn("pos", F.row_number().over(order))
         .filter(F.col("pos") <= max_k)
-        .groupBy("customer_id", "article_id")
+        .groupBy(*by, "customer_id", "article_id")
         .agg(F.min("pos").alias("pos"))
     )
 
@@ -45,16 +50,15 @@ def _idcg(n_relevant: Any, k: int) -> Any:
     return F.element_at(table, F.least(n_relevant, F.lit(k)).cast("int"))
 
 
-def per_customer_metrics(recs: DataFrame, test: DataFrame, ks: list[int]) -> DataFrame:
-    """One row per buyer of the test week: customer_id, n_relevant and every ranking metric at every K."""
-    max_k = max(ks)
-    truth = relevant(test)
-    buyers = truth.groupBy("customer_id").agg(F.count(F.lit(1)).alias("n_relevant"))
-    hits = (
-        first_positions(recs, max_k)
-        .join(truth, ["customer_id", "article_id"])
-        .withColumn("nth_hit", F.row_number().over(Window.partitionBy("customer_id").orderBy("pos")))
-    )
+def _hits(positions: DataFrame, truth: DataFrame, by: tuple[str, ...]) -> DataFrame:
+    """The listed articles the customer bought: by.., customer_id, article_id, pos, nth_hit (1 = best placed)."""
+    return positions.join(truth, ["customer_id", "article_id"]).withColumn(
+        "nth_hit", F.row_number().over(Window.partitionBy(*by, "customer_id").orderBy("pos")))
+
+
+def _hit_metrics(hits: DataFrame, buyers: DataFrame, ks: list[int], by: tuple[str, ...]) -> DataFrame:
+    """One row per (recommender, customer) with at least one hit: every ranking metric at every K. A buyer
+    without a hit scores 0 on each of them, so the averages need only these rows and the number of buyers."""
     sums = []
     for k in ks:
         at_k = F.col("pos") <= k
@@ -63,8 +67,8 @@ def per_customer_metrics(recs: DataFrame, test: DataFrame, ks: list[int]) -> Dat
             F.sum(F.when(at_k, 1.0 / F.log2(F.col("pos") + 1.0)).otherwise(0.0)).alias(f"dcg_{k}"),
             F.sum(F.when(at_k, F.col("nth_hit") / F.col("pos")).otherwise(0.0)).alias(f"ap_{k}"),
         ]
-    per = buyers.join(hits.groupBy("customer_id").agg(*sums), "customer_id", "left").fillna(0.0)
-    columns = [F.col("customer_id"), F.col("n_relevant")]
+    per = hits.groupBy(*by, "customer_id").agg(*sums).join(buyers, "customer_id")
+    columns = [*by, "customer_id"]
     for k in ks:
         h = F.col(f"hits_{k}")
         columns += [
@@ -105,6 +109,79 @@ def _population(test: DataFrame, segments: DataFrame | None) -> DataFrame:
     return everyone.unionByName(segments.select("customer_id", "segment").join(buyers, "customer_id"))
 
 
+def evaluate_models(
+    lists: Mapping[str, DataFrame],
+    test: DataFrame,
+    ks: list[int],
+    segments: DataFrame | None = None,
+    popularity: DataFrame | None = None,
+    catalogue: DataFrame | None = None,
+    train: DataFrame | None = None,
+    curve_max_k: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metrics of several recommenders on one test week from one Spark job: (model, segment, metric, value) for
+    'all' and each segment, and with `curve_max_k` the Recall@K curve (model, k, recall) for K = 1..curve_max_k.
+
+    One job for every model, not a few per model: on an evaluation week's buyers most of a model's metric time
+    was the jobs' fixed cost. `segments`: customer_id, segment (a customer may be in several). `popularity`:
+    `catalogue_popularity(catalogue, train)` already computed (the same for every model of a week); else it is
+    computed from `catalogue` (default: every article in train, test and the lists) and `train` (the purchases
+    before the test week, for popularity bias).
+    """
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"evaluation ks must be positive integers, got {ks}")
+    if not lists:
+        raise ValueError("evaluate_models: no lists to evaluate")
+    names = list(lists)
+    by = (MODEL,)
+    recs = functools.reduce(DataFrame.unionByName, [
+        frame.select(F.lit(name).alias(MODEL), "customer_id", "article_id", "rank", "score")
+        for name, frame in lists.items()
+    ])
+    if popularity is None:
+        if catalogue is None:
+            catalogue = recs.select("article_id").unionByName(test.select("article_id"))
+            if train is not None:
+                catalogue = catalogue.unionByName(train.select("article_id"))
+        popularity = catalogue_popularity(catalogue, train)
+    max_k = max(ks)
+    truth = relevant(test)
+    buyers = truth.groupBy("customer_id").agg(F.count(F.lit(1)).alias("n_relevant"))
+    population = _population(test, segments)
+    positions = first_positions(recs, max(max_k, curve_max_k), by)
+    hits = _hits(positions, truth, by)
+    per = _hit_metrics(hits.where(F.col("pos") <= max_k), buyers, ks, by)
+    metric_names = [c for c in per.columns if c not in (MODEL, "customer_id")]
+    ranking = population.join(per, "customer_id").groupBy(MODEL, "segment").agg(
+        *[F.sum(n).alias(n) for n in metric_names])
+    listed = (
+        positions.where(F.col("pos") <= max_k).join(population, "customer_id")
+        .join(F.broadcast(popularity), "article_id")
+    )
+    shares = listed.groupBy(MODEL, "segment").agg(*[
+        agg
+        for k in ks
+        for agg in (
+            (F.countDistinct(F.when(F.col("pos") <= k, F.col("article_id"))) / F.first("n_catalogue"))
+            .alias(M.metric_name("coverage", k)),
+            F.avg(F.when(F.col("pos") <= k, F.col("pct"))).alias(M.metric_name("popularity_bias", k)),
+        )
+    ])
+    sizes = population.groupBy("segment").agg(F.count(F.lit(1)).cast("double").alias("customers"))
+    parts = [ranking.withColumn(_PART, F.lit("ranking")), shares.withColumn(_PART, F.lit("shares")),
+             sizes.withColumn(_PART, F.lit("sizes"))]
+    if curve_max_k:
+        gains = hits.where(F.col("pos") <= curve_max_k).join(buyers, "customer_id").groupBy(MODEL, "pos").agg(
+            F.sum(1.0 / F.col("n_relevant")).alias("gain"))
+        parts.append(gains.withColumn(_PART, F.lit("curve")))
+    rows = functools.reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), parts).toPandas()
+    metrics = _metrics_table(rows, names, metric_names)
+    curves = _curves_table(rows, names, curve_max_k) if curve_max_k else pd.DataFrame(
+        columns=[MODEL, "k", "recall"])
+    return metrics, curves
+
+
 def evaluate_recommendations(
     recs: DataFrame,
     test: DataFrame,
@@ -114,99 +191,42 @@ def evaluate_recommendations(
     train: DataFrame | None = None,
     popularity: DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Metrics of one recommender on one test week: pandas (segment, metric, value), 'all' plus each segment.
-
-    `segments`: customer_id, segment (a customer may be in several). `catalogue`: article_id (default: every
-    article in train, test and recs). `train`: the transactions before the test week, for popularity bias.
-    `popularity`: `catalogue_popularity(catalogue, train)` already computed (it is the same for every model of
-    a week, and counting two years of sales for each model was most of its evaluation time); then `catalogue`
-    and `train` are not read.
-    """
-    return _metrics_table(_metric_rows(recs, test, ks, segments, catalogue, train, popularity).toPandas())
+    """Metrics of one recommender on one test week: pandas (segment, metric, value), 'all' plus each segment
+    (`evaluate_models` for one)."""
+    metrics, _ = evaluate_models({"": recs}, test, ks, segments, popularity, catalogue, train)
+    return metrics.drop(columns=MODEL)
 
 
-def recall_curve(recs: DataFrame, test: DataFrame, max_k: int = 100) -> pd.DataFrame:
-    """Recall@K for K = 1..max_k over the test week's buyers: pandas (k, recall)."""
-    return _curve_table(_curve_rows(recs, test, max_k).toPandas(), max_k)
+_PART = "_part"  # which of the result sets a row of the one job belongs to
 
 
-_PART = "_part"  # which of the two result sets a row of the one job belongs to
-
-
-def metrics_and_curve(
-    recs: DataFrame, test: DataFrame, ks: list[int], curve_max_k: int, segments: DataFrame | None = None,
-    popularity: DataFrame | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`evaluate_recommendations` and `recall_curve` from one Spark job: both rank each list the same way, so
-    with curve_max_k = max(ks) the plan shares that shuffle and sort, and the lists are read once."""
-    rows = _metric_rows(recs, test, ks, segments, popularity=popularity).withColumn(_PART, F.lit("metrics"))
-    curve = _curve_rows(recs, test, curve_max_k).withColumn(_PART, F.lit("curve"))
-    both = rows.unionByName(curve, allowMissingColumns=True).toPandas()
-    metrics = both[both[_PART] == "metrics"].drop(columns=[_PART, "pos", "gain"])
-    return _metrics_table(metrics), _curve_table(both[both[_PART] == "curve"][["pos", "gain"]], curve_max_k)
-
-
-def _metric_rows(
-    recs: DataFrame, test: DataFrame, ks: list[int], segments: DataFrame | None = None,
-    catalogue: DataFrame | None = None, train: DataFrame | None = None, popularity: DataFrame | None = None,
-) -> DataFrame:
-    """One row per segment: customers and every metric as a column."""
-    ks = sorted(set(ks))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"evaluation ks must be positive integers, got {ks}")
-    population = _population(test, segments)
-    per = per_customer_metrics(recs, test, ks)
-    names = [c for c in per.columns if c not in ("customer_id", "n_relevant")]
-    ranking = population.join(per, "customer_id").groupBy("segment").agg(
-        F.count(F.lit(1)).cast("double").alias("customers"), *[F.avg(n).alias(n) for n in names]
-    )
-    if popularity is None:
-        if catalogue is None:
-            sources = [recs, test] + ([train] if train is not None else [])
-            catalogue = sources[0].select("article_id")
-            for other in sources[1:]:
-                catalogue = catalogue.unionByName(other.select("article_id"))
-        popularity = catalogue_popularity(catalogue, train)
-    listed = (
-        first_positions(recs, max(ks)).join(population, "customer_id")
-        .join(F.broadcast(popularity), "article_id")
-    )
-    lists = listed.groupBy("segment").agg(*[
-        agg
-        for k in ks
-        for agg in (
-            (F.countDistinct(F.when(F.col("pos") <= k, F.col("article_id"))) / F.first("n_catalogue"))
-            .alias(M.metric_name("coverage", k)),
-            F.avg(F.when(F.col("pos") <= k, F.col("pct"))).alias(M.metric_name("popularity_bias", k)),
-        )
-    ])
-    return ranking.join(lists, "segment", "left")
-
-
-def _metrics_table(wide: pd.DataFrame) -> pd.DataFrame:
-    long = wide.melt(id_vars="segment", var_name="metric", value_name="value")
+def _metrics_table(rows: pd.DataFrame, names: list[str], ranking: list[str]) -> pd.DataFrame:
+    """The job's parts -> model, segment, metric, value: the ranking metrics' sums over the buyers with a hit
+    divided by the segment's buyers; coverage and bias 0 where a model listed nothing for a segment."""
+    sizes = rows[rows[_PART] == "sizes"].set_index("segment")["customers"].astype(float)
+    grid = pd.MultiIndex.from_product([names, sizes.index], names=[MODEL, "segment"])
+    sums = rows[rows[_PART] == "ranking"].set_index([MODEL, "segment"])[ranking].astype(float)
+    shares = [c for c in rows.columns if c.startswith(("coverage_", "popularity_bias_"))]
+    wide = sums.reindex(grid).fillna(0.0).div(sizes, axis=0, level="segment")
+    wide = wide.join(rows[rows[_PART] == "shares"].set_index([MODEL, "segment"])[shares].astype(float).reindex(grid))
+    wide.insert(0, "customers", sizes.reindex(grid.get_level_values("segment")).to_numpy())
+    long = wide.reset_index().melt(id_vars=[MODEL, "segment"], var_name="metric", value_name="value")
     long["value"] = long["value"].astype(float).fillna(0.0)  # a segment with no lists: coverage and bias are 0
-    return long.sort_values(["segment", "metric"]).reset_index(drop=True)
+    return long.sort_values([MODEL, "segment", "metric"]).reset_index(drop=True)
 
 
-def _curve_rows(recs: DataFrame, test: DataFrame, max_k: int) -> DataFrame:
-    """pos, gain: each list position's share of the buyers' relevant articles; position 0 the number of buyers."""
-    truth = relevant(test)
-    buyers = truth.groupBy("customer_id").agg(F.count(F.lit(1)).alias("n_relevant"))
-    by_pos = (
-        first_positions(recs, max_k).join(truth, ["customer_id", "article_id"]).join(buyers, "customer_id")
-        .groupBy("pos").agg(F.sum(1.0 / F.col("n_relevant")).alias("gain"))
-    )
-    n_buyers_row = buyers.agg(F.lit(0).alias("pos"), F.count(F.lit(1)).cast("double").alias("gain"))
-    return n_buyers_row.unionByName(by_pos)
-
-
-def _curve_table(rows: pd.DataFrame, max_k: int) -> pd.DataFrame:
-    n_buyers = float(rows.loc[rows["pos"] == 0, "gain"].iloc[0])
-    hits = rows[rows["pos"] > 0]
-    gains = pd.Series(0.0, index=range(1, max_k + 1))
-    gains.loc[hits["pos"].astype(int).tolist()] = hits["gain"].astype(float).tolist()
-    return pd.DataFrame({"k": gains.index, "recall": gains.cumsum().values / max(n_buyers, 1.0)})
+def _curves_table(rows: pd.DataFrame, names: list[str], max_k: int) -> pd.DataFrame:
+    """Recall@K for K = 1..max_k per model: each position's share of the buyers' relevant articles, summed."""
+    n_buyers = float(rows.loc[(rows[_PART] == "sizes") & (rows["segment"] == ALL), "customers"].iloc[0])
+    gains = rows[rows[_PART] == "curve"]
+    frames = []
+    for name in names:
+        mine = gains[gains[MODEL] == name]
+        by_pos = pd.Series(0.0, index=range(1, max_k + 1))
+        by_pos.loc[mine["pos"].astype(int).tolist()] = mine["gain"].astype(float).tolist()
+        frames.append(pd.DataFrame({MODEL: name, "k": by_pos.index,
+                                    "recall": by_pos.cumsum().to_numpy() / max(n_buyers, 1.0)}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def customer_segments(train: DataFrame, customers: DataFrame, short_history_max: int) -> DataFrame:

@@ -99,14 +99,23 @@ def test_spark_agrees_with_reference_on_generated_data(spark, seed):
             ks, catalogue=articles, train_counts=train_counts,
         )
         assert as_dict(out, segment) == pytest.approx(reference), segment
-    curve = S.recall_curve(recs_df(spark, lists), buys_df(spark, bought), 30)
-    assert curve["recall"].tolist() == pytest.approx(M.recall_curve(lists, bought, 30).tolist())
-    assert curve["recall"].iloc[11] == pytest.approx(as_dict(out)["recall_at_12"])
     popularity = S.catalogue_popularity(catalogue, spark.createDataFrame(train, BUYS))
-    both, both_curve = S.metrics_and_curve(recs_df(spark, lists), buys_df(spark, bought), ks, 30, seg_df,
-                                           popularity=popularity)  # the evaluation's one job per model
-    pd.testing.assert_frame_equal(both, out)
-    pd.testing.assert_frame_equal(both_curve, curve)
+    # the evaluation's one job for several models: each model's figures as if evaluated alone
+    others = {c: list(reversed(v)) for c, v in lists.items()}
+    both, curves = S.evaluate_models({"m1": recs_df(spark, lists), "m2": recs_df(spark, others)},
+                                     buys_df(spark, bought), ks, seg_df, popularity, curve_max_k=30)
+    pd.testing.assert_frame_equal(both[both["model"] == "m1"].drop(columns="model").reset_index(drop=True), out,
+                                  check_exact=False)
+    alone = S.evaluate_recommendations(recs_df(spark, others), buys_df(spark, bought), ks, seg_df,
+                                       popularity=popularity)
+    pd.testing.assert_frame_equal(both[both["model"] == "m2"].drop(columns="model").reset_index(drop=True), alone,
+                                  check_exact=False)
+    for name, recommended in (("m1", lists), ("m2", others)):
+        curve = curves[curves["model"] == name]
+        assert curve["k"].tolist() == list(range(1, 31))
+        assert curve["recall"].tolist() == pytest.approx(M.recall_curve(recommended, bought, 30).tolist())
+    m1 = curves[curves["model"] == "m1"]["recall"]
+    assert m1.iloc[11] == pytest.approx(as_dict(out)["recall_at_12"])
 
 
 def test_customer_segments_by_history_and_age(spark):
@@ -164,7 +173,7 @@ def test_evaluate_all_writes_table_and_report(week_lake, spark, tmp_path):
     assert page.count("data:image/png;base64,") >= 4 and "Recall@K" in page and "perfect" in page
     text = R.format_report(report)
     assert "perfect" in text and "map_at_12" in text and "2020-09-08 .. 2020-09-14" in text
-    assert set(report["seconds"]) == {"perfect", "wrong"} and all(s >= 0 for s in report["seconds"].values())
+    assert set(report["seconds"]) == {"perfect", "wrong", "metrics"} and all(s >= 0 for s in report["seconds"].values())
 
 
 def test_empty_test_week_is_a_clear_error(week_lake):
@@ -273,8 +282,8 @@ def test_run_back_tests_baselines_and_reports_the_spread(week_lake, spark, tmp_p
     assert weeks == {dt.date(2020, 9, 1), dt.date(2020, 9, 8)}
     assert "Back-test map_at_3 over 2 weeks" in R.format_report(report)
     assert (tmp_path / "artifacts" / "evaluation" / "report.html").exists()
-    # where the time went: building the lists (a baseline may fit a model then), then each model's evaluation
-    assert list(report["seconds"]) == ["building baselines", "popularity_last_week"]
+    # where the time went: building the lists (a baseline may fit a model then), each model's lists, the metrics
+    assert list(report["seconds"]) == ["building baselines", "popularity_last_week", "metrics"]
     assert "time (s): building baselines " in R.format_report(report)
     with pytest.raises(ValueError, match="unknown \\['popular'\\]"):
         E.run(Lakehouse(spark, config), "2020-09-08", models=["popular"])
