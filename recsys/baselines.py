@@ -207,7 +207,12 @@ def recommend(
     cutoff = as_date(as_of, "as_of")
     inputs = BaselineInputs(train.filter(F.col("t_dat") < F.lit(cutoff)), customers, articles, target, cutoff, config)
     return {
-        name: to_recommendations(BASELINES[name](inputs), f"baseline:{name}", f"{name}@{cutoff.isoformat()}")
+        name: to_recommendations(BASELINES[name](inputs), f"baseline:{name}", version(name, cutoff))
         for name in names
     }
+
+
+def version(name: str, as_of: dt.date) -> str:
+    """A baseline's version: its name and the day it was fitted up to (what its lists' `model_version` holds)."""
+    return f"{name}@{as_of.isoformat()}"
 

@@ -152,7 +152,7 @@ class CandidatesConfig:
     bought_together_n: int = 24
     popularity_days: int = 7
     popularity_n: int = 24
-    two_tower_n: int = 100
+    two_tower_n: int = 50
 
 
 @dataclass

@@ -206,7 +206,9 @@ def backtest_metrics(
     frames = []
     for start in starts:
         week = load_week(lake, start)
-        metrics, _, _ = evaluate_week(week, recommenders_for(week), lake.config, curves=False)
+        recommenders = recommenders_for(week)
+        metrics, _, _ = evaluate_week(week, recommenders, lake.config, baseline_versions(recommenders, start),
+                                      curves=False)
         if write:
             write_runs(lake, metrics)
         frames.append(metrics)
@@ -249,6 +251,13 @@ def baseline_recommenders(lake: Lakehouse, names: list[str] | None = None) -> Ca
         return baselines.recommend(lake.config, week.train, customers, articles, week.target, week.test_start, names)
 
     return make
+
+
+def baseline_versions(recommenders: Mapping[str, DataFrame], as_of: dt.date) -> dict[str, str]:
+    """The versions of the baselines among `recommenders`, known without reading their lists."""
+    from recsys import baselines
+
+    return {name: baselines.version(name, as_of) for name in recommenders if name in baselines.BASELINES}
 
 
 def system_models(config: Config, system: Mapping[str, str]) -> tuple[Any, Any]:
@@ -363,7 +372,8 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
     if not recommenders:
         raise ValueError("nothing to evaluate: no baseline selected and no model in the registry")
     run_ids = run_ids_of(config, versions) if versions else {}
-    report = evaluate_all(lake, recommenders, start, versions=versions, run_ids=run_ids, history=history, week=week)
+    report = evaluate_all(lake, recommenders, start, versions={**baseline_versions(recommenders, start), **versions},
+                          run_ids=run_ids, history=history, week=week)
     report["seconds"] = {**{f"building {what}": s for what, s in built.items()}, **report["seconds"]}
     report["notes"] = notes
     if gate_challenger:

@@ -280,6 +280,11 @@ def test_run_back_tests_baselines_and_reports_the_spread(week_lake, spark, tmp_p
     runs = Lakehouse(spark, config).read(EVALUATION_RUNS)
     weeks = {r.test_week for r in runs.select("test_week").distinct().collect()}
     assert weeks == {dt.date(2020, 9, 1), dt.date(2020, 9, 8)}
+    # each week's baseline carries the version its lists hold (fitted up to the week's first day)
+    assert {(r.test_week, r.version) for r in runs.select("test_week", "version").distinct().collect()} == {
+        (dt.date(2020, 9, 1), "popularity_last_week@2020-09-01"),
+        (dt.date(2020, 9, 8), "popularity_last_week@2020-09-08"),
+    }
     assert "Back-test map_at_3 over 2 weeks" in R.format_report(report)
     assert (tmp_path / "artifacts" / "evaluation" / "report.html").exists()
     # where the time went: building the lists (a baseline may fit a model then), each model's lists, the metrics
