@@ -50,13 +50,14 @@ def _idcg(n_relevant: Any, k: int) -> Any:
     return F.element_at(table, F.least(n_relevant, F.lit(k)).cast("int"))
 
 
-def _hits(positions: DataFrame, truth: DataFrame, by: tuple[str, ...]) -> DataFrame:
-    """The listed articles the customer bought: by.., customer_id, article_id, pos, nth_hit (1 = best placed)."""
-    return positions.join(truth, ["customer_id", "article_id"]).withColumn(
+def _hits(positions: DataFrame, truth: DataFrame, buyers: DataFrame, by: tuple[str, ...]) -> DataFrame:
+    """The listed articles the customer bought: by.., customer_id, article_id, pos, nth_hit (1 = best placed),
+    n_relevant (the articles the customer bought that week)."""
+    return positions.join(truth, ["customer_id", "article_id"]).join(buyers, "customer_id").withColumn(
         "nth_hit", F.row_number().over(Window.partitionBy(*by, "customer_id").orderBy("pos")))
 
 
-def _hit_metrics(hits: DataFrame, buyers: DataFrame, ks: list[int], by: tuple[str, ...]) -> DataFrame:
+def _hit_metrics(hits: DataFrame, ks: list[int], by: tuple[str, ...]) -> DataFrame:
     """One row per (recommender, customer) with at least one hit: every ranking metric at every K. A buyer
     without a hit scores 0 on each of them, so the averages need only these rows and the number of buyers."""
     sums = []
@@ -67,7 +68,7 @@ def _hit_metrics(hits: DataFrame, buyers: DataFrame, ks: list[int], by: tuple[st
             F.sum(F.when(at_k, 1.0 / F.log2(F.col("pos") + 1.0)).otherwise(0.0)).alias(f"dcg_{k}"),
             F.sum(F.when(at_k, F.col("nth_hit") / F.col("pos")).otherwise(0.0)).alias(f"ap_{k}"),
         ]
-    per = hits.groupBy(*by, "customer_id").agg(*sums).join(buyers, "customer_id")
+    per = hits.groupBy(*by, "customer_id", "n_relevant").agg(*sums)
     columns = [*by, "customer_id"]
     for k in ks:
         h = F.col(f"hits_{k}")
@@ -150,8 +151,8 @@ def evaluate_models(
     buyers = truth.groupBy("customer_id").agg(F.count(F.lit(1)).alias("n_relevant"))
     population = _population(test, segments)
     positions = first_positions(recs, max(max_k, curve_max_k), by)
-    hits = _hits(positions, truth, by)
-    per = _hit_metrics(hits.where(F.col("pos") <= max_k), buyers, ks, by)
+    hits = _hits(positions, truth, buyers, by)
+    per = _hit_metrics(hits.where(F.col("pos") <= max_k), ks, by)
     metric_names = [c for c in per.columns if c not in (MODEL, "customer_id")]
     ranking = population.join(per, "customer_id").groupBy(MODEL, "segment").agg(
         *[F.sum(n).alias(n) for n in metric_names])
@@ -172,7 +173,7 @@ def evaluate_models(
     parts = [ranking.withColumn(_PART, F.lit("ranking")), shares.withColumn(_PART, F.lit("shares")),
              sizes.withColumn(_PART, F.lit("sizes"))]
     if curve_max_k:
-        gains = hits.where(F.col("pos") <= curve_max_k).join(buyers, "customer_id").groupBy(MODEL, "pos").agg(
+        gains = hits.where(F.col("pos") <= curve_max_k).groupBy(MODEL, "pos").agg(
             F.sum(1.0 / F.col("n_relevant")).alias("gain"))
         parts.append(gains.withColumn(_PART, F.lit("curve")))
     rows = functools.reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), parts).toPandas()
