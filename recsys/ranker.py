@@ -135,8 +135,8 @@ def purchase_history(transactions: DataFrame, articles: DataFrame, customer_ids:
 
 
 def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFrame, customers: DataFrame,
-                    as_of: dt.date | str, article: DataFrame | None = None, history: DataFrame | None = None
-                    ) -> DataFrame:
+                    as_of: dt.date | str, article: DataFrame | None = None, history: DataFrame | None = None,
+                    ranked: DataFrame | None = None) -> DataFrame:
     """Candidate rows (customer_id, article_id, the sources' columns, [two_tower_similarity]) + the features
     above, all from the purchases strictly before `as_of`.
 
@@ -147,13 +147,21 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
     The customer table is aggregated from `purchase_history` of the rows' customers only, so the cost follows
     the number of customers ranked, not the size of the customer base. Pass `history` materialised (the caller
     owns I/O): its five aggregations each read only the columns they need, so Spark cannot share one scan of
-    the purchases between them and, left lazy, reads the whole purchase table five times.
+    the purchases between them and, left lazy, reads the whole purchase table five times. `ranked`: the rows'
+    customers (customer_id; more do no harm), when the caller knows them: taken from `rows`, they cost a second
+    shuffle of every candidate row (the distinct prunes columns, so Spark cannot reuse the rows' own exchange).
     """
     cutoff = as_date(as_of, "as_of")
     if article is None:
         article = article_table(transactions, articles, customers, cutoff)
+    if ranked is None:
+        ranked = rows.select("customer_id")
+    ranked = ranked.select("customer_id").distinct()
     if history is None:
-        history = purchase_history(transactions, articles, rows.select("customer_id").distinct(), cutoff)
+        history = purchase_history(transactions, articles, ranked, cutoff)
+    # one shuffle of the history by customer: its six aggregations and the joins between them reuse it (each
+    # aggregation shuffled the history on its own, the two-level counts twice)
+    history = by_customer(history)
     ages = customer_ages(customers)
 
     def counts(key: str, name: str, with_days: bool) -> DataFrame:
@@ -165,7 +173,7 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
             F.col(key).cast("string"), "v"))).alias(name))
 
     customer = (
-        ages.join(rows.select("customer_id").distinct(), "customer_id", "right")
+        ages.join(ranked, "customer_id", "right")
         .join(history.groupBy("customer_id").agg(
             F.sum("n_7d").alias("cust_purchases_7d"),
             F.sum("n_28d").alias("cust_purchases_28d"),

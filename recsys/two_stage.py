@@ -195,10 +195,12 @@ def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date
     article = shared(lake, as_of)("ranker article table",
                                   lambda: R.article_table(transactions, articles, customers, as_of))
     history = R.purchase_history(transactions, articles, target, as_of)
+    ranked = target.select("customer_id")
     if keys is not None:
         history, customers = keyed(history, keys), keyed(customers, keys)
+        ranked = keys.select(F.col("customer_key").alias("customer_id"))
     return R.ranker_features(wide, transactions, articles, customers, as_of, article=article,
-                             history=history.localCheckpoint())
+                             history=history.localCheckpoint(), ranked=ranked)
 
 
 def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = "",
