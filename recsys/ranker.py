@@ -154,13 +154,11 @@ def ranker_features(rows: DataFrame, transactions: DataFrame, articles: DataFram
     cutoff = as_date(as_of, "as_of")
     if article is None:
         article = article_table(transactions, articles, customers, cutoff)
-    if ranked is None:
-        ranked = rows.select("customer_id")
-    ranked = ranked.select("customer_id").distinct()
+    ranked = (rows if ranked is None else ranked).select("customer_id").distinct()
     if history is None:
         history = purchase_history(transactions, articles, ranked, cutoff)
-    # one shuffle of the history by customer: its six aggregations and the joins between them reuse it (each
-    # aggregation shuffled the history on its own, the two-level counts twice)
+    # by customer, so its five aggregations by customer (the counts two-level) and the joins between them need no
+    # shuffle of their own; nothing to do for a history the caller materialised so partitioned (`featured`)
     history = by_customer(history)
     ages = customer_ages(customers)
 

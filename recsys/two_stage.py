@@ -199,8 +199,10 @@ def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date
     if keys is not None:
         history, customers = keyed(history, keys), keyed(customers, keys)
         ranked = keys.select(F.col("customer_key").alias("customer_id"))
+    # materialised partitioned by customer: the checkpoint keeps that partitioning, so the customer side of the
+    # features reads it without a shuffle (checkpointed unpartitioned, each aggregation shuffled its own copy)
     return R.ranker_features(wide, transactions, articles, customers, as_of, article=article,
-                             history=history.localCheckpoint(), ranked=ranked)
+                             history=R.by_customer(history).localCheckpoint(), ranked=ranked)
 
 
 def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = "",

@@ -18,7 +18,8 @@ AS_OF = D("2020-09-23")
 @pytest.fixture(scope="module", params=["inline", "shared"])
 def rows(spark, request):
     """The features computed in one go, and from the parts a sliced publish shares or materialises (the article
-    table, and a purchase history read for more customers than the rows hold): the same values by hand."""
+    table, a purchase history read for more customers than the rows hold and materialised by customer, and those
+    customers as the ones ranked): the same values by hand."""
     transactions = spark.createDataFrame([
         (D("2020-09-20"), "c1", "A", 0.02, 2),
         (D("2020-09-20"), "c1", "A", 0.02, 2),   # two units of A, 3 days before
@@ -35,8 +36,9 @@ def rows(spark, request):
     parts = {}
     if request.param == "shared":
         everyone = spark.createDataFrame([("c1",), ("c2",), ("new",)], "customer_id string")
+        history = R.by_customer(R.purchase_history(transactions, articles, everyone, AS_OF))
         parts = {"article": R.article_table(transactions, articles, customers, AS_OF).localCheckpoint(),
-                 "history": R.purchase_history(transactions, articles, everyone, AS_OF).localCheckpoint()}
+                 "history": history.localCheckpoint(), "ranked": everyone}
     out = R.ranker_features(candidates, transactions, articles, customers, AS_OF, **parts).collect()
     return {(r.customer_id, r.article_id): r for r in out}
 
