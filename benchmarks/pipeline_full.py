@@ -7,6 +7,7 @@ benchmarks/results/pipeline_full.json (`total_s`, `peak_rss_gib`, `customers_pub
 `load_avg`, and per stage its summary).
 
     .venv/bin/python benchmarks/pipeline_full.py [--profile full] [--set KEY=VALUE ...] [--fresh | --resume]
+                                                 [--event-log DIR]
 
 When the gate published a baseline (no model beat it on the week), the score stage did not pay for the two
 stages; `--system-lists [N]` then times the challenger system's lists for every customer (or N of them) on the
@@ -81,6 +82,9 @@ def main() -> int:
                         help="re-measure these stages on the tables as they are (the others' figures are kept; the "
                              "replaced ones move to `redone`): a stage changed since the whole run")
     parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument("--event-log", metavar="DIR",
+                        help="write Spark's event log here (uncompressed), for benchmarks/spark_profile.py: which "
+                             "query inside a stage took the time")
     parser.add_argument("--system-lists", type=int, nargs="?", const=0, default=None, metavar="CUSTOMERS",
                         help="only time the challenger system's lists for everyone (or CUSTOMERS of them) on the "
                              "lake the pipeline left, into a noop sink; adds `system_lists` to the result")
@@ -92,6 +96,10 @@ def main() -> int:
     from recsys.tables import CUSTOMERS, RAW_FILES, Lakehouse
 
     config = load_config(args.profile, args.set)
+    if args.event_log:
+        Path(args.event_log).mkdir(parents=True, exist_ok=True)
+        config.spark.conf.update({"spark.eventLog.enabled": "true", "spark.eventLog.compress": "false",
+                                  "spark.eventLog.dir": Path(args.event_log).resolve().as_uri()})
     if args.system_lists is not None:
         import json
 

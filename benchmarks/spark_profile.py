@@ -1,0 +1,220 @@
+"""Where a Spark run's time went, from its event log: per call site and per Spark stage.
+
+A benchmark's wall time says which pipeline stage is slow; the event log says which query inside it, and why
+(task time, CPU, garbage collection, rows shuffled, bytes spilled). `benchmarks/pipeline_full.py --event-log DIR`
+writes one; this reads it (plain JSON lines, or `.zstd` / `.lz4` through the `zstd` / `lz4` command).
+
+    .venv/bin/python benchmarks/spark_profile.py DIR_OR_FILE [...] [--top 25] [--json OUT]
+
+Call sites are the Python lines that started the queries (`count at recsys/features.py:123`); the wall time of
+a call site is the union of its jobs' spans, so jobs that overlap are not counted twice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+METRICS = {  # Spark's task metric accumulators -> short names (times in ms, cpu in ns)
+    "internal.metrics.executorRunTime": "run_ms",
+    "internal.metrics.executorCpuTime": "cpu_ns",
+    "internal.metrics.jvmGCTime": "gc_ms",
+    "internal.metrics.input.recordsRead": "input_rows",
+    "internal.metrics.output.recordsWritten": "output_rows",
+    "internal.metrics.shuffle.read.recordsRead": "shuffle_read_rows",
+    "internal.metrics.shuffle.write.recordsWritten": "shuffle_write_rows",
+    "internal.metrics.shuffle.write.bytesWritten": "shuffle_write_bytes",
+    "internal.metrics.diskBytesSpilled": "spill_disk_bytes",
+}
+DECOMPRESS = {".zstd": ["zstd", "-dc"], ".zst": ["zstd", "-dc"], ".lz4": ["lz4", "-dc"]}
+
+
+@dataclass
+class Stage:
+    stage_id: int
+    app: str
+    name: str = ""
+    tasks: int = 0
+    start_ms: int = 0
+    end_ms: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def wall_s(self) -> float:
+        return max(self.end_ms - self.start_ms, 0) / 1000
+
+
+@dataclass
+class Job:
+    job_id: int
+    app: str
+    call_site: str
+    start_ms: int
+    end_ms: int = 0
+    stage_ids: list[int] = field(default_factory=list)
+
+
+def log_files(paths: Iterable[str]) -> list[Path]:
+    """Event log files, oldest first (a folder holds one per Spark application)."""
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise SystemExit(f"spark_profile: no such event log file or folder: {path}")
+        files.extend(sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+                     if path.is_dir() else [path])
+    return files
+
+
+def _lines(path: Path) -> Iterator[str]:
+    suffix = path.suffix if path.suffix != ".inprogress" else Path(path.stem).suffix
+    command = DECOMPRESS.get(suffix)
+    if command is None:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            yield from handle
+        return
+    if shutil.which(command[0]) is None:
+        raise SystemExit(f"spark_profile: {path} is compressed ({suffix}) and the `{command[0]}` command is not "
+                         "installed: install it, or write the log with spark.eventLog.compress=false")
+    with subprocess.Popen([*command, str(path)], stdout=subprocess.PIPE, text=True, errors="replace") as proc:
+        stream: IO[str] = proc.stdout  # type: ignore[assignment]
+        yield from stream
+
+
+def read(files: Iterable[Path]) -> tuple[list[Job], dict[tuple[str, int], Stage]]:
+    jobs: dict[tuple[str, int], Job] = {}
+    stages: dict[tuple[str, int], Stage] = {}
+    for path in files:
+        app = path.name.split(".")[0]
+        for line in _lines(path):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a log still being written
+                continue
+            kind = event.get("Event")
+            if kind == "SparkListenerJobStart":
+                props = event.get("Properties") or {}
+                jobs[app, event["Job ID"]] = Job(event["Job ID"], app, _site(props.get("callSite.short", "?")),
+                                                 event["Submission Time"], stage_ids=list(event["Stage IDs"]))
+            elif kind == "SparkListenerJobEnd" and (app, event["Job ID"]) in jobs:
+                jobs[app, event["Job ID"]].end_ms = event["Completion Time"]
+            elif kind == "SparkListenerStageCompleted":
+                info = event["Stage Info"]
+                stage = stages.setdefault((app, info["Stage ID"]), Stage(info["Stage ID"], app))
+                stage.name = info.get("Stage Name", "")
+                stage.tasks += info.get("Number of Tasks", 0)
+                stage.start_ms = stage.start_ms or info.get("Submission Time", 0)
+                stage.end_ms = max(stage.end_ms, info.get("Completion Time", 0))
+                for acc in info.get("Accumulables", []):
+                    short = METRICS.get(acc.get("Name", ""))
+                    if short:
+                        stage.metrics[short] = stage.metrics.get(short, 0) + float(acc.get("Value") or 0)
+    return list(jobs.values()), stages
+
+
+def _site(call_site: str) -> str:
+    """`count at /abs/path/recsys/features.py:123` -> `count at recsys/features.py:123`."""
+    head, sep, where = call_site.rpartition(" at ")
+    for marker in ("/recsys/", "/benchmarks/", "/jobs/"):
+        if marker in where:
+            return f"{head}{sep}{marker[1:]}{where.split(marker, 1)[1]}"
+    return call_site
+
+
+def _union_s(spans: list[tuple[int, int]]) -> float:
+    total, end = 0, None
+    for start, stop in sorted(spans):
+        if end is None or start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total / 1000
+
+
+def summarise(jobs: list[Job], stages: dict[tuple[str, int], Stage], top: int) -> dict[str, Any]:
+    owner: dict[tuple[str, int], str] = {}
+    spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for job in jobs:
+        spans[job.call_site].append((job.start_ms, job.end_ms or job.start_ms))
+        for sid in job.stage_ids:
+            owner.setdefault((job.app, sid), job.call_site)
+    sites: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for key, stage in stages.items():
+        row = sites[owner.get(key, "?")]
+        row["stages"] += 1
+        for name, value in stage.metrics.items():
+            row[name] += value
+    by_site = [{"call_site": site, "wall_s": round(_union_s(spans.get(site, [])), 1), "jobs": len(spans.get(site, [])),
+                **_readable(row)} for site, row in sites.items()]
+    by_site.sort(key=lambda r: -r["wall_s"])
+    slowest = sorted(stages.values(), key=lambda s: -s.wall_s)[:top]
+    return {
+        "wall_s": round(_union_s([(j.start_ms, j.end_ms or j.start_ms) for j in jobs]), 1),
+        "call_sites": by_site,
+        "stages": [{"app": s.app, "stage": s.stage_id, "call_site": owner.get((s.app, s.stage_id), "?"),
+                    "name": s.name, "tasks": s.tasks, "wall_s": round(s.wall_s, 1), **_readable(s.metrics)}
+                   for s in slowest],
+    }
+
+
+def _readable(metrics: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if name == "cpu_ns":
+            out["cpu_s"] = round(value / 1e9, 1)
+        elif name.endswith("_ms"):
+            out[name[:-3] + "_s"] = round(value / 1000, 1)
+        elif name.endswith("_bytes"):
+            out[name[:-6] + "_mib"] = round(value / 2**20, 1)
+        elif name != "stages":
+            out[name] = int(value)
+    return out
+
+
+def table(rows: list[dict[str, Any]], columns: list[str], limit: int) -> str:
+    shown = rows[:limit]
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    for row in shown:
+        lines.append(" | ".join(_cell(row.get(c, "")) for c in columns))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value / 1e6:.2f} M"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="event log files, or folders of them")
+    parser.add_argument("--top", type=int, default=25, help="how many call sites and stages to print")
+    parser.add_argument("--json", help="also write the whole summary here")
+    args = parser.parse_args(argv)
+    jobs, stages = read(log_files(args.paths))
+    if not jobs:
+        print("spark_profile: no Spark jobs in these event logs", file=sys.stderr)
+        return 1
+    summary = summarise(jobs, stages, args.top)
+    print(f"{len(jobs)} jobs, {len(stages)} stages, {summary['wall_s']} s with a job running\n")
+    print("## Call sites (slowest first)\n")
+    print(table(summary["call_sites"], ["call_site", "wall_s", "jobs", "run_s", "cpu_s", "gc_s", "input_rows",
+                                        "shuffle_read_rows", "shuffle_write_rows", "spill_disk_mib"], args.top))
+    print("\n## Spark stages (slowest first)\n")
+    print(table(summary["stages"], ["app", "stage", "call_site", "tasks", "wall_s", "run_s", "cpu_s", "gc_s",
+                                    "shuffle_read_rows", "shuffle_write_rows", "spill_disk_mib"], args.top))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
