@@ -4,10 +4,12 @@ A benchmark's wall time says which pipeline stage is slow; the event log says wh
 (task time, CPU, garbage collection, rows shuffled, bytes spilled). `benchmarks/pipeline_full.py --event-log DIR`
 writes one; this reads it (plain JSON lines, or `.zstd` / `.lz4` through the `zstd` / `lz4` command).
 
-    .venv/bin/python benchmarks/spark_profile.py DIR_OR_FILE [...] [--top 25] [--json OUT]
+    .venv/bin/python benchmarks/spark_profile.py DIR_OR_FILE [...] [--depth N] [--top 25] [--json OUT]
 
-Call sites are the Python lines that started the queries (`count at recsys/features.py:123`); the wall time of
-a call site is the union of its jobs' spans, so jobs that overlap are not counted twice.
+Each job is named by the pipeline's step it ran in (`recsys.spark.described`: `score / slice 2 / write
+candidates`) and the Python line that started it, where Spark records one (`count at recsys/features.py:123`).
+`--depth N` groups by the first N parts of the step alone (`--depth 1`: per pipeline stage). The wall time of a
+group is the union of its jobs' spans, so jobs that overlap are not counted twice.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ METRICS = {  # Spark's task metric accumulators -> short names (times in ms, cpu
     "internal.metrics.shuffle.write.bytesWritten": "shuffle_write_bytes",
     "internal.metrics.diskBytesSpilled": "spill_disk_bytes",
 }
+STEP = "recsys.step"  # recsys.spark.STEP (not imported: reading a log needs no Spark)
 DECOMPRESS = {".zstd": ["zstd", "-dc"], ".zst": ["zstd", "-dc"], ".lz4": ["lz4", "-dc"]}
 
 
@@ -54,7 +57,7 @@ class Stage:
 class Job:
     job_id: int
     app: str
-    call_site: str
+    name: str
     start_ms: int
     end_ms: int = 0
     stage_ids: list[int] = field(default_factory=list)
@@ -87,7 +90,7 @@ def _lines(path: Path) -> Iterator[str]:
         yield from stream
 
 
-def read(files: Iterable[Path]) -> tuple[list[Job], dict[tuple[str, int], Stage]]:
+def read(files: Iterable[Path], depth: int = 0) -> tuple[list[Job], dict[tuple[str, int], Stage]]:
     jobs: dict[tuple[str, int], Job] = {}
     stages: dict[tuple[str, int], Stage] = {}
     for path in files:
@@ -100,8 +103,8 @@ def read(files: Iterable[Path]) -> tuple[list[Job], dict[tuple[str, int], Stage]
             kind = event.get("Event")
             if kind == "SparkListenerJobStart":
                 props = event.get("Properties") or {}
-                jobs[app, event["Job ID"]] = Job(event["Job ID"], app, _site(props.get("callSite.short", "?")),
-                                                 event["Submission Time"], stage_ids=list(event["Stage IDs"]))
+                jobs[app, event["Job ID"]] = Job(event["Job ID"], app, _name(props, depth), event["Submission Time"],
+                                                 stage_ids=list(event["Stage IDs"]))
             elif kind == "SparkListenerJobEnd" and (app, event["Job ID"]) in jobs:
                 jobs[app, event["Job ID"]].end_ms = event["Completion Time"]
             elif kind == "SparkListenerStageCompleted":
@@ -116,6 +119,15 @@ def read(files: Iterable[Path]) -> tuple[list[Job], dict[tuple[str, int], Stage]
                     if short:
                         stage.metrics[short] = stage.metrics.get(short, 0) + float(acc.get("Value") or 0)
     return list(jobs.values()), stages
+
+
+def _name(props: dict[str, str], depth: int) -> str:
+    """`step | call site` of a job (either may be missing); with `depth`, the step's first `depth` parts alone."""
+    step = props.get(STEP, "")
+    if depth:
+        return " / ".join(step.split(" / ")[:depth]) or "(no step)"
+    call = _site(props["callSite.short"]) if "callSite.short" in props else ""
+    return " | ".join(part for part in (step, call) if part) or "?"
 
 
 def _site(call_site: str) -> str:
@@ -143,23 +155,23 @@ def summarise(jobs: list[Job], stages: dict[tuple[str, int], Stage], top: int) -
     owner: dict[tuple[str, int], str] = {}
     spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for job in jobs:
-        spans[job.call_site].append((job.start_ms, job.end_ms or job.start_ms))
+        spans[job.name].append((job.start_ms, job.end_ms or job.start_ms))
         for sid in job.stage_ids:
-            owner.setdefault((job.app, sid), job.call_site)
+            owner.setdefault((job.app, sid), job.name)
     sites: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for key, stage in stages.items():
         row = sites[owner.get(key, "?")]
         row["stages"] += 1
         for name, value in stage.metrics.items():
             row[name] += value
-    by_site = [{"call_site": site, "wall_s": round(_union_s(spans.get(site, [])), 1), "jobs": len(spans.get(site, [])),
+    groups = [{"job": site, "wall_s": round(_union_s(spans.get(site, [])), 1), "jobs": len(spans.get(site, [])),
                 **_readable(row)} for site, row in sites.items()]
-    by_site.sort(key=lambda r: -r["wall_s"])
+    groups.sort(key=lambda r: -r["wall_s"])
     slowest = sorted(stages.values(), key=lambda s: -s.wall_s)[:top]
     return {
         "wall_s": round(_union_s([(j.start_ms, j.end_ms or j.start_ms) for j in jobs]), 1),
-        "call_sites": by_site,
-        "stages": [{"app": s.app, "stage": s.stage_id, "call_site": owner.get((s.app, s.stage_id), "?"),
+        "groups": groups,
+        "stages": [{"app": s.app, "stage": s.stage_id, "job": owner.get((s.app, s.stage_id), "?"),
                     "name": s.name, "tasks": s.tasks, "wall_s": round(s.wall_s, 1), **_readable(s.metrics)}
                    for s in slowest],
     }
@@ -196,20 +208,21 @@ def _cell(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="event log files, or folders of them")
-    parser.add_argument("--top", type=int, default=25, help="how many call sites and stages to print")
+    parser.add_argument("--depth", type=int, default=0, help="group by the first N parts of the step alone")
+    parser.add_argument("--top", type=int, default=25, help="how many groups and stages to print")
     parser.add_argument("--json", help="also write the whole summary here")
     args = parser.parse_args(argv)
-    jobs, stages = read(log_files(args.paths))
+    jobs, stages = read(log_files(args.paths), args.depth)
     if not jobs:
         print("spark_profile: no Spark jobs in these event logs", file=sys.stderr)
         return 1
     summary = summarise(jobs, stages, args.top)
     print(f"{len(jobs)} jobs, {len(stages)} stages, {summary['wall_s']} s with a job running\n")
-    print("## Call sites (slowest first)\n")
-    print(table(summary["call_sites"], ["call_site", "wall_s", "jobs", "run_s", "cpu_s", "gc_s", "input_rows",
+    print("## Steps and call sites (slowest first)\n")
+    print(table(summary["groups"], ["job", "wall_s", "jobs", "run_s", "cpu_s", "gc_s", "input_rows",
                                         "shuffle_read_rows", "shuffle_write_rows", "spill_disk_mib"], args.top))
     print("\n## Spark stages (slowest first)\n")
-    print(table(summary["stages"], ["app", "stage", "call_site", "tasks", "wall_s", "run_s", "cpu_s", "gc_s",
+    print(table(summary["stages"], ["app", "stage", "job", "tasks", "wall_s", "run_s", "cpu_s", "gc_s",
                                     "shuffle_read_rows", "shuffle_write_rows", "spill_disk_mib"], args.top))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

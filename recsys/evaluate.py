@@ -23,6 +23,7 @@ from recsys.config import Config
 from recsys.gate import apply_gate, describe_gate
 from recsys.registry import CHALLENGER, CHAMPION, Registry, system_label, system_versions
 from recsys.report import build_report, default_report_path, write_html_report
+from recsys.spark import described
 from recsys.spark_metrics import ALL, catalogue_popularity, customer_segments, evaluate_models
 from recsys.split import as_date, backtest_starts, default_test_start, evaluation_customers, split
 from recsys.tables import ARTICLES, CUSTOMERS, EVALUATION_RUNS, EVALUATION_RUNS_SCHEMA, TRANSACTIONS, Lakehouse
@@ -178,7 +179,8 @@ def evaluate_all(
     `week`: the already loaded test week, if the caller has it. Returns the report (see `format_report`).
     """
     week = week if week is not None and week.test_start == as_date(test_start) else load_week(lake, test_start)
-    metrics, curves, metric_seconds = evaluate_week(week, recommenders, lake.config, versions)
+    with described(lake.spark, "metrics"):
+        metrics, curves, metric_seconds = evaluate_week(week, recommenders, lake.config, versions)
     if write:
         write_runs(lake, metrics)
     spread = None
@@ -355,16 +357,19 @@ def run(lake: Lakehouse, test_start: str | dt.date | None = None, models: list[s
     make_baselines = baseline_recommenders(lake, None if models is None else [m for m in models if m in BASELINES])
     # Earlier weeks for the spread (baselines only: a model would need re-training per week).
     earlier = backtest_starts(start, config.split.backtest_weeks, config.split.test_days)[:-1]
-    history = backtest_metrics(lake, make_baselines, earlier)
+    with described(lake.spark, "back-test"):
+        history = backtest_metrics(lake, make_baselines, earlier)
     week = load_week(lake, start)
     started = time.perf_counter()
-    recommenders = dict(make_baselines(week))
+    with described(lake.spark, "baselines"):
+        recommenders = dict(make_baselines(week))
     built = {"baselines": round(time.perf_counter() - started, 1)}  # what is computed as the lists are made
     notes: list[str] = []
     versions: dict[str, str] = {}
     if models is None or any(m in MODEL_NAMES for m in models):
         started = time.perf_counter()
-        model_recs, versions, notes = model_recommenders(lake, week)
+        with described(lake.spark, "models"):
+            model_recs, versions, notes = model_recommenders(lake, week)
         built["models"] = round(time.perf_counter() - started, 1)
         model_recs = {k: v for k, v in model_recs.items() if models is None or k in models}
         versions = {k: v for k, v in versions.items() if k in model_recs}

@@ -82,6 +82,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from recsys.popularity import AGE_BUCKETS, UNKNOWN, age_bucket, decay_weight, popularity
+from recsys.spark import described
 from recsys.split import as_date, before, days_before, day_after_last_purchase
 from recsys.tables import (
     ARTICLE_FEATURES,
@@ -607,7 +608,8 @@ def _build(
 
     def timed(table: str, write) -> None:
         start = time.perf_counter()
-        info = write()
+        with described(lake.spark, f"{cutoff} {table}"):
+            info = write()
         summary["tables"][table] = {**info, "seconds": round(time.perf_counter() - start, 2)}
 
     snapshot_tables = SNAPSHOT_TABLES if training else tuple(t for t in SNAPSHOT_TABLES if t != TRAINING_EXAMPLES)

@@ -307,7 +307,7 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
 
     `drop_day` (YYYY-MM-DD or 'latest'): ingest merges that day's drop instead of reading the raw CSVs.
     `nightly`: relist between full runs (module docstring)."""
-    from recsys.spark import get_spark
+    from recsys.spark import described, get_spark
 
     selected = _select(steps, from_stage)
     if since and drop_day:
@@ -338,7 +338,8 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
                 record_run(lake, summary["run_id"], stage, began, "up to date", before, None, "inputs unchanged")
                 continue
             out(f"[{stage:>8}] running ...")
-            result = RUNNERS[stage](ctx)
+            with described(lake.spark, stage):
+                result = RUNNERS[stage](ctx)
         except Exception as exc:
             published = lake.version(RECOMMENDATIONS)
             message = f"{type(exc).__name__}: {exc}"

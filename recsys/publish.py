@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from recsys import monitor
-from recsys.spark import release
+from recsys.spark import described, release
 from recsys.tables import (
     ARTICLES, CUSTOMERS, PUBLISH_CHECKS, RECOMMENDATIONS, RECOMMENDATIONS_NAMED, RECOMMENDATIONS_SCHEMA,
     RECOMMENDATIONS_STAGING, Lakehouse,
@@ -180,12 +180,16 @@ def publish(lake: Lakehouse, recs: DataFrame | Iterable[DataFrame], model_versio
     config = lake.config
     k = k or config.scoring.k
     run_id = run_id or new_run_id()
-    slices = [recs] if isinstance(recs, DataFrame) else recs
+    slices = iter([recs] if isinstance(recs, DataFrame) else recs)
     slice_seconds: list[float] = []  # what each slice took, computation and staging (the summary says)
     started = time.perf_counter()
-    for part in slices:  # the whole computation runs here, once
-        lake.write(conform(part, model_version, run_id), RECOMMENDATIONS_STAGING,
-                   mode="append" if slice_seconds else "overwrite")
+    while True:  # the whole computation runs here, once
+        with described(lake.spark, f"slice {len(slice_seconds) + 1}"):
+            part = next(slices, None)  # making a slice computes some of it (its customers' candidates)
+            if part is None:
+                break
+            lake.write(conform(part, model_version, run_id), RECOMMENDATIONS_STAGING,
+                       mode="append" if slice_seconds else "overwrite")
         del part  # the slice's plan holds its checkpoints: let go of it before releasing
         release(lake.spark)
         slice_seconds.append(round(time.perf_counter() - started, 1))
@@ -197,8 +201,9 @@ def publish(lake: Lakehouse, recs: DataFrame | Iterable[DataFrame], model_versio
     staged = lake.read(RECOMMENDATIONS_STAGING)
     report = validate(staged, lake.read(CUSTOMERS), k)
     started = time.perf_counter()
-    checked = (monitor.check_before_publish(lake, staged, run_id, as_of, popularity_only)
-               if config.monitoring.enabled else [])
+    with described(lake.spark, "checks"):
+        checked = (monitor.check_before_publish(lake, staged, run_id, as_of, popularity_only)
+                   if config.monitoring.enabled else [])
     checks_s = round(time.perf_counter() - started, 1)  # what watching the lists costs, per run (BENCHMARKS)
     articles = lake.read(ARTICLES)
     with lake.restore_on_failure(RECOMMENDATIONS, RECOMMENDATIONS_NAMED):

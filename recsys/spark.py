@@ -5,10 +5,11 @@ On Databricks: the cluster's session as it is; the runtime already ships Delta, 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from pyspark.sql import SparkSession
 
@@ -82,6 +83,27 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(console.spark_log_level(sc.log_level))
     return spark
+
+
+STEP = "recsys.step"  # a job property of our own: Delta sets spark.job.description for the jobs it starts
+
+
+@contextlib.contextmanager
+def described(spark: SparkSession, text: str) -> Iterator[None]:
+    """The Spark jobs started inside carry `text` (after the step around it: `score / slice 2 / write
+    candidates`) as a job property and as their description in Spark's UI, so a profile of the event log
+    (`benchmarks/spark_profile.py`) says which step of which stage a query belongs to: Python's call site alone
+    names a `count`, or nothing for a Delta write."""
+    sc = spark.sparkContext
+    outer = sc.getLocalProperty(STEP)
+    step = f"{outer} / {text}" if outer else text
+    for key in (STEP, "spark.job.description"):
+        sc.setLocalProperty(key, step)
+    try:
+        yield
+    finally:
+        for key in (STEP, "spark.job.description"):
+            sc.setLocalProperty(key, outer)  # type: ignore[arg-type]  # None removes it
 
 
 def release(spark: SparkSession) -> None:

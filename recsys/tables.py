@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from recsys.config import Config
+from recsys.spark import described
 
 # --- table names -------------------------------------------------------------------------------------------
 ARTICLES = "articles"
@@ -374,10 +375,11 @@ class Lakehouse:
             writer = writer.option("replaceWhere", replace_where)
         if evolve_schema:
             writer = writer.option("overwriteSchema", "true")
-        if self.catalog:
-            writer.saveAsTable(self.location(name))
-        else:
-            writer.save(self.location(name))
+        with described(self.spark, f"write {name}"):
+            if self.catalog:
+                writer.saveAsTable(self.location(name))
+            else:
+                writer.save(self.location(name))
 
     def upsert(self, df: DataFrame, name: str, keys: list[str]) -> None:
         """Insert `df`'s rows, replacing the rows that have the same `keys`, in one MERGE commit (the table is

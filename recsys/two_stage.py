@@ -36,6 +36,7 @@ from recsys.score import (
     check_model_date, customer_rows, model_candidates, model_lists, model_version_of, neighbours, retrieval,
     scored_customers, snapshot_of,
 )
+from recsys.spark import described
 from recsys.tables import ARTICLES, CANDIDATES, CUSTOMERS, TRANSACTIONS, Lakehouse
 
 TWO_TOWER = "two_tower"
@@ -161,15 +162,17 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
         raise ValueError("candidates.sources: no source left (the two-tower source needs a model)")
     long = long.select(*C.CANDIDATE_COLUMNS)
     if not write:
-        return long.localCheckpoint()  # computed now, and the long plan behind it is cut off
+        with described(lake.spark, "candidates"):
+            return long.localCheckpoint()  # computed now, and the long plan behind it is cut off
     if write not in (REPLACE, APPEND):
         raise ValueError(f"build_candidates: write must be {REPLACE!r} or {APPEND!r}, got {write!r}")
     rows = long.withColumn("as_of", F.lit(as_of))
-    if write == APPEND and lake.exists(CANDIDATES):
-        lake.write(rows, CANDIDATES, mode="append")
-    else:
-        lake.write(rows, CANDIDATES,
-                   replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
+    with described(lake.spark, "candidates"):
+        if write == APPEND and lake.exists(CANDIDATES):
+            lake.write(rows, CANDIDATES, mode="append")
+        else:
+            lake.write(rows, CANDIDATES,
+                       replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
     # this computation's rows only: after an APPEND the partition also holds the slices written before
     written = lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
     # broadcast: the target ids (a slice of a publish at most) rather than a shuffle of every long row by id
@@ -201,8 +204,10 @@ def featured(lake: Lakehouse, wide: DataFrame, target: DataFrame, as_of: dt.date
         ranked = keys.select(F.col("customer_key").alias("customer_id"))
     # materialised partitioned by customer: the checkpoint keeps that partitioning, so the customer side of the
     # features reads it without a shuffle (checkpointed unpartitioned, each aggregation shuffled its own copy)
-    return R.ranker_features(wide, transactions, articles, customers, as_of, article=article,
-                             history=R.by_customer(history).localCheckpoint(), ranked=ranked)
+    with described(lake.spark, "purchase history"):
+        history = R.by_customer(history).localCheckpoint()
+    return R.ranker_features(wide, transactions, articles, customers, as_of, article=article, history=history,
+                             ranked=ranked)
 
 
 def ranking_rows(lake: Lakehouse, encoder: Any | None, as_of: dt.date, target: DataFrame, write: str = "",
@@ -265,13 +270,16 @@ def fit_ranker(lake: Lakehouse, encoder: Any | None, until: dt.date) -> RankerFi
     config = lake.config
     start, end = label_window(config, until)
     long, labelled, window = ranker_rows(lake, encoder, until)
-    train_rows = R.training_rows(labelled, config.ranker.negatives_per_customer, config.ranker.seed).localCheckpoint()
+    with described(lake.spark, "ranker rows"):
+        train_rows = R.training_rows(labelled, config.ranker.negatives_per_customer,
+                                     config.ranker.seed).localCheckpoint()
     try:
         stats = train_rows.agg(F.count(F.lit(1)).alias("rows"), F.sum(R.LABEL).alias("positives"),
                                F.countDistinct("customer_id").alias("customers")).first().asDict()
         features = R.feature_columns(config.candidates.sources)
         started = time.perf_counter()
-        model = R.fit(train_rows, features, xgboost_params(config), config.ranker.workers)
+        with described(lake.spark, "ranker fit"):
+            model = R.fit(train_rows, features, xgboost_params(config), config.ranker.workers)
         fit_seconds = round(time.perf_counter() - started, 1)
     finally:
         train_rows.unpersist()
@@ -311,7 +319,8 @@ def system_lists(lake: Lakehouse, encoder: Any | None, model: R.RankerModel, as_
     keys = customer_keys(target)
     long, rows = ranking_rows(lake, encoder, snapshot, target, write_candidates, materialise=False, keys=keys)
     # computed once (what follows may read it more than once), 12 rows a customer
-    ranked = unkeyed(R.predict_top_k(model, rows, config.scoring.k), keys).localCheckpoint()
+    with described(lake.spark, "ranking"):
+        ranked = unkeyed(R.predict_top_k(model, rows, config.scoring.k), keys).localCheckpoint()
     _, segments = customer_rows(lake, snapshot, None if everyone else target)
     popular = popularity_lists(lake, snapshot, config.scoring.k)
     lists = complete_lists(ranked, segments, popular, config.scoring.k)

@@ -54,6 +54,18 @@ def test_a_profile_s_own_spark_settings_are_checked_and_reach_the_session(lake):
         load_config("tiny", ["spark.conf=8"])
 
 
+def test_a_step_names_the_spark_jobs_inside_it_and_the_step_around_it_comes_back(lake):
+    from recsys.spark import STEP, described
+
+    sc = lake.spark.sparkContext
+    with pytest.raises(RuntimeError, match="inner step fails"):
+        with described(lake.spark, "score"):
+            with described(lake.spark, "slice 2"):
+                assert sc.getLocalProperty(STEP) == sc.getLocalProperty("spark.job.description") == "score / slice 2"
+                raise RuntimeError("inner step fails")
+    assert sc.getLocalProperty(STEP) is None and sc.getLocalProperty("spark.job.description") is None
+
+
 def test_spark_session_has_delta_and_round_trips(lake):
     df = lake.spark.createDataFrame([Row(a=1, b="x"), Row(a=2, b="y")])
     lake.write(df, "probe")

@@ -12,9 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import spark_profile as P  # noqa: E402
 
 
-def _job(job_id: int, site: str, start: int, end: int, stages: list[int]) -> list[dict]:
+def _job(job_id: int, site: str, start: int, end: int, stages: list[int], step: str = "") -> list[dict]:
+    props = {"spark.sql.execution.id": str(job_id), **({"callSite.short": site} if site else {}),
+             **({"recsys.step": step} if step else {})}
     return [{"Event": "SparkListenerJobStart", "Job ID": job_id, "Submission Time": start, "Stage IDs": stages,
-             "Properties": {"callSite.short": site, "spark.sql.execution.id": str(job_id)}},
+             "Properties": props},
             {"Event": "SparkListenerJobEnd", "Job ID": job_id, "Completion Time": end}]
 
 
@@ -36,7 +38,9 @@ def log(tmp_path: Path) -> Path:
               *_job(1, "count at /repo/recsys/features.py:10", 3000, 6000, [2]),  # overlaps the first job
               _stage(2, 3000, 6000, 2000, 0),
               *_job(2, "save at /repo/recsys/score.py:99", 10000, 11000, [3]),
-              _stage(3, 10000, 11000, 1500, 40)]
+              _stage(3, 10000, 11000, 1500, 40),
+              *_job(3, "", 12000, 12500, [4], step="score / slice 1 / write candidates"),  # a Delta write
+              _stage(4, 12000, 12500, 400, 0)]
     path = tmp_path / "events" / "local-1.inprogress"
     path.parent.mkdir()
     path.write_text("\n".join(json.dumps(e) for e in events) + "\n{\"Event\": \"SparkListenerTaskEnd\", \"trunc")
@@ -45,22 +49,28 @@ def log(tmp_path: Path) -> Path:
 
 def test_time_is_summed_per_python_call_site_with_overlapping_jobs_counted_once(log: Path):
     summary = P.summarise(*P.read(P.log_files([str(log)])), top=2)
-    sites = {row["call_site"]: row for row in summary["call_sites"]}
-    assert list(sites) == ["count at recsys/features.py:10", "save at recsys/score.py:99"]  # slowest first
+    sites = {row["job"]: row for row in summary["groups"]}
+    assert list(sites) == ["count at recsys/features.py:10", "save at recsys/score.py:99",
+                           "score / slice 1 / write candidates"]  # slowest first
     features = sites["count at recsys/features.py:10"]
     assert (features["wall_s"], features["jobs"], features["run_s"], features["cpu_s"]) == (6.0, 2, 8.0, 4.0)
     assert features["shuffle_write_rows"] == 100
-    assert summary["wall_s"] == 7.0  # 0-6 s and 10-11 s
+    assert summary["wall_s"] == 7.5  # 0-6 s, 10-11 s and 12-12.5 s
     assert [(s["stage"], s["wall_s"]) for s in summary["stages"]] == [(0, 3.0), (2, 3.0)]  # top 2 only
     assert "resultSize" not in json.dumps(summary)
+
+
+def test_depth_groups_by_the_pipeline_step_alone(log: Path):
+    summary = P.summarise(*P.read(P.log_files([str(log)]), depth=2), top=5)
+    assert {row["job"]: row["wall_s"] for row in summary["groups"]} == {"(no step)": 7.0, "score / slice 1": 0.5}
 
 
 def test_the_command_prints_both_tables_and_writes_the_summary(log: Path, tmp_path: Path, capsys):
     out = tmp_path / "profile.json"
     assert P.main([str(log), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "## Call sites" in printed and "## Spark stages" in printed and "recsys/score.py:99" in printed
-    assert json.loads(out.read_text())["call_sites"][0]["jobs"] == 2
+    assert "## Steps and call sites" in printed and "## Spark stages" in printed and "recsys/score.py:99" in printed
+    assert json.loads(out.read_text())["groups"][0]["jobs"] == 2
 
 
 def test_a_missing_log_is_named(tmp_path: Path):
