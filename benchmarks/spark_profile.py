@@ -4,7 +4,8 @@ A benchmark's wall time says which pipeline stage is slow; the event log says wh
 (task time, CPU, garbage collection, rows shuffled, bytes spilled). `benchmarks/pipeline_full.py --event-log DIR`
 writes one; this reads it (plain JSON lines, or `.zstd` / `.lz4` through the `zstd` / `lz4` command).
 
-    .venv/bin/python benchmarks/spark_profile.py DIR_OR_FILE [...] [--depth N] [--top 25] [--json OUT]
+    .venv/bin/python benchmarks/spark_profile.py DIR_OR_FILE [...] [--depth N] [--window FROM TO] [--top 25]
+                                                  [--json OUT]
 
 Each job is named by the pipeline's step it ran in (`recsys.spark.described`: `score / slice 2 / write
 candidates`) and the Python line that started it, where Spark records one (`count at recsys/features.py:123`).
@@ -14,6 +15,7 @@ group is the union of its jobs' spans, so jobs that overlap are not counted twic
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import shutil
 import subprocess
@@ -90,7 +92,9 @@ def _lines(path: Path) -> Iterator[str]:
         yield from stream
 
 
-def read(files: Iterable[Path], depth: int = 0) -> tuple[list[Job], dict[tuple[str, int], Stage]]:
+def read(files: Iterable[Path], depth: int = 0, window: tuple[float, float] | None = None
+         ) -> tuple[list[Job], dict[tuple[str, int], Stage]]:
+    """(jobs, stages) of the logs; `window` (first, last ms since the epoch): only the jobs started inside it."""
     jobs: dict[tuple[str, int], Job] = {}
     stages: dict[tuple[str, int], Stage] = {}
     for path in files:
@@ -118,6 +122,10 @@ def read(files: Iterable[Path], depth: int = 0) -> tuple[list[Job], dict[tuple[s
                     short = METRICS.get(acc.get("Name", ""))
                     if short:
                         stage.metrics[short] = stage.metrics.get(short, 0) + float(acc.get("Value") or 0)
+    if window:
+        jobs = {key: job for key, job in jobs.items() if window[0] <= job.start_ms <= window[1]}
+        kept = {(job.app, sid) for job in jobs.values() for sid in job.stage_ids}
+        stages = {key: stage for key, stage in stages.items() if key in kept}
     return list(jobs.values()), stages
 
 
@@ -191,6 +199,11 @@ def _readable(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _epoch_ms(text: str) -> float:
+    moment = dt.datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp() * 1000
+
+
 def table(rows: list[dict[str, Any]], columns: list[str], limit: int) -> str:
     shown = rows[:limit]
     lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
@@ -211,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=0, help="group by the first N parts of the step alone")
     parser.add_argument("--top", type=int, default=25, help="how many groups and stages to print")
     parser.add_argument("--json", help="also write the whole summary here")
+    parser.add_argument("--window", nargs=2, metavar=("FROM", "TO"),
+                        help="only jobs started between these UTC times (ISO, e.g. 2026-11-28T04:50:30)")
     args = parser.parse_args(argv)
-    jobs, stages = read(log_files(args.paths), args.depth)
+    window = tuple(_epoch_ms(t) for t in args.window) if args.window else None
+    jobs, stages = read(log_files(args.paths), args.depth, window)
     if not jobs:
         print("spark_profile: no Spark jobs in these event logs", file=sys.stderr)
         return 1

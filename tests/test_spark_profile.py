@@ -65,6 +65,12 @@ def test_depth_groups_by_the_pipeline_step_alone(log: Path):
     assert {row["job"]: row["wall_s"] for row in summary["groups"]} == {"(no step)": 7.0, "score / slice 1": 0.5}
 
 
+def test_a_window_keeps_the_jobs_started_inside_it_and_their_stages(log: Path):
+    jobs, stages = P.read(P.log_files([str(log)]), window=(2500, 10000))
+    assert sorted(j.job_id for j in jobs) == [1, 2] and sorted(s.stage_id for s in stages.values()) == [2, 3]
+    assert P._epoch_ms("1970-01-01T00:00:10") == 10000
+
+
 def test_the_command_prints_both_tables_and_writes_the_summary(log: Path, tmp_path: Path, capsys):
     out = tmp_path / "profile.json"
     assert P.main([str(log), "--json", str(out)]) == 0
