@@ -108,7 +108,8 @@ def described(spark: SparkSession, text: str) -> Iterator[None]:
 
 def release(spark: SparkSession) -> None:
     """Let Spark drop what nothing refers to any more (shuffle files, checkpointed blocks) now, not at its next
-    periodic clean-up: between slices of a large computation, so the disk holds one slice at a time."""
+    periodic clean-up: between slices of a large computation, so the disk holds one slice at a time. The full
+    collection also lets the JVM hand back heap it no longer uses (before work that needs no Spark)."""
     import gc
 
     gc.collect()  # Python's references to the JVM objects go first
