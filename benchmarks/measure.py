@@ -16,12 +16,18 @@ import psutil
 
 
 class ProcessTree:
-    """Peak resident memory and CPU seconds of this process and all its descendants (the Spark JVM, Python
-    workers), sampled in a thread. CPU seconds say what the work costs even when other jobs share the machine."""
+    """Peak memory and CPU seconds of this process and all its descendants (the Spark JVM, Python workers),
+    sampled in a thread. CPU seconds say what the work costs even when other jobs share the machine.
+
+    Memory two ways: the sum of the processes' RSS (`peak`), and the sum of their PSS (`peak_pss`: a page shared
+    by n processes counts 1/n in each), which is what the tree occupies. They differ by the pages the processes
+    share: Spark's Python workers are forked from one daemon and map the same libraries (torch, FAISS, XGBoost),
+    so with several workers alive the RSS sum counts those pages once per worker."""
 
     def __init__(self, every_s: float = 0.5):
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self.every_s, self.peak, self.peak_pss, self._stop = every_s, 0, 0, threading.Event()
         self.peak_parts: dict[str, int] = {}  # at the peak: bytes by role (driver, jvm, workers)
+        self.peak_pss_parts: dict[str, int] = {}
         self._cpu: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._sample()
@@ -30,18 +36,21 @@ class ProcessTree:
     def _sample(self) -> None:
         me = psutil.Process()
         parts = {"driver": 0, "jvm": 0, "workers": 0}
+        shares = dict(parts)
         for proc in [me, *me.children(recursive=True)]:
             try:
-                rss = proc.memory_info().rss
+                memory = proc.memory_full_info()  # rss and pss (Linux: /proc/PID/smaps)
                 times = proc.cpu_times()
                 self._cpu[proc.pid] = times.user + times.system
                 role = "driver" if proc.pid == me.pid else "jvm" if proc.name() == "java" else "workers"
             except psutil.Error:
                 continue
-            parts[role] += rss
-        total = sum(parts.values())
-        if total > self.peak:
-            self.peak, self.peak_parts = total, parts
+            parts[role] += memory.rss
+            shares[role] += getattr(memory, "pss", memory.rss)
+        if sum(parts.values()) > self.peak:
+            self.peak, self.peak_parts = sum(parts.values()), parts
+        if sum(shares.values()) > self.peak_pss:
+            self.peak_pss, self.peak_pss_parts = sum(shares.values()), shares
 
     @property
     def cpu_s(self) -> float:
@@ -52,9 +61,17 @@ class ProcessTree:
         return round(self.peak / 2**30, 2)
 
     @property
+    def peak_pss_gib(self) -> float:
+        return round(self.peak_pss / 2**30, 2)
+
+    @property
     def peak_parts_gib(self) -> dict[str, float]:
         """Where the peak was: the driver process, the Spark JVM, everything else (Python workers, daemons)."""
         return {role: round(rss / 2**30, 2) for role, rss in self.peak_parts.items()}
+
+    @property
+    def peak_pss_parts_gib(self) -> dict[str, float]:
+        return {role: round(pss / 2**30, 2) for role, pss in self.peak_pss_parts.items()}
 
     def _run(self) -> None:
         while not self._stop.is_set():

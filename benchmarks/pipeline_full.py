@@ -142,21 +142,25 @@ def main() -> int:
 
     done = result["stages"]
     peak = max([d["peak_rss_gib"] * 2**30 for d in result["stage_details"].values()], default=0)
+    peak_pss = max([d.get("peak_pss_gib", 0) * 2**30 for d in result["stage_details"].values()], default=0)
     total_cpu = sum(d["cpu_s"] for d in result["stage_details"].values())
     for stage in (s for s in pipeline.STAGES if s not in done):
         with ProcessTree() as tree:
             started = time.perf_counter()
             summary = pipeline.run(config, steps=[stage], force=True)
             seconds = round(time.perf_counter() - started, 1)
-        peak, total_cpu = max(peak, tree.peak), total_cpu + tree.cpu_s
+        peak, peak_pss, total_cpu = max(peak, tree.peak), max(peak_pss, tree.peak_pss), total_cpu + tree.cpu_s
         result["stages"][stage] = seconds
         result["stage_details"][stage] = {"seconds": seconds, "cpu_s": round(tree.cpu_s, 1),
                                           "peak_rss_gib": tree.peak_gib, "peak_parts_gib": tree.peak_parts_gib,
+                                          "peak_pss_gib": tree.peak_pss_gib,
+                                          "peak_pss_parts_gib": tree.peak_pss_parts_gib,
                                           "load_avg_end": load_avg(), "summary": summary.get(stage)}
         write_result(args.out, result)  # what ran so far survives a later failure
     result["total_s"] = round(sum(done.values()), 1)  # the stages' own times (a resumed run's gap is not work)
     result["cpu_s"] = round(total_cpu, 1)
     result["peak_rss_gib"] = round(peak / 2**30, 2)
+    result["peak_pss_gib"] = round(peak_pss / 2**30, 2)  # what the tree occupies (ProcessTree)
     lake = Lakehouse(get_spark(config), config)
     result.update(published(lake, config.scoring.k))
     result["customers"] = lake.read(CUSTOMERS).count()
