@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ class ProcessTree:
     Memory two ways: the sum of the processes' RSS (`peak`), and the sum of their PSS (`peak_pss`: a page shared
     by n processes counts 1/n in each), which is what the tree occupies. They differ by the pages the processes
     share: Spark's Python workers are forked from one daemon and map the same libraries (torch, FAISS, XGBoost),
-    so with several workers alive the RSS sum counts those pages once per worker."""
+    so with several workers alive the RSS sum counts those pages once per worker. PSS is read at most every
+    `pss_every_s`, and only while the RSS sum is above the PSS peak so far (the only moments it can rise)."""
 
-    def __init__(self, every_s: float = 0.5):
-        self.every_s, self.peak, self.peak_pss, self._stop = every_s, 0, 0, threading.Event()
+    def __init__(self, every_s: float = 0.5, pss_every_s: float = 2.0):
+        self.every_s, self.pss_every_s, self._stop = every_s, pss_every_s, threading.Event()
+        self.peak, self.peak_pss, self._pss_at = 0, 0, 0.0
         self.peak_parts: dict[str, int] = {}  # at the peak: bytes by role (driver, jvm, workers)
         self.peak_pss_parts: dict[str, int] = {}
         self._cpu: dict[int, float] = {}
@@ -36,21 +39,32 @@ class ProcessTree:
     def _sample(self) -> None:
         me = psutil.Process()
         parts = {"driver": 0, "jvm": 0, "workers": 0}
-        shares = dict(parts)
+        roles: dict[psutil.Process, str] = {}
         for proc in [me, *me.children(recursive=True)]:
             try:
-                memory = proc.memory_full_info()  # rss and pss (Linux: /proc/PID/smaps)
+                rss = proc.memory_info().rss
                 times = proc.cpu_times()
                 self._cpu[proc.pid] = times.user + times.system
-                role = "driver" if proc.pid == me.pid else "jvm" if proc.name() == "java" else "workers"
+                roles[proc] = "driver" if proc.pid == me.pid else "jvm" if proc.name() == "java" else "workers"
             except psutil.Error:
                 continue
-            parts[role] += memory.rss
-            shares[role] += getattr(memory, "pss", memory.rss)
-        if sum(parts.values()) > self.peak:
-            self.peak, self.peak_parts = sum(parts.values()), parts
-        if sum(shares.values()) > self.peak_pss:
-            self.peak_pss, self.peak_pss_parts = sum(shares.values()), shares
+            parts[roles[proc]] += rss
+        total = sum(parts.values())
+        if total > self.peak:
+            self.peak, self.peak_parts = total, parts
+        # PSS reads every mapping of every process (tens of ms each under load): only when it could be a new peak
+        # (PSS <= RSS) and at most every pss_every_s
+        now = time.monotonic()
+        if total > self.peak_pss and now - self._pss_at >= self.pss_every_s:
+            self._pss_at = now
+            shares = dict.fromkeys(parts, 0)
+            for proc, role in roles.items():
+                try:
+                    shares[role] += getattr(proc.memory_full_info(), "pss", 0)
+                except psutil.Error:
+                    continue
+            if sum(shares.values()) > self.peak_pss:
+                self.peak_pss, self.peak_pss_parts = sum(shares.values()), shares
 
     @property
     def cpu_s(self) -> float:
