@@ -75,7 +75,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--fresh", action="store_true", help="delete the profile's tables and artifacts first")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the profile's tables and artifacts first (the MLflow registry stays: an "
+                             "earlier run's champion is evaluated and gated against, as on a night)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the stages the result file already has (a run that stopped), run the others")
     parser.add_argument("--redo", default="", metavar="STAGE[,STAGE]",
