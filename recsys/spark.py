@@ -86,6 +86,7 @@ def get_spark(config: Config, app_name: str = "recsys") -> SparkSession:
 
 
 STEP = "recsys.step"  # a job property of our own: Delta sets spark.job.description for the jobs it starts
+STEP_SEPARATOR = " / "
 
 
 @contextlib.contextmanager
@@ -93,17 +94,18 @@ def described(spark: SparkSession, text: str) -> Iterator[None]:
     """The Spark jobs started inside carry `text` (after the step around it: `score / slice 2 / write
     candidates`) as a job property and as their description in Spark's UI, so a profile of the event log
     (`benchmarks/spark_profile.py`) says which step of which stage a query belongs to: Python's call site alone
-    names a `count`, or nothing for a Delta write."""
+    names a `count`, or nothing for a Delta write. Each property gets back the value it had."""
     sc = spark.sparkContext
-    outer = sc.getLocalProperty(STEP)
-    step = f"{outer} / {text}" if outer else text
-    for key in (STEP, "spark.job.description"):
+    keys = (STEP, "spark.job.description")
+    before = {key: sc.getLocalProperty(key) for key in keys}
+    step = f"{before[STEP]}{STEP_SEPARATOR}{text}" if before[STEP] else text
+    for key in keys:
         sc.setLocalProperty(key, step)
     try:
         yield
     finally:
-        for key in (STEP, "spark.job.description"):
-            sc.setLocalProperty(key, outer)  # type: ignore[arg-type]  # None removes it
+        for key, value in before.items():
+            sc.setLocalProperty(key, value)  # type: ignore[arg-type]  # None removes it
 
 
 def release(spark: SparkSession) -> None:

@@ -58,6 +58,11 @@ def test_a_step_names_the_spark_jobs_inside_it_and_the_step_around_it_comes_back
     from recsys.spark import STEP, described
 
     sc = lake.spark.sparkContext
+    with described(lake.spark, "outside"):  # a description set by other code comes back as it was
+        sc.setJobDescription("someone else's")
+        with described(lake.spark, "inside"):
+            assert sc.getLocalProperty(STEP) == "outside / inside"
+        assert sc.getLocalProperty("spark.job.description") == "someone else's"
     with pytest.raises(RuntimeError, match="inner step fails"):
         with described(lake.spark, "score"):
             with described(lake.spark, "slice 2"):
