@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from recsys.spark import STEP, STEP_SEPARATOR
+
 METRICS = {  # Spark's task metric accumulators -> short names (times in ms, cpu in ns)
     "internal.metrics.executorRunTime": "run_ms",
     "internal.metrics.executorCpuTime": "cpu_ns",
@@ -36,7 +38,6 @@ METRICS = {  # Spark's task metric accumulators -> short names (times in ms, cpu
     "internal.metrics.shuffle.write.bytesWritten": "shuffle_write_bytes",
     "internal.metrics.diskBytesSpilled": "spill_disk_bytes",
 }
-STEP = "recsys.step"  # recsys.spark.STEP (not imported: reading a log needs no Spark)
 DECOMPRESS = {".zstd": ["zstd", "-dc"], ".zst": ["zstd", "-dc"], ".lz4": ["lz4", "-dc"]}
 
 
@@ -133,7 +134,7 @@ def _name(props: dict[str, str], depth: int) -> str:
     """`step | call site` of a job (either may be missing); with `depth`, the step's first `depth` parts alone."""
     step = props.get(STEP, "")
     if depth:
-        return " / ".join(step.split(" / ")[:depth]) or "(no step)"
+        return STEP_SEPARATOR.join(step.split(STEP_SEPARATOR)[:depth]) or "(no step)"
     call = _site(props["callSite.short"]) if "callSite.short" in props else ""
     return " | ".join(part for part in (step, call) if part) or "?"
 
