@@ -81,11 +81,11 @@ class ProcessTree:
     @property
     def peak_parts_gib(self) -> dict[str, float]:
         """Where the peak was: the driver process, the Spark JVM, everything else (Python workers, daemons)."""
-        return {role: round(rss / 2**30, 2) for role, rss in self.peak_parts.items()}
+        return _gib(self.peak_parts)
 
     @property
     def peak_pss_parts_gib(self) -> dict[str, float]:
-        return {role: round(pss / 2**30, 2) for role, pss in self.peak_pss_parts.items()}
+        return _gib(self.peak_pss_parts)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -100,6 +100,10 @@ class ProcessTree:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def _gib(parts: dict[str, int]) -> dict[str, float]:
+    return {role: round(size / 2**30, 2) for role, size in parts.items()}
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
