@@ -6,8 +6,8 @@ Checks what a nightly run must deliver: every customer published with exactly K 
 benchmarks/results/pipeline_full.json (`total_s`, `peak_rss_gib`, `customers_published`, `stages`, `date`,
 `load_avg`, and per stage its summary).
 
-    .venv/bin/python benchmarks/pipeline_full.py [--profile full] [--set KEY=VALUE ...] [--fresh | --resume]
-                                                 [--event-log DIR]
+    .venv/bin/python benchmarks/pipeline_full.py [--profile full] [--set KEY=VALUE ...] [--fresh [--fresh-registry] |
+                                                 --resume] [--event-log DIR]
 
 When the gate published a baseline (no model beat it on the week), the score stage did not pay for the two
 stages; `--system-lists [N]` then times the challenger system's lists for every customer (or N of them) on the
@@ -78,6 +78,9 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="delete the profile's tables and artifacts first (the MLflow registry stays: an "
                              "earlier run's champion is evaluated and gated against, as on a night)")
+    parser.add_argument("--fresh-registry", action="store_true",
+                        help="with --fresh: also delete the local MLflow database and artifacts, so no champion "
+                             "is evaluated beside the new system (two such runs compare stage for stage)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the stages the result file already has (a run that stopped), run the others")
     parser.add_argument("--redo", default="", metavar="STAGE[,STAGE]",
@@ -117,6 +120,11 @@ def main() -> int:
         parser.error(f"--redo: unknown stage(s) {unknown}; stages: {', '.join(pipeline.STAGES)}")
     if redo and args.fresh:
         parser.error("--redo re-measures stages on the tables a run left; --fresh deletes them: pick one")
+    if args.fresh_registry and not args.fresh:
+        parser.error("--fresh-registry goes with --fresh (a registry without the tables it was trained on)")
+    if args.fresh_registry and config.paths.mlflow_tracking_uri:
+        parser.error(f"--fresh-registry deletes only a local registry; this profile tracks to "
+                     f"{config.paths.mlflow_tracking_uri}")
     if args.resume and args.fresh:
         parser.error("--resume continues on the tables a stopped run left; --fresh deletes them: pick one")
     raw = config.path(config.paths.raw_dir)
@@ -141,6 +149,11 @@ def main() -> int:
     if args.fresh:
         for folder in (config.paths.tables_dir, config.paths.artifacts_dir, config.paths.checkpoint_dir):
             shutil.rmtree(config.path(folder), ignore_errors=True)
+        if args.fresh_registry:
+            database, artifacts = config.local_mlflow
+            database.unlink(missing_ok=True)
+            shutil.rmtree(artifacts, ignore_errors=True)
+        result["registry"] = "from scratch" if args.fresh_registry else "kept"
 
     done = result["stages"]
     peak = max([d["peak_rss_gib"] * 2**30 for d in result["stage_details"].values()], default=0)

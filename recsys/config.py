@@ -280,7 +280,13 @@ class Config:
     def tracking_uri(self) -> str:
         if self.paths.mlflow_tracking_uri:
             return self.paths.mlflow_tracking_uri
-        return "sqlite:///" + str(self.path(self.paths.data_dir) / "mlflow.db")
+        return "sqlite:///" + str(self.local_mlflow[0])
+
+    @property
+    def local_mlflow(self) -> tuple[Path, Path]:
+        """(tracking database, artifact folder) of the local registry, used when no tracking URI is set."""
+        data = self.path(self.paths.data_dir)
+        return data / "mlflow.db", data / "mlartifacts"
 
     @property
     def registry_uri(self) -> str:

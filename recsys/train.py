@@ -166,7 +166,7 @@ def configure_mlflow(config: Config) -> str:
     name = config.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        artifacts = config.path(config.paths.data_dir) / "mlartifacts"
+        artifacts = config.local_mlflow[1]
         artifacts.mkdir(parents=True, exist_ok=True)
         experiment_id = mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
     else:
