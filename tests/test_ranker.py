@@ -93,6 +93,28 @@ class _ByColumn:
         return pdf["x"].to_numpy(dtype="float64")
 
 
+@pytest.mark.parametrize("ties", [3, 1000, None])
+def test_best_is_a_windows_top_k_ties_to_the_smaller_article(ties):
+    """A customer's rows in any order, scores from heavily tied to untied: the k best by score, then article_id,
+    numbered 1..k, as a window ordered by (score desc, article_id) gives them."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(11)
+    n = 3000
+    score = rng.integers(0, ties, n).astype(float) if ties else rng.random(n)
+    scored = pd.DataFrame({"customer_id": rng.integers(0, 80, n),
+                           "article_id": [f"a{a:04d}" for a in rng.permutation(n)],  # distinct, as a customer's are
+                           "source": "src", "score": score})
+    got = sorted(map(tuple, R._best(scored, 5)[["customer_id", "article_id", "score", "pos"]].itertuples(index=False)))
+    expected = []
+    for customer, mine in scored.groupby("customer_id"):
+        best = sorted(zip(mine["score"], mine["article_id"]), key=lambda r: (-r[0], r[1]))[:5]
+        expected += [(customer, article, value, pos) for pos, (value, article) in enumerate(best, 1)]
+    assert got == sorted(expected)
+    assert R._best(scored.iloc[:0], 5).empty
+
+
 def test_predict_top_k_keeps_each_customers_best_k_across_arrow_batches_and_partitions(spark):
     """Batches of 3 rows split customers between batches (the carried customer), ties go to the smaller article,
     and the rows arrive in no particular order or partitioning: the result is a window's top k."""
