@@ -71,6 +71,24 @@ def test_a_step_names_the_spark_jobs_inside_it_and_the_step_around_it_comes_back
     assert sc.getLocalProperty(STEP) is None and sc.getLocalProperty("spark.job.description") is None
 
 
+def test_a_shipped_object_reaches_every_batch_and_its_pickled_bytes_are_let_go(lake):
+    import pandas as pd
+
+    from recsys.spark import Shipped
+
+    shipped = Shipped(lake.spark, {"weights": list(range(1000))})
+
+    def body(batches):
+        for pdf in batches:
+            value = shipped.value()
+            yield pd.DataFrame({"total": [sum(value["weights"])] * len(pdf),
+                                "bytes_kept": [hasattr(shipped.payload, "_value")] * len(pdf)})
+
+    rows = lake.spark.range(0, 20, numPartitions=4).mapInPandas(body, "total long, bytes_kept boolean").collect()
+    assert len(rows) == 20 and {r.total for r in rows} == {499500}
+    assert not any(r.bytes_kept for r in rows)
+
+
 def test_spark_session_has_delta_and_round_trips(lake):
     df = lake.spark.createDataFrame([Row(a=1, b="x"), Row(a=2, b="y")])
     lake.write(df, "probe")
