@@ -156,17 +156,21 @@ def evaluate_models(
     metric_names = [c for c in per.columns if c not in (MODEL, "customer_id")]
     ranking = population.join(per, "customer_id").groupBy(MODEL, "segment").agg(
         *[F.sum(n).alias(n) for n in metric_names])
-    listed = (
-        positions.where(F.col("pos") <= max_k).join(population, "customer_id")
-        .join(F.broadcast(popularity), "article_id")
-    )
+    # Coverage and popularity bias from one row per (model, segment, article): its best position and how often
+    # it is listed at each K. Aggregated per listed row instead, the distinct counts at several K made Spark
+    # copy every (list row x segment) once per K before the shuffle.
+    listed = positions.where(F.col("pos") <= max_k).join(population, "customer_id").groupBy(
+        MODEL, "segment", "article_id").agg(
+        F.min("pos").alias("best"), *[F.sum((F.col("pos") <= k).cast("long")).alias(f"listed_{k}") for k in ks])
+    listed = listed.join(F.broadcast(popularity), "article_id")
     shares = listed.groupBy(MODEL, "segment").agg(*[
         agg
         for k in ks
         for agg in (
-            (F.countDistinct(F.when(F.col("pos") <= k, F.col("article_id"))) / F.first("n_catalogue"))
-            .alias(M.metric_name("coverage", k)),
-            F.avg(F.when(F.col("pos") <= k, F.col("pct"))).alias(M.metric_name("popularity_bias", k)),
+            (F.sum((F.col("best") <= k).cast("long")) / F.first("n_catalogue")).alias(M.metric_name("coverage", k)),
+            # the mean percentile over the listed rows (none listed at K: null, as an average of nothing)
+            F.when(F.sum(f"listed_{k}") > 0, F.sum(F.col(f"listed_{k}") * F.col("pct")) / F.sum(f"listed_{k}"))
+            .alias(M.metric_name("popularity_bias", k)),
         )
     ])
     sizes = population.groupBy("segment").agg(F.count(F.lit(1)).cast("double").alias("customers"))
