@@ -301,7 +301,8 @@ def customer_features(
     if history_length < 0:
         raise ValueError(f"features.history_length must be >= 0, got {history_length}")
     taste = taste_columns(category_index)
-    codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values())
+    codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values()).dropDuplicates(
+        ["article_id"])
     if keys is None:
         cutoff = as_date(as_of, "as_of")
         history = before(transactions, cutoff).withColumn("as_of", F.lit(cutoff))
@@ -312,42 +313,53 @@ def customer_features(
         history = transactions.join(keys, "customer_id").filter(F.col("t_dat") < F.col("as_of"))
         base = keys.join(customer_profile(customers), "customer_id", "left").withColumn(
             "age_bucket", F.coalesce("age_bucket", F.lit(UNKNOWN)))
-    history = history.withColumn("days_before", F.datediff("as_of", "t_dat")).join(
-        F.broadcast(codes), "article_id", "left")
+    history = history.withColumn("days_before", F.datediff("as_of", "t_dat"))
     key = ["customer_id", "as_of"]
-    rows = F.count(F.lit(1))
-    stats = history.groupBy(*key).agg(
-        *[F.sum(F.when(F.col("days_before") <= 7 * w, 1).otherwise(0)).alias(f"num_purchases_{w}w") for w in weeks],
-        rows.alias("num_purchases_all"),
-        F.min("days_before").alias("num_days_since_last"),
-        F.avg("price").alias("num_price_mean"),
-        F.stddev_pop("price").alias("num_price_std"),
-        F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("num_channel2_share"),
-        *[
-            (F.sum((F.col(cat) == code).cast("double")) / rows).alias(f"num_share_{group}_{code}")
-            for group, cat in TASTE_GROUPS.items()
-            for code in taste[group]
-        ],
-    )
-    # per article: repeat purchases (bought on two or more days) and the most recent day, for the history sequence
+    # One pass over the purchases: per (customer, as_of, article) first, then per customer from those rows (the
+    # purchases aggregated twice, per customer and per article, read and joined every purchase twice).
     per_article = history.groupBy(*key, "article_id").agg(
-        F.countDistinct("t_dat").alias("days"), F.min("days_before").alias("last"))
+        F.count(F.lit(1)).alias("rows"),
+        *[F.sum(F.when(F.col("days_before") <= 7 * w, 1).otherwise(0)).alias(f"rows_{w}w") for w in weeks],
+        (F.max("t_dat") > F.min("t_dat")).alias("repeat"),  # bought on two or more days (no distinct count)
+        F.min("days_before").alias("last"),
+        F.count("price").alias("priced"), F.sum("price").alias("price_sum"),
+        F.sum(F.col("price") * F.col("price")).alias("price_squares"),
+        F.count("sales_channel_id").alias("channelled"),
+        F.sum((F.col("sales_channel_id") == 2).cast("double")).alias("channel2"),
+    ).join(F.broadcast(codes), "article_id", "left")
     if article_index is not None:
         per_article = per_article.join(F.broadcast(article_index.select("article_id", "article_idx")), "article_id",
                                        "left")
     else:
         per_article = per_article.withColumn("article_idx", F.lit(0))
+    rows, articles_bought = F.sum("rows"), F.count(F.lit(1))
+    def mean(total: str, count: str) -> Column:  # an average over the purchases (null where none counted)
+        return F.when(F.sum(count) > 0, F.sum(total) / F.sum(count))
+
+    price_mean = mean("price_sum", "priced")
+    price_var = mean("price_squares", "priced") - price_mean * price_mean
+    # the last `history_length` articles bought (most recent first; ties by article_idx), for the history sequence
     recent = F.slice(F.array_sort(F.collect_list(F.struct(
         F.col("last"), F.coalesce("article_idx", F.lit(0)).alias("idx")))), 1, max(history_length, 1))
-    repeats = per_article.groupBy(*key).agg(
-        F.count(F.lit(1)).alias("num_distinct_articles"),
-        (F.sum((F.col("days") > 1).cast("double")) / F.count(F.lit(1))).alias("num_repeat_ratio"),
+    stats = per_article.groupBy(*key).agg(
+        *[F.sum(f"rows_{w}w").alias(f"num_purchases_{w}w") for w in weeks],
+        rows.alias("num_purchases_all"),
+        F.min("last").alias("num_days_since_last"),
+        price_mean.alias("num_price_mean"),
+        F.sqrt(F.greatest(price_var, F.lit(0.0))).alias("num_price_std"),  # population std; rounding below 0: 0
+        mean("channel2", "channelled").alias("num_channel2_share"),
+        *[
+            (F.sum(F.when(F.col(cat) == code, F.col("rows")).otherwise(0)) / rows).alias(f"num_share_{group}_{code}")
+            for group, cat in TASTE_GROUPS.items()
+            for code in taste[group]
+        ],
+        articles_bought.alias("num_distinct_articles"),
+        (F.sum(F.col("repeat").cast("double")) / articles_bought).alias("num_repeat_ratio"),
         recent.alias("_recent"),
     )
     return _finish(
         base
         .join(stats, key, "left")
-        .join(repeats, key, "left")
         .join(customer_index, "customer_id", "left")
         .select(
             "customer_id",
@@ -355,7 +367,7 @@ def customer_features(
             "as_of",
             F.col("num_purchases_all").isNotNull().cast("int").alias("has_history"),
             "age", "age_bucket", "cat_age_bucket", "cat_club_status", "cat_news_frequency", "cat_fn", "cat_active",
-            *sorted(c for c in stats.columns + repeats.columns if c.startswith("num_")),
+            *sorted(c for c in stats.columns if c.startswith("num_")),
             *_sequence(F.col("_recent"), history_length),
         )
     )
