@@ -301,6 +301,7 @@ def customer_features(
     if history_length < 0:
         raise ValueError(f"features.history_length must be >= 0, got {history_length}")
     taste = taste_columns(category_index)
+    # one row per article: an article listed twice would count its purchases twice in the taste shares
     codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values()).dropDuplicates(
         ["article_id"])
     if keys is None:
@@ -333,6 +334,7 @@ def customer_features(
     else:
         per_article = per_article.withColumn("article_idx", F.lit(0))
     rows, articles_bought = F.sum("rows"), F.count(F.lit(1))
+
     def mean(total: str, count: str) -> Column:  # an average over the purchases (null where none counted)
         return F.when(F.sum(count) > 0, F.sum(total) / F.sum(count))
 
