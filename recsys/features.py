@@ -216,7 +216,8 @@ def new_category_codes(existing: DataFrame | None, articles: DataFrame) -> DataF
 
 
 def article_codes(articles: DataFrame, category_index: DataFrame) -> DataFrame:
-    """article_id + one cat_* int per article categorical (the category_index code; 0 for a missing value).
+    """article_id + one cat_* int per article categorical (the category_index code; 0 for a missing value), one
+    row per article (an article listed twice would count its sales or purchases twice wherever it is joined).
 
     Small vocabularies (a few hundred codes) become literal maps, which beat joins; large ones (product_code,
     ~47,000 values) a broadcast join.
@@ -236,9 +237,10 @@ def article_codes(articles: DataFrame, category_index: DataFrame) -> DataFrame:
         pairs = [x for value, code in sorted(mapping.items()) for x in (F.lit(value), F.lit(code))]
         return F.create_map(*pairs)[F.col(ARTICLE_CATEGORIES[feature]).cast("string")]
 
-    out = articles.select("article_id", *[F.col(ARTICLE_CATEGORIES[f]).cast("string").alias(f"_{f}")
-                                          for f in ARTICLE_CATEGORIES if f not in small],
-                          *[lookup(f).alias(f) for f in small])
+    out = articles.dropDuplicates(["article_id"]).select(
+        "article_id", *[F.col(ARTICLE_CATEGORIES[f]).cast("string").alias(f"_{f}") for f in ARTICLE_CATEGORIES
+                        if f not in small],
+        *[lookup(f).alias(f) for f in small])
     for feature in (f for f in ARTICLE_CATEGORIES if f not in small):
         mapping = category_index.where(F.col("feature") == feature).select(
             F.col("value").alias(f"_{feature}"), F.col("code").alias(feature))
@@ -301,9 +303,7 @@ def customer_features(
     if history_length < 0:
         raise ValueError(f"features.history_length must be >= 0, got {history_length}")
     taste = taste_columns(category_index)
-    # one row per article: an article listed twice would count its purchases twice in the taste shares
-    codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values()).dropDuplicates(
-        ["article_id"])
+    codes = article_codes(articles, category_index).select("article_id", *TASTE_GROUPS.values())
     if keys is None:
         cutoff = as_date(as_of, "as_of")
         history = before(transactions, cutoff).withColumn("as_of", F.lit(cutoff))
@@ -416,7 +416,7 @@ def article_features(
         F.coalesce(F.col(f"num_sales_{long}w"), F.lit(0)) / long + 1.0
     )
     return _finish(
-        article_codes(articles, category_index).dropDuplicates(["article_id"])
+        article_codes(articles, category_index)
         .join(sales, "article_id", "left")
         .join(article_index, "article_id", "left")
         .withColumn("num_trend", trend)
