@@ -15,7 +15,7 @@ else the best baseline. With --ablation it also measures each candidate source r
 against a plain merge of the sources, and the two-tower with and without the history input / the customer-id
 embedding. Writes benchmarks/results/real_week.json and the "Real week" section of docs/BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/real_week.py [--ablation] [--two-tower-n 50,25] [--keep DIR]
+    .venv/bin/python benchmarks/real_week.py [--ablation] [--two-tower-n 50,25] [--ranker-sizes 100x4@0.15] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -139,23 +139,35 @@ class Bench:
 
         return score.recommend(self.lake, encoder, as_of=TEST_START, customers=self.week.target)
 
-    def system(self, encoder, sources: list[str] | None = None, two_tower_n: int | None = None):
+    def system(self, encoder, sources: list[str] | None = None, two_tower_n: int | None = None,
+               ranker: dict | None = None):
         """(fit, lists) of the ranker on `sources` (default: the configured ones), the two-tower proposing
-        `two_tower_n` articles per customer (default: `candidates.two_tower_n`)."""
+        `two_tower_n` articles per customer (default: `candidates.two_tower_n`), `ranker` settings overriding
+        the configured ones (e.g. n_estimators)."""
         from recsys import two_stage
 
-        candidates = self.config.candidates
-        saved = list(candidates.sources), candidates.two_tower_n
+        candidates, settings = self.config.candidates, self.config.ranker
+        saved = list(candidates.sources), candidates.two_tower_n, dict(vars(settings))
         candidates.sources = list(sources) if sources is not None else candidates.sources
         candidates.two_tower_n = two_tower_n or candidates.two_tower_n
+        for key, value in (ranker or {}).items():
+            setattr(settings, key, value)
         try:
             fit = two_stage.fit_ranker(self.lake, encoder, TEST_START)
             lists = two_stage.recommend(self.lake, encoder, fit.model, as_of=TEST_START, customers=self.week.target)
             lists = lists.cache()
             lists.count()
         finally:
-            candidates.sources, candidates.two_tower_n = saved
+            candidates.sources, candidates.two_tower_n = saved[:2]
+            vars(settings).update(saved[2])
         return fit, lists
+
+    def ranking_sample(self, encoder, n: int = 200_000):
+        """Up to `n` of the test week's ranker rows (pandas): what a booster's prediction is timed on."""
+        from recsys import two_stage
+
+        _, rows = two_stage.ranking_rows(self.lake, encoder, TEST_START, self.week.target)
+        return rows.limit(n).toPandas()
 
     def merged(self, encoder):
         from recsys import two_stage
@@ -191,6 +203,9 @@ def main() -> int:
                                                                  "two-tower inputs")
     parser.add_argument("--keep", default=None, help="work folder to keep and reuse (default: a temporary one)")
     parser.add_argument("--driver-memory", default="6g", help="Spark driver memory")
+    parser.add_argument("--ranker-sizes", default="", help="also the system with rankers of these sizes, "
+                        "TREESxDEPTH[@LEARNING_RATE] comma-separated (e.g. 80x6,60x5@0.15), the same two-tower model; "
+                        "each booster's prediction timed on the same rows")
     parser.add_argument("--two-tower-n", default="", help="also the system with the two-tower proposing each of "
                         "these numbers of articles per customer (comma-separated), the same two-tower model")
     args = parse_args(parser)
@@ -268,6 +283,25 @@ def main() -> int:
                 lists.unpersist()
                 print(f"two_tower_n: {result['two_tower_n'][-1]}", flush=True)
                 save()
+        sizes = [size_of(s) for s in args.ranker_sizes.split(",") if s.strip()]
+        if sizes:
+            sample = bench.ranking_sample(encoder)
+            ranker = config.ranker
+            result["ranker_sizes"] = [{
+                "n_estimators": ranker.n_estimators, "max_depth": ranker.max_depth,
+                "learning_rate": ranker.learning_rate, **_pick(scores["two_stage"]),
+                "predict_us_per_row": predict_cost(fit.model, sample), "fit_system_s": bench.timings["fit_system_s"]}]
+            for size in sizes:
+                size = {"learning_rate": ranker.learning_rate, **size}
+                timer = "fit_system_{n_estimators}x{max_depth}@{learning_rate}_s".format(**size)
+                with bench.timed(timer):
+                    sized, lists = bench.system(encoder, ranker=size)
+                result["ranker_sizes"].append({**size, **_pick(bench.scores({"x": lists}).loc["x"]),
+                                               "predict_us_per_row": predict_cost(sized.model, sample),
+                                               "fit_system_s": bench.timings[timer]})
+                lists.unpersist()
+                print(f"ranker size: {result['ranker_sizes'][-1]}", flush=True)
+                save()
         if args.ablation:
             result["ablation"] = []
             for row in ablation(bench, encoder, scores):
@@ -298,6 +332,27 @@ def ablation(bench: Bench, encoder, full: dict):
                              ("two-tower alone, no customer-id embedding", {"customer_id_embedding": False})):
             variant, _ = bench.two_tower(**model)
             yield {"variant": label, **_pick(bench.scores({"x": bench.two_tower_lists(variant)}).loc["x"])}
+
+
+def size_of(text: str) -> dict:
+    """'80x6' / '60x5@0.15' -> ranker settings (the learning rate as configured when not given)."""
+    match = re.fullmatch(r"\s*(\d+)x(\d+)(?:@([0-9.]+))?\s*", text)
+    if not match:
+        raise SystemExit(f"--ranker-sizes: {text!r} is not TREESxDEPTH[@LEARNING_RATE], e.g. 80x6 or 60x5@0.15")
+    size = {"n_estimators": int(match[1]), "max_depth": int(match[2])}
+    return {**size, "learning_rate": float(match[3])} if match[3] else size
+
+
+def predict_cost(model, sample, batch: int = 10_000) -> float:
+    """Microseconds per row of the booster's prediction on `sample`, in the scoring's batches, on one thread
+    (as a Spark task predicts), the best of three passes."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for first in range(0, len(sample), batch):
+            model.predict_pandas(sample.iloc[first:first + batch])
+        best = min(best, time.perf_counter() - started)
+    return round(best / max(len(sample), 1) * 1e6, 3)
 
 
 def _pick(row) -> dict:
@@ -335,6 +390,13 @@ def write_section(result: dict) -> None:
                   "| two_tower_n | map_at_12 | recall_at_12 | ranker fit + lists (s) |", "|---:|---:|---:|---:|"]
         lines += [f"| {r['two_tower_n']} | {r['map_at_12']:.4f} | {r['recall_at_12']:.4f} | {r['fit_system_s']} |"
                   for r in result["two_tower_n"]]
+    if result.get("ranker_sizes"):
+        lines += ["", "### The ranker's size (`--ranker-sizes`, the same two-tower model and candidates)", "",
+                  "| trees | depth | learning rate | map_at_12 | recall_at_12 | prediction (us/row, one thread) "
+                  "| ranker fit + lists (s) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['n_estimators']} | {r['max_depth']} | {r['learning_rate']} | {r['map_at_12']:.4f} "
+                  f"| {r['recall_at_12']:.4f} | {r['predict_us_per_row']} | {r['fit_system_s']} |"
+                  for r in result["ranker_sizes"]]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()) + "."]
     lines += [f"- {note}" for note in result["notes"]]
     section = "\n".join(lines) + "\n"
