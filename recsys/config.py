@@ -163,9 +163,9 @@ class RankerConfig:
                                          # labels T - label_days .. T - 1
     negatives_per_customer: int = 20     # random non-bought candidates kept per customer in training
     objective: str = "rank:ndcg"
-    n_estimators: int = 150
-    max_depth: int = 6
-    learning_rate: float = 0.1
+    n_estimators: int = 100
+    max_depth: int = 4
+    learning_rate: float = 0.15
     subsample: float = 0.8
     colsample_bytree: float = 0.8
     min_child_weight: float = 1.0
