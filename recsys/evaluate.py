@@ -69,10 +69,12 @@ def load_week(lake: Lakehouse, test_start: dt.date | str, test_days: int | None 
         else transactions.select("article_id").distinct()
     )
     target = evaluation_customers(test).cache()
-    # The same for every model of the week: computed once (each reads two years of sales), and only the buyers'
-    # segments are kept.
-    segments = customer_segments(train, customers, config.evaluation.short_history_max).join(
-        target, "customer_id").cache()
+    # The same for every model of the week: computed once (each reads two years of sales), for the buyers alone
+    # (a customer's segments read only that customer's rows: the week's buyers are a few % of everyone)
+    buyers = F.broadcast(target.select("customer_id"))
+    segments = customer_segments(train.join(buyers, "customer_id", "left_semi"),
+                                 customers.join(buyers, "customer_id", "left_semi"),
+                                 config.evaluation.short_history_max).join(target, "customer_id").cache()
     return Week(start, train, test, target, segments, catalogue_popularity(catalogue, train).cache())
 
 
