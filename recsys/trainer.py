@@ -88,6 +88,19 @@ def make_sampler(source: str, num_ids: int, counts: np.ndarray) -> NegativeSampl
     raise ValueError(f"model.negative_source: unknown source {source!r} (expected 'catalogue' or 'recent')")
 
 
+def equal_pairs(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) of every left[i] == right[j], found by sorting `right` and searching it for each of `left`: time and
+    memory grow with the pairs (a few thousand in a full-size batch), where a broadcast comparison builds the
+    whole len(left) x len(right) matrix (8,192 x 10,240) and masking by it is two more passes over the logits."""
+    values, order = torch.sort(right)
+    first = torch.searchsorted(values, left)
+    counts = torch.searchsorted(values, left, right=True) - first
+    rows = torch.repeat_interleave(torch.arange(len(left), device=left.device), counts)
+    # row i's pairs sit at flat positions cum_i .. cum_i + counts_i - 1 and take values[first_i ...] in order
+    shift = torch.repeat_interleave(first - (torch.cumsum(counts, 0) - counts), counts)
+    return rows, order[shift + torch.arange(len(rows), device=left.device)]
+
+
 class SampledSoftmaxLoss:
     """Softmax over the batch's own positives plus extra negatives, weighted per example.
 
@@ -110,7 +123,8 @@ class SampledSoftmaxLoss:
 
         The [B, B + M] matrix is a step's largest tensor (8,192 x 10,240 at full size), and on a CPU every pass
         over it costs about what the towers cost: one matrix product gives every logit with the temperature and
-        the log-Q correction folded in (an extra column), and one in-place fill masks what is also a positive.
+        the log-Q correction folded in (an extra column), and what is also a positive is set to -inf in place,
+        pair by pair (`equal_pairs`), with no mask of the matrix's size.
         """
         b = len(article_idx)
         extra = negatives is not None and len(negatives) > 0
@@ -125,10 +139,11 @@ class SampledSoftmaxLoss:
             scaled = torch.cat([scaled, user.new_ones(b, 1)], dim=1)
             items = torch.cat([items, -log_q.to(items.dtype)[:, None]], dim=1)
         logits = scaled @ items.T
-        also_positive = article_idx[:, None] == candidate_idx[None, :]          # the same article elsewhere
-        also_positive[:, :b] |= customer_idx[:, None] == customer_idx[None, :]  # the customer's other purchases
-        also_positive.diagonal().fill_(False)
-        return logits.masked_fill_(also_positive, float("-inf"))
+        same_article = equal_pairs(article_idx, candidate_idx)     # the same article elsewhere
+        same_customer = equal_pairs(customer_idx, customer_idx)   # the customer's other purchases (positives' block)
+        rows, columns = (torch.cat(pair) for pair in zip(same_article, same_customer))
+        off_diagonal = rows != columns                            # row i's own candidate, column i, always stays
+        return logits.index_put_((rows[off_diagonal], columns[off_diagonal]), logits.new_tensor(float("-inf")))
 
     def __call__(self, weight: torch.Tensor, **candidates) -> torch.Tensor:
         logits = self.logits(**candidates)

@@ -12,7 +12,7 @@ import torch
 
 from recsys.model import Encoder, FeatureSpec, FeatureTable, TowerConfig, TwoTower
 from recsys import trainer
-from recsys.trainer import CatalogueSampler, FrequencySampler, SampledSoftmaxLoss
+from recsys.trainer import CatalogueSampler, FrequencySampler, SampledSoftmaxLoss, equal_pairs
 
 torch.set_num_threads(2)
 
@@ -207,6 +207,15 @@ def test_history_pooling_weights_recent_articles_and_ignores_padding():
         out = pooling(torch.tensor([[1, 2, 0], [0, 0, 0]]), torch.tensor([[0.0, 70.0, 0.0], [0.0, 0.0, 0.0]]))
     assert torch.allclose(out[0], torch.tensor([1.0, 0.0]), atol=1e-3)  # the older article barely counts
     assert torch.equal(out[1], torch.zeros(2))  # padding only: nothing, not the unknown row's embedding
+
+
+def test_equal_pairs_are_every_equal_pair_of_the_broadcast_comparison():
+    g = torch.Generator().manual_seed(5)
+    for n, m, high in ((50, 70, 6), (200, 30, 400), (1, 1, 1), (0, 5, 3), (5, 0, 3)):
+        left, right = torch.randint(0, high, (n,), generator=g), torch.randint(0, high, (m,), generator=g)
+        rows, columns = equal_pairs(left, right)
+        want = torch.nonzero(left[:, None] == right[None, :])
+        assert sorted(zip(rows.tolist(), columns.tolist())) == sorted(map(tuple, want.tolist()))
 
 
 def test_the_folded_logits_and_their_gradients_are_the_plain_formula():
