@@ -57,8 +57,7 @@ article_features       one row per article of `articles` per snapshot (never-sol
   num_decayed_popularity double                         sum of 0.5 ** ((days_before - 1) / half_life) over sales
   num_price_mean       double                           0.0 when never sold
   num_days_since_first_sale, num_days_since_last_sale   0.0 when never sold (then num_sales_all is 0)
-  num_channel2_share, num_distinct_buyers  double       0.0 when never sold; buyers counted by HyperLogLog
-                                                        (relative error ~1 %)
+  num_channel2_share, num_distinct_buyers  double       0.0 when never sold
 popularity             see recsys.popularity.popularity (window: features.popularity_window_days)
 training_examples      as_of date, customer_id, article_id, customer_idx int, article_idx int, t_dat date,
                        weight double, days_before int, feature_as_of date, + the customer's cat_* / num_* /
@@ -125,7 +124,6 @@ ARTICLE_CATEGORIES = {
     "cat_section": "section_no",
     "cat_garment_group": "garment_group_no",
 }
-DISTINCT_BUYERS_RSD = 0.01  # num_distinct_buyers' relative standard deviation (HyperLogLog++)
 LITERAL_MAP_MAX = 2000  # category vocabularies up to this size are applied as literal maps, larger ones joined
 # the customer's taste: share of purchases per group of these article categoricals
 TASTE_GROUPS = {
@@ -412,10 +410,7 @@ def article_features(
         F.max("days_before").alias("num_days_since_first_sale"),
         F.min("days_before").alias("num_days_since_last_sale"),
         F.avg((F.col("sales_channel_id") == 2).cast("double")).alias("num_channel2_share"),
-        # HyperLogLog (1 % relative error; exact in practice for the few buyers of most articles): an exact
-        # distinct count made Spark shuffle every (article, customer) pair of the whole history, ~30 M rows and
-        # most of the table's time at full size, for a feature a tower normalises anyway
-        F.approx_count_distinct("customer_id", rsd=DISTINCT_BUYERS_RSD).alias("num_distinct_buyers"),
+        F.countDistinct("customer_id").alias("num_distinct_buyers"),
     )
     trend = (F.coalesce(F.col(f"num_sales_{short}w"), F.lit(0)) / short + 1.0) / (
         F.coalesce(F.col(f"num_sales_{long}w"), F.lit(0)) / long + 1.0

@@ -177,21 +177,6 @@ def test_article_features_by_hand(spark, frames):
     assert set(features.ARTICLE_CATEGORIES) < set(result.columns)
 
 
-def test_distinct_buyers_count_customers_not_purchases_within_the_sketch_error(spark, frames):
-    """num_distinct_buyers comes from a HyperLogLog sketch: a customer buying the same article on three days is
-    one buyer, and many buyers are counted within a few times the sketch's 1 % error."""
-    _, articles, _, category_index, _, article_index = frames
-    buyers = 5000
-    rows = spark.range(buyers * 3).select(
-        F.format_string("c%05d", (F.col("id") % buyers).cast("int")).alias("customer_id"), F.lit(A).alias("article_id"),
-        F.date_sub(F.lit(AS_OF), (F.col("id") % 3 + 1).cast("int")).alias("t_dat"), F.lit(0.01).alias("price"),
-        F.lit(1).alias("sales_channel_id"))
-    result = features.article_features(articles, rows, article_index, category_index, AS_OF, windows_weeks=[1, 4])
-    counted = {r.article_id: r.num_distinct_buyers for r in result.collect()}
-    assert abs(counted[A] - buyers) <= 0.03 * buyers, counted[A]
-    assert counted[B] == 0.0
-
-
 def test_training_examples_window_dedup_and_weight(spark, frames):
     _, _, transactions, _, customer_index, article_index = frames
     ghost = spark.createDataFrame([("ghost", 4)], "customer_id string, customer_idx int")
