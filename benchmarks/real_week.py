@@ -20,6 +20,7 @@ embedding. Writes benchmarks/results/real_week.json and the "Real week" section 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -122,14 +123,8 @@ class Bench:
         from recsys import train
         from recsys.model import load_encoder
 
-        saved = {k: getattr(self.config.model, k) for k in model}
-        for key, value in model.items():
-            setattr(self.config.model, key, value)
-        try:
+        with overridden(self.config.model, **model):
             result = train.run(self.lake, as_of=self.train_as_of.isoformat())
-        finally:
-            for key, value in saved.items():
-                setattr(self.config.model, key, value)
         encoder = load_encoder(f"models:/{self.config.mlflow.registered_model}/{result['model_version']}",
                                self.config.tracking_uri, self.config.registry_uri)
         return encoder, str(result["model_version"])
@@ -146,21 +141,24 @@ class Bench:
         the configured ones (e.g. n_estimators)."""
         from recsys import two_stage
 
-        candidates, settings = self.config.candidates, self.config.ranker
-        saved = list(candidates.sources), candidates.two_tower_n, dict(vars(settings))
-        candidates.sources = list(sources) if sources is not None else candidates.sources
-        candidates.two_tower_n = two_tower_n or candidates.two_tower_n
-        for key, value in (ranker or {}).items():
-            setattr(settings, key, value)
-        try:
+        candidates = self.config.candidates
+        with overridden(candidates, sources=list(sources) if sources is not None else candidates.sources,
+                        two_tower_n=two_tower_n or candidates.two_tower_n), \
+                overridden(self.config.ranker, **(ranker or {})):
             fit = two_stage.fit_ranker(self.lake, encoder, TEST_START)
             lists = two_stage.recommend(self.lake, encoder, fit.model, as_of=TEST_START, customers=self.week.target)
             lists = lists.cache()
             lists.count()
-        finally:
-            candidates.sources, candidates.two_tower_n = saved[:2]
-            vars(settings).update(saved[2])
         return fit, lists
+
+    def variant(self, encoder, timer: str, **system) -> tuple[object, dict]:
+        """`system(encoder, **system)` timed under `timer`, its lists scored and released: (fit, MAP@12 and
+        Recall@12 of the lists + fit_system_s)."""
+        with self.timed(timer):
+            fit, lists = self.system(encoder, **system)
+        row = {**_pick(self.scores({"x": lists}).loc["x"]), "fit_system_s": self.timings[timer]}
+        lists.unpersist()
+        return fit, row
 
     def ranking_sample(self, encoder, n: int = 200_000):
         """Up to `n` of the test week's ranker rows (pandas): what a booster's prediction is timed on."""
@@ -275,12 +273,8 @@ def main() -> int:
             result["two_tower_n"] = [{"two_tower_n": config.candidates.two_tower_n, **_pick(scores["two_stage"]),
                                       "fit_system_s": bench.timings["fit_system_s"]}]
             for n in sweep:
-                timer = f"fit_system_{n}_s"
-                with bench.timed(timer):
-                    _, lists = bench.system(encoder, two_tower_n=n)
-                result["two_tower_n"].append({"two_tower_n": n, **_pick(bench.scores({"x": lists}).loc["x"]),
-                                              "fit_system_s": bench.timings[timer]})
-                lists.unpersist()
+                _, row = bench.variant(encoder, f"fit_system_{n}_s", two_tower_n=n)
+                result["two_tower_n"].append({"two_tower_n": n, **row})
                 print(f"two_tower_n: {result['two_tower_n'][-1]}", flush=True)
                 save()
         sizes = [size_of(s) for s in args.ranker_sizes.split(",") if s.strip()]
@@ -294,12 +288,8 @@ def main() -> int:
             for size in sizes:
                 size = {"learning_rate": ranker.learning_rate, **size}
                 timer = "fit_system_{n_estimators}x{max_depth}@{learning_rate}_s".format(**size)
-                with bench.timed(timer):
-                    sized, lists = bench.system(encoder, ranker=size)
-                result["ranker_sizes"].append({**size, **_pick(bench.scores({"x": lists}).loc["x"]),
-                                               "predict_us_per_row": predict_cost(sized.model, sample),
-                                               "fit_system_s": bench.timings[timer]})
-                lists.unpersist()
+                sized, row = bench.variant(encoder, timer, ranker=size)
+                result["ranker_sizes"].append({**size, **row, "predict_us_per_row": predict_cost(sized.model, sample)})
                 print(f"ranker size: {result['ranker_sizes'][-1]}", flush=True)
                 save()
         if args.ablation:
@@ -332,6 +322,19 @@ def ablation(bench: Bench, encoder, full: dict):
                              ("two-tower alone, no customer-id embedding", {"customer_id_embedding": False})):
             variant, _ = bench.two_tower(**model)
             yield {"variant": label, **_pick(bench.scores({"x": bench.two_tower_lists(variant)}).loc["x"])}
+
+
+@contextlib.contextmanager
+def overridden(section, **values):
+    """A config section with `values` set for the block, its own values back afterwards (also on failure)."""
+    saved = {key: getattr(section, key) for key in values}
+    for key, value in values.items():
+        setattr(section, key, value)
+    try:
+        yield section
+    finally:
+        for key, value in saved.items():
+            setattr(section, key, value)
 
 
 def size_of(text: str) -> dict:
