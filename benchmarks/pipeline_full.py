@@ -45,12 +45,11 @@ def published(lake, k: int) -> dict:
 
 def system_lists(config, customers: int | None) -> dict:
     """What `score` costs when a model wins the gate: the challenger system's lists (candidates + ranker) for every
-    customer (or the first `customers` of them), computed in full into Spark's `noop` sink, published nowhere."""
-    from pyspark.sql import functions as F
-
+    customer (or one slice of about `customers` of them), computed in full into Spark's `noop` sink, published
+    nowhere."""
     from recsys.evaluate import system_recommender
     from recsys.registry import CHALLENGER, system_versions
-    from recsys.score import snapshot_of
+    from recsys.score import customer_slices, snapshot_of
     from recsys.spark import get_spark
     from recsys.tables import CUSTOMERS, Lakehouse
 
@@ -59,14 +58,14 @@ def system_lists(config, customers: int | None) -> dict:
     if not system:
         raise SystemExit("--system-lists: no challenger in the registry: run the pipeline first")
     target = None
-    if customers:
-        target = lake.read(CUSTOMERS).select("customer_id").orderBy(F.xxhash64("customer_id")).limit(customers)
+    if customers:  # one slice as a publish makes them (a hash of the id), of about `customers` customers
+        target = customer_slices(lake, customers)[0]
     with ProcessTree() as tree:
         started = time.perf_counter()
         recs = system_recommender(lake, system, snapshot_of(lake, None), target)
         recs.write.format("noop").mode("overwrite").save()
         seconds = round(time.perf_counter() - started, 1)
-    n = customers or lake.read(CUSTOMERS).count()
+    n = (target if customers else lake.read(CUSTOMERS)).count()
     return {"system": system, "customers": n, "seconds": seconds, "cpu_s": round(tree.cpu_s, 1),
             "peak_rss_gib": tree.peak_gib, "date": now(), "load_avg": load_avg()}
 

@@ -15,7 +15,8 @@ else the best baseline. With --ablation it also measures each candidate source r
 against a plain merge of the sources, and the two-tower with and without the history input / the customer-id
 embedding. Writes benchmarks/results/real_week.json and the "Real week" section of docs/BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/real_week.py [--ablation] [--two-tower-n 50,25] [--ranker-sizes 100x4@0.15] [--keep DIR]
+    .venv/bin/python benchmarks/real_week.py [--ablation] [--two-tower-n 50,25] [--popularity-n 12]
+        [--ranker-sizes 100x4@0.15] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ LABEL_DAYS = 2
 RESULT = ROOT / "benchmarks" / "results" / "real_week.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Real week"
+# candidate settings `--two-tower-n` / `--popularity-n` sweep, and their tables' titles
+CANDIDATE_SWEEPS = {"two_tower_n": "The two-tower's candidates per customer",
+                    "popularity_n": "The popularity source's candidates per customer"}
 HEADLINE = ["map_at_12", "recall_at_12", "ndcg_at_12", "precision_at_12", "hit_rate_at_12", "coverage_at_12",
             "popularity_bias_at_12"]
 
@@ -134,16 +138,16 @@ class Bench:
 
         return score.recommend(self.lake, encoder, as_of=TEST_START, customers=self.week.target)
 
-    def system(self, encoder, sources: list[str] | None = None, two_tower_n: int | None = None,
+    def system(self, encoder, sources: list[str] | None = None, candidates: dict | None = None,
                ranker: dict | None = None):
         """(fit, lists) of the ranker on `sources` (default: the configured ones), the two-tower proposing
-        `two_tower_n` articles per customer (default: `candidates.two_tower_n`), `ranker` settings overriding
+        `candidates` settings overriding the configured ones (e.g. two_tower_n), `ranker` settings overriding
         the configured ones (e.g. n_estimators)."""
         from recsys import two_stage
 
-        candidates = self.config.candidates
-        with overridden(candidates, sources=list(sources) if sources is not None else candidates.sources,
-                        two_tower_n=two_tower_n or candidates.two_tower_n), \
+        section = self.config.candidates
+        with overridden(section, sources=list(sources) if sources is not None else section.sources,
+                        **(candidates or {})), \
                 overridden(self.config.ranker, **(ranker or {})):
             fit = two_stage.fit_ranker(self.lake, encoder, TEST_START)
             lists = two_stage.recommend(self.lake, encoder, fit.model, as_of=TEST_START, customers=self.week.target)
@@ -204,8 +208,11 @@ def main() -> int:
     parser.add_argument("--ranker-sizes", default="", help="also the system with rankers of these sizes, "
                         "TREESxDEPTH[@LEARNING_RATE] comma-separated (e.g. 80x6,60x5@0.15), the same two-tower model; "
                         "each booster's prediction timed on the same rows")
-    parser.add_argument("--two-tower-n", default="", help="also the system with the two-tower proposing each of "
-                        "these numbers of articles per customer (comma-separated), the same two-tower model")
+    for key in CANDIDATE_SWEEPS:
+        source = key.removesuffix("_n").replace("_", "-")
+        parser.add_argument("--" + key.replace("_", "-"), default="", help=f"also the system with the {source} source "
+                            "proposing each of these numbers of articles per customer (comma-separated), the same "
+                            "two-tower model")
     args = parse_args(parser)
     if not REAL.is_dir():
         print(f"skipped: {REAL} not present")
@@ -268,14 +275,15 @@ def main() -> int:
 
         save()
         print(json.dumps(result["metrics"], indent=1, default=str), flush=True)
-        sweep = [int(n) for n in args.two_tower_n.split(",") if n.strip()]
-        if sweep:
-            result["two_tower_n"] = [{"two_tower_n": config.candidates.two_tower_n, **_pick(scores["two_stage"]),
-                                      "fit_system_s": bench.timings["fit_system_s"]}]
+        for key in CANDIDATE_SWEEPS:  # the same two-tower, the ranker refitted on each number of candidates
+            sweep = [int(n) for n in getattr(args, key).split(",") if n.strip()]
+            if sweep:
+                result[key] = [{key: getattr(config.candidates, key), **_pick(scores["two_stage"]),
+                                "fit_system_s": bench.timings["fit_system_s"]}]
             for n in sweep:
-                _, row = bench.variant(encoder, f"fit_system_{n}_s", two_tower_n=n)
-                result["two_tower_n"].append({"two_tower_n": n, **row})
-                print(f"two_tower_n: {result['two_tower_n'][-1]}", flush=True)
+                _, row = bench.variant(encoder, f"fit_system_{key}_{n}_s", candidates={key: n})
+                result[key].append({key: n, **row})
+                print(f"{key}: {result[key][-1]}", flush=True)
                 save()
         sizes = [size_of(s) for s in args.ranker_sizes.split(",") if s.strip()]
         if sizes:
@@ -388,11 +396,13 @@ def write_section(result: dict) -> None:
     if result.get("ablation"):
         lines += ["", "### Ablation", "", "| variant | map_at_12 | recall_at_12 |", "|---|---:|---:|"]
         lines += [f"| {a['variant']} | {a['map_at_12']:.4f} | {a['recall_at_12']:.4f} |" for a in result["ablation"]]
-    if result.get("two_tower_n"):
-        lines += ["", "### The two-tower's candidates per customer (`--two-tower-n`, the same two-tower model)", "",
-                  "| two_tower_n | map_at_12 | recall_at_12 | ranker fit + lists (s) |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['two_tower_n']} | {r['map_at_12']:.4f} | {r['recall_at_12']:.4f} | {r['fit_system_s']} |"
-                  for r in result["two_tower_n"]]
+    for key, title in CANDIDATE_SWEEPS.items():
+        if result.get(key):
+            option = "--" + key.replace("_", "-")
+            lines += ["", f"### {title} (`{option}`, the same two-tower model)", "",
+                      f"| {key} | map_at_12 | recall_at_12 | ranker fit + lists (s) |", "|---:|---:|---:|---:|"]
+            lines += [f"| {r[key]} | {r['map_at_12']:.4f} | {r['recall_at_12']:.4f} | {r['fit_system_s']} |"
+                      for r in result[key]]
     if result.get("ranker_sizes"):
         lines += ["", "### The ranker's size (`--ranker-sizes`, the same two-tower model and candidates)", "",
                   "| trees | depth | learning rate | map_at_12 | recall_at_12 | prediction (us/row, one thread) "

@@ -151,7 +151,7 @@ class CandidatesConfig:
     pair_neighbours: int = 12
     bought_together_n: int = 24
     popularity_days: int = 7
-    popularity_n: int = 24
+    popularity_n: int = 12
     two_tower_n: int = 50
 
 

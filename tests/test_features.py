@@ -214,6 +214,23 @@ def test_history_sequence_most_recent_first_zero_padded(spark, frames):
     }
 
 
+def test_history_sequence_cut_to_its_length_ties_by_article_index(spark, frames):
+    """Longer histories keep their most recent articles; two articles last bought the same day go by index."""
+    customers, articles, transactions, category_index, customer_index, article_index = frames
+    same_day = transactions.unionByName(spark.createDataFrame([(D("2020-09-22"), "c_one", B, 0.02, 1)], TX_SCHEMA))
+
+    def sequences(length: int) -> dict:
+        result = features.customer_features(customers, same_day, articles, customer_index, category_index, AS_OF,
+                                            history_length=length, article_index=article_index)
+        return {r.customer_id: (r.seq_article_idx, r.seq_days_before) for r in result.collect()}
+
+    assert sequences(2)["c_one"] == ([1, 2], [1, 1])  # A and B both the day before: A (index 1) first
+    assert sequences(1) == {"c_many": ([1], [3]), "c_one": ([1], [1]), "c_none": ([0], [0])}
+    no_history = features.customer_features(customers, same_day, articles, customer_index, category_index, AS_OF,
+                                            history_length=0, article_index=article_index)
+    assert not [c for c in no_history.columns if c.startswith("seq_")]
+
+
 def test_training_example_never_sees_its_own_purchase(spark, frames):
     """Point-in-time: the customer state joined to an example is computed strictly before the example's period,
     so no feature of an example counts the purchase it is trained to predict (or anything after it)."""
