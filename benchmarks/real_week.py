@@ -210,7 +210,7 @@ def main() -> int:
                         "each booster's prediction timed on the same rows")
     for key in CANDIDATE_SWEEPS:
         source = key.removesuffix("_n").replace("_", "-")
-        parser.add_argument("--" + key.replace("_", "-"), default="", help=f"also the system with the {source} source "
+        parser.add_argument(_option(key), default="", help=f"also the system with the {source} source "
                             "proposing each of these numbers of articles per customer (comma-separated), the same "
                             "two-tower model")
     args = parse_args(parser)
@@ -345,6 +345,11 @@ def overridden(section, **values):
             setattr(section, key, value)
 
 
+def _option(key: str) -> str:
+    """A candidate sweep's command-line option: two_tower_n -> --two-tower-n."""
+    return "--" + key.replace("_", "-")
+
+
 def size_of(text: str) -> dict:
     """'80x6' / '60x5@0.15' -> ranker settings (the learning rate as configured when not given)."""
     match = re.fullmatch(r"\s*(\d+)x(\d+)(?:@([0-9.]+))?\s*", text)
@@ -398,8 +403,7 @@ def write_section(result: dict) -> None:
         lines += [f"| {a['variant']} | {a['map_at_12']:.4f} | {a['recall_at_12']:.4f} |" for a in result["ablation"]]
     for key, title in CANDIDATE_SWEEPS.items():
         if result.get(key):
-            option = "--" + key.replace("_", "-")
-            lines += ["", f"### {title} (`{option}`, the same two-tower model)", "",
+            lines += ["", f"### {title} (`{_option(key)}`, the same two-tower model)", "",
                       f"| {key} | map_at_12 | recall_at_12 | ranker fit + lists (s) |", "|---:|---:|---:|---:|"]
             lines += [f"| {r[key]} | {r['map_at_12']:.4f} | {r['recall_at_12']:.4f} | {r['fit_system_s']} |"
                       for r in result[key]]

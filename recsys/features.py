@@ -347,7 +347,7 @@ def customer_features(
     if history_length:
         per_article = per_article.withColumn("_idx", F.coalesce("article_idx", F.lit(0))).withColumn(
             "_pos", F.row_number().over(Window.partitionBy(*key).orderBy("last", "_idx")))
-    recent = [F.max(F.when(F.col("_pos") == i, F.col(field))).alias(f"_{field}_{i}")
+    recent = [F.max(F.when(F.col("_pos") == i, F.col(field))).alias(_pivoted(field, i))
               for field in ("_idx", "last") for i in range(1, history_length + 1)]
     stats = per_article.groupBy(*key).agg(
         *[F.sum(f"rows_{w}w").alias(f"num_purchases_{w}w") for w in weeks],
@@ -381,12 +381,17 @@ def customer_features(
     )
 
 
+def _pivoted(field: str, position: int) -> str:
+    """The aggregation's column for `field` of the customer's `position`-th most recent article."""
+    return f"_seq_{field.lstrip('_')}_{position}"
+
+
 def _sequence(length: int) -> list[Column]:
     """The last `length` articles bought (most recent first; ties by article_idx) as two fixed-length int arrays,
     zero-padded: `seq_article_idx` (0 = padding or an article without an id) and `seq_days_before`, from the
-    aggregation's pivoted columns `__idx_<i>` / `_last_<i>` (null where the customer bought fewer)."""
+    aggregation's pivoted columns (`_pivoted`; null where the customer bought fewer)."""
     def padded(field: str, name: str) -> Column:
-        values = [F.coalesce(F.col(f"_{field}_{i}").cast("int"), F.lit(0)) for i in range(1, length + 1)]
+        values = [F.coalesce(F.col(_pivoted(field, i)).cast("int"), F.lit(0)) for i in range(1, length + 1)]
         return F.array(*values).cast("array<int>").alias(name)
 
     return [padded("_idx", SEQ_ARTICLES), padded("last", SEQ_DAYS)] if length else []
