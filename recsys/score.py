@@ -318,14 +318,25 @@ def recommend(lake: Lakehouse, encoder: Any, as_of: dt.date | str | None = None,
 
 
 def customer_slices(lake: Lakehouse, size: int) -> list[DataFrame]:
-    """Every customer once, in ceil(customers / size) slices by a hash of the id (size 0: one slice)."""
+    """Every customer once, in about ceil(customers / size) slices of neighbouring ids (size 0: one slice).
+
+    Ranges of the id, not a hash of it: the rows a slice appends to `candidates` then lie in files whose id
+    statistics span that slice alone, so the slice reading back its own rows skips the files of the slices before
+    it (with a hash every file spans every id, and the n-th slice re-read the n-1 before it)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"scoring.slice_customers must be a whole number >= 0, got {size!r}")
     everyone = lake.read(CUSTOMERS).select("customer_id").distinct()
     n = -(-everyone.count() // size) if size else 1
     if n <= 1:
         return [everyone]
-    return [everyone.filter(F.pmod(F.xxhash64("customer_id"), F.lit(n)) == i) for i in range(n)]
+    # the first id of each of n ranges of about equal size (Spark samples the boundaries); bounded: n ids
+    firsts = everyone.repartitionByRange(n, "customer_id").groupBy(F.spark_partition_id()).agg(
+        F.min("customer_id").alias("first"))
+    cuts = sorted(r.first for r in firsts.collect())[1:]
+    customer = F.col("customer_id")
+    return [everyone.filter((customer >= low if low is not None else F.lit(True))
+                            & (customer < high if high is not None else F.lit(True)))
+            for low, high in zip([None, *cuts], [*cuts, None])]
 
 
 def _decided_lists(lake: Lakehouse, snapshot: dt.date, customers: DataFrame | None

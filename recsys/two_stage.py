@@ -175,6 +175,9 @@ def build_candidates(lake: Lakehouse, encoder: Any | None, as_of: dt.date, targe
                        replace_where=f"as_of = DATE'{as_of.isoformat()}'" if lake.exists(CANDIDATES) else None)
     # this computation's rows only: after an APPEND the partition also holds the slices written before
     written = lake.read(CANDIDATES).filter(F.col("as_of") == F.lit(as_of)).drop("as_of")
+    if write == APPEND:  # the target's id range: the files of other slices (`score.customer_slices`) are skipped
+        low, high = target.agg(F.min("customer_id"), F.max("customer_id")).first()
+        written = written.filter(F.col("customer_id").between(F.lit(low), F.lit(high)))
     # broadcast: the target ids (a slice of a publish at most) rather than a shuffle of every long row by id
     return written.join(F.broadcast(target.select("customer_id")), "customer_id", "left_semi")
 

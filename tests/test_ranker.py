@@ -89,8 +89,8 @@ class _ByColumn:
 
     features = ["x"]
 
-    def predict_pandas(self, pdf):
-        return pdf["x"].to_numpy(dtype="float64")
+    def predict_arrow(self, batch):
+        return batch.column("x").to_numpy()
 
 
 @pytest.mark.parametrize("ties", [3, 1000, None])
@@ -99,6 +99,7 @@ def test_best_is_a_windows_top_k_ties_to_the_smaller_article(ties):
     numbered 1..k, as a window ordered by (score desc, article_id) gives them."""
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
 
     rng = np.random.default_rng(11)
     n = 3000
@@ -106,13 +107,14 @@ def test_best_is_a_windows_top_k_ties_to_the_smaller_article(ties):
     scored = pd.DataFrame({"customer_id": rng.integers(0, 80, n),
                            "article_id": [f"a{a:04d}" for a in rng.permutation(n)],  # distinct, as a customer's are
                            "source": "src", "score": score})
-    got = sorted(map(tuple, R._best(scored, 5)[["customer_id", "article_id", "score", "pos"]].itertuples(index=False)))
+    best = R._best(pa.Table.from_pandas(scored, preserve_index=False), 5).to_pandas()
+    got = sorted(map(tuple, best[["customer_id", "article_id", "score", "pos"]].itertuples(index=False)))
     expected = []
     for customer, mine in scored.groupby("customer_id"):
         best = sorted(zip(mine["score"], mine["article_id"]), key=lambda r: (-r[0], r[1]))[:5]
         expected += [(customer, article, value, pos) for pos, (value, article) in enumerate(best, 1)]
     assert got == sorted(expected)
-    assert R._best(scored.iloc[:0], 5).empty
+    assert R._best(pa.Table.from_pandas(scored.iloc[:0], preserve_index=False), 5).num_rows == 0
 
 
 def test_predict_top_k_keeps_each_customers_best_k_across_arrow_batches_and_partitions(spark):
@@ -135,3 +137,25 @@ def test_predict_top_k_keeps_each_customers_best_k_across_arrow_batches_and_part
         mine = sorted((d for d in data if d[0] == customer), key=lambda d: (-d[3], d[1]))[:3]
         expected += [(customer, d[1], d[3], pos, "src") for pos, d in enumerate(mine, 1)]
     assert got == sorted(expected)
+
+
+def test_the_booster_reads_arrow_columns_nulls_and_absent_columns_as_missing():
+    """Scoring reads Arrow batches straight into the booster's matrix: an integer or double column's nulls and a
+    feature the rows lack are all missing values, as in the matrix the booster was fitted on."""
+    import numpy as np
+    import pyarrow as pa
+    import xgboost as xgb
+
+    rng = np.random.default_rng(3)
+    x = rng.random((200, 3))
+    x[rng.random((200, 3)) < 0.2] = np.nan
+    booster = xgb.train({"max_depth": 3, "objective": "reg:squarederror"}, xgb.DMatrix(x, label=rng.random(200),
+                                                                                         missing=np.nan), 8)
+    model = R.RankerModel(bytes(booster.save_raw("ubj")), ["a", "b", "c"])
+    counts = [None if np.isnan(v) else int(v * 10) for v in x[:, 0]]
+    batch = pa.RecordBatch.from_pydict({"b": pa.array(x[:, 1], from_pandas=True), "a": pa.array(counts, pa.int32()),
+                                        "other": pa.array(["z"] * 200)})
+    matrix = np.column_stack([[np.nan if c is None else c for c in counts], x[:, 1], np.full(200, np.nan)])
+    expected = booster.inplace_predict(matrix.astype(np.float32), missing=np.nan)
+    np.testing.assert_allclose(model.predict_arrow(batch), expected, rtol=1e-6)
+    assert model.predict_arrow(batch.slice(0, 0)).shape == (0,)

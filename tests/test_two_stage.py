@@ -3,7 +3,10 @@ to their candidate source, the two-tower similarity of any pair, and the gate's 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
+from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -156,6 +159,29 @@ def test_publishing_in_slices_gives_the_lists_and_candidates_of_one_pass(lake):
     for i, (part, members_of_part) in enumerate(zip(slices, members)):
         kept = two_stage.build_candidates(lake, None, data.AS_OF, part, write="append" if i else "replace")
         assert {r.customer_id for r in kept.select("customer_id").distinct().collect()} <= set(members_of_part)
+    # nor reads their files: each file holds one slice's ids, so its id statistics (what Delta skips files by)
+    # span that slice alone
+    ranges = [(m[0], m[-1]) for m in members]
+    spans = candidate_file_spans(lake, data.AS_OF)
+    assert spans and all(sum(low <= last and first <= high for first, last in ranges) == 1 for low, high in spans)
+
+
+def candidate_file_spans(lake, as_of: dt.date) -> list[tuple[str, str]]:
+    """(min, max) customer_id of each live, non-empty file of `candidates` as of `as_of` (as the Delta log lists
+    them)."""
+    import pyarrow.parquet as pq
+
+    from recsys.tables import CANDIDATES
+
+    root, live = Path(lake.location(CANDIDATES)), set()
+    for commit in sorted((root / "_delta_log").glob("*.json")):
+        for action in map(json.loads, commit.read_text().splitlines()):
+            if "add" in action and action["add"]["partitionValues"].get("as_of") == as_of.isoformat():
+                live.add(action["add"]["path"])
+            elif "remove" in action:
+                live.discard(action["remove"]["path"])
+    ids = [pq.read_table(root / unquote(path), columns=["customer_id"])["customer_id"].to_pylist() for path in live]
+    return [(min(i), max(i)) for i in ids if i]
 
 
 def published(lake) -> tuple[set, list]:
