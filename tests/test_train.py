@@ -196,6 +196,9 @@ def memory_loader(rows: pd.DataFrame, mc) -> MemoryLoader:
 
 
 def two_tower(data, mc) -> TwoTower:
+    """Seeded: the same first weights whatever ran before in this process (a test's outcome must not depend on
+    the order pytest-xdist happens to give its worker)."""
+    torch.manual_seed(mc.seed)
     return TwoTower(data.spec, tower_config(mc), article_products(data.spec, data.articles))
 
 
@@ -205,7 +208,6 @@ def test_resume_after_interruption_reaches_the_same_weights(lake, tmp_path, worl
     data, rows = _in_memory(world)
 
     def fresh():
-        torch.manual_seed(mc.seed)
         return two_tower(data, mc), memory_loader(rows, mc)
 
     model, loader = fresh()
@@ -238,7 +240,6 @@ def test_sparse_id_updates_touch_only_the_ids_of_the_batches_and_resume(lake, tm
 
     def trained(sparse: bool, checkpoint=None, on_epoch_end=None):
         mc.sparse_ids = sparse
-        torch.manual_seed(mc.seed)
         model = two_tower(data, mc)
         start = model.customer_tower.id_embedding.weight.detach().clone()
         result = trainer.fit(model, memory_loader(rows, mc), data, mc, checkpoint=checkpoint,
