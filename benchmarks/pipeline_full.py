@@ -58,7 +58,7 @@ def system_lists(config, customers: int | None) -> dict:
     if not system:
         raise SystemExit("--system-lists: no challenger in the registry: run the pipeline first")
     target = None
-    if customers:  # one slice as a publish makes them (a hash of the id), of about `customers` customers
+    if customers:  # one slice as a publish makes them (a range of ids), of about `customers` customers
         target = customer_slices(lake, customers)[0]
     with ProcessTree() as tree:
         started = time.perf_counter()
