@@ -30,6 +30,7 @@ class ProcessTree:
         self.every_s, self.pss_every_s, self._stop = every_s, pss_every_s, threading.Event()
         self.peak, self.peak_pss, self._pss_at = 0, 0, 0.0
         self.peak_parts: dict[str, int] = {}  # at the peak: bytes by role (driver, jvm, workers)
+        self.peak_processes: list[tuple[str, int]] = []  # at the peak: (name, RSS bytes) of the largest processes
         self.peak_pss_parts: dict[str, int] = {}
         self._cpu: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -40,18 +41,22 @@ class ProcessTree:
         me = psutil.Process()
         parts = {"driver": 0, "jvm": 0, "workers": 0}
         roles: dict[psutil.Process, str] = {}
+        sizes: list[tuple[str, int]] = []
         for proc in [me, *me.children(recursive=True)]:
             try:
                 rss = proc.memory_info().rss
                 times = proc.cpu_times()
                 self._cpu[proc.pid] = times.user + times.system
-                roles[proc] = "driver" if proc.pid == me.pid else "jvm" if proc.name() == "java" else "workers"
+                name = proc.name()
+                roles[proc] = "driver" if proc.pid == me.pid else "jvm" if name == "java" else "workers"
             except psutil.Error:
                 continue
             parts[roles[proc]] += rss
+            sizes.append((name, rss))
         total = sum(parts.values())
-        if total > self.peak:
+        if total > self.peak:  # which processes, by name: a child the JVM is forking shares (and shows) its pages
             self.peak, self.peak_parts = total, parts
+            self.peak_processes = sorted(sizes, key=lambda s: -s[1])[:6]
         # PSS reads every mapping of every process (tens of ms each under load): only when it could be a new peak
         # (PSS <= RSS) and at most every pss_every_s
         now = time.monotonic()
@@ -82,6 +87,11 @@ class ProcessTree:
     def peak_parts_gib(self) -> dict[str, float]:
         """Where the peak was: the driver process, the Spark JVM, everything else (Python workers, daemons)."""
         return _gib(self.peak_parts)
+
+    @property
+    def peak_processes_gib(self) -> list[list]:
+        """The largest processes at the RSS peak: [name, GiB], largest first."""
+        return [[name, round(size / 2**30, 2)] for name, size in self.peak_processes]
 
     @property
     def peak_pss_parts_gib(self) -> dict[str, float]:

@@ -167,6 +167,7 @@ def main() -> int:
         result["stages"][stage] = seconds
         result["stage_details"][stage] = {"seconds": seconds, "cpu_s": round(tree.cpu_s, 1),
                                           "peak_rss_gib": tree.peak_gib, "peak_parts_gib": tree.peak_parts_gib,
+                                          "peak_processes_gib": tree.peak_processes_gib,
                                           "peak_pss_gib": tree.peak_pss_gib,
                                           "peak_pss_parts_gib": tree.peak_pss_parts_gib,
                                           "load_avg_end": load_avg(), "summary": summary.get(stage)}
