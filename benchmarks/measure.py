@@ -30,7 +30,7 @@ class ProcessTree:
         self.every_s, self.pss_every_s, self._stop = every_s, pss_every_s, threading.Event()
         self.peak, self.peak_pss, self._pss_at = 0, 0, 0.0
         self.peak_parts: dict[str, int] = {}  # at the peak: bytes by role (driver, jvm, workers)
-        self.peak_processes: list[tuple[str, int]] = []  # at the peak: (name, RSS bytes) of the largest processes
+        self.peak_processes: list[tuple[str, int, int]] = []  # at the peak: (name, pid, RSS) of the largest
         self.peak_pss_parts: dict[str, int] = {}
         self._cpu: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -41,7 +41,7 @@ class ProcessTree:
         me = psutil.Process()
         parts = {"driver": 0, "jvm": 0, "workers": 0}
         roles: dict[psutil.Process, str] = {}
-        sizes: list[tuple[str, int]] = []
+        sizes: list[tuple[str, int, int]] = []
         for proc in [me, *me.children(recursive=True)]:
             try:
                 rss = proc.memory_info().rss
@@ -52,11 +52,11 @@ class ProcessTree:
             except psutil.Error:
                 continue
             parts[roles[proc]] += rss
-            sizes.append((name, rss))
+            sizes.append((name, proc.pid, rss))
         total = sum(parts.values())
         if total > self.peak:  # which processes, by name: a child the JVM is forking shares (and shows) its pages
             self.peak, self.peak_parts = total, parts
-            self.peak_processes = sorted(sizes, key=lambda s: -s[1])[:6]
+            self.peak_processes = sorted(sizes, key=lambda s: -s[2])[:6]
         # PSS reads every mapping of every process (tens of ms each under load): only when it could be a new peak
         # (PSS <= RSS) and at most every pss_every_s
         now = time.monotonic()
@@ -90,8 +90,8 @@ class ProcessTree:
 
     @property
     def peak_processes_gib(self) -> list[list]:
-        """The largest processes at the RSS peak: [name, GiB], largest first."""
-        return [[name, round(size / 2**30, 2)] for name, size in self.peak_processes]
+        """The largest processes at the RSS peak: [name, pid, GiB], largest first."""
+        return [[name, pid, round(size / 2**30, 2)] for name, pid, size in self.peak_processes]
 
     @property
     def peak_pss_parts_gib(self) -> dict[str, float]:

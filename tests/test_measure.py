@@ -19,6 +19,7 @@ def test_the_peak_names_the_processes_that_held_it():
         tree._sample()  # at least one sample while the child holds its memory
         child.communicate("")
     assert tree.peak_parts_gib["workers"] >= 0.19 and tree.peak_gib >= 0.19
-    largest = tree.peak_processes_gib[0]
-    assert largest[0].startswith("python") and largest[1] >= 0.19
-    assert sum(size for _, size in tree.peak_processes_gib) <= tree.peak_gib + 0.01
+    # named among the largest (this process may have bigger ones beside it: a test worker's Spark JVM)
+    named = {pid: (name, size) for name, pid, size in tree.peak_processes_gib}
+    assert named[child.pid][0].startswith("python") and named[child.pid][1] >= 0.19
+    assert sum(size for _, _, size in tree.peak_processes_gib) <= tree.peak_gib + 0.01
