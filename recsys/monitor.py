@@ -67,21 +67,24 @@ def list_stats(lists: DataFrame, catalogue_size: int, top: int = 12) -> dict[str
     distinct articles over the catalogue; concentration: the share of all rows taken by the `top` most recommended
     articles (everyone getting the same list shows here); the score distribution (null share, quartiles)."""
     fallback = F.col("source").isin(*FILL_SOURCES)
+    # No distinct count beside the quantiles: with one, Spark kept a quantile sketch per article in every task.
+    # The rows per article give the distinct articles and the top ones (one count per article: catalogue-sized).
     row = lists.agg(
         F.count(F.lit(1)).alias("rows"),
         F.sum(fallback.cast("int")).alias("fallback"),
-        F.countDistinct("article_id").alias("articles"),
         F.sum(F.col("score").isNull().cast("int")).alias("null_scores"),
         F.percentile_approx("score", [0.01, 0.5, 0.99], 1000).alias("q"),
     ).first()
     rows = row.rows or 0
     per_article = lists.groupBy("article_id").agg(F.count(F.lit(1)).alias("n"))
-    top_rows = per_article.orderBy(F.desc("n"), "article_id").limit(top).agg(F.sum("n")).first()[0] or 0
+    listed = per_article.agg(F.count("article_id").alias("articles"),
+                             F.sort_array(F.collect_list("n"), asc=False).alias("n")).first()
+    top_rows = sum((listed.n or [])[:top])
     q = row.q or [None, None, None]
     return {
         "rows": float(rows),
         "fallback_share": (row.fallback or 0) / rows if rows else None,
-        "catalogue_coverage": (row.articles or 0) / catalogue_size if catalogue_size else None,
+        "catalogue_coverage": (listed.articles or 0) / catalogue_size if catalogue_size else None,
         "concentration": top_rows / rows if rows else None,
         "score_null_share": (row.null_scores or 0) / rows if rows else None,
         "score_p01": q[0], "score_p50": q[1], "score_p99": q[2],

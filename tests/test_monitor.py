@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recsys import monitor
+from recsys import monitor, publish
 from recsys.config import MonitoringConfig
 LISTS = "customer_id string, rank int, article_id string, score double, source string"
 
@@ -67,3 +67,35 @@ def test_popularity_only_lists_record_their_fallback_share_without_blocking():
     skeleton = {c.name: (c.status, c.direction) for c in monitor.checks(mc, stats, None, {}, popularity_only=True)}
     assert model["fallback_share"] == "block"  # a model whose every row is a fill produced nothing
     assert skeleton["fallback_share"] == ("ok", "none")
+
+
+def test_check_lists_counts_every_kind_of_broken_list(spark):
+    """Each customer breaks the contract (K=3 distinct articles, ranks 1..3, 10-character ids) one way; a list
+    that is whole passes, a customer without a list and a list for an unknown customer are counted apart."""
+    def whole(customer, articles=("0000000001", "0000000002", "0000000003"), ranks=(1, 2, 3)):
+        return [(customer, r, a, 1.0, "x") for r, a in zip(ranks, articles)]
+
+    broken = {
+        "dup_article": whole("dup_article", articles=("0000000001", "0000000001", "0000000003")),
+        "dup_rank": whole("dup_rank", ranks=(1, 3, 3)),  # rows, articles, min and max rank as whole
+        "rank_0": whole("rank_0", ranks=(0, 1, 2)),
+        "rank_4": whole("rank_4", ranks=(1, 2, 4)),
+        "short_id": whole("short_id", articles=("0000000001", "000000002", "0000000003")),
+        "null_article": whole("null_article", articles=("0000000001", None, "0000000003")),
+        "null_rank": whole("null_rank", ranks=(1, 2, None)),
+        "too_few": whole("too_few")[:2],
+        "too_many": whole("too_many") + [("too_many", 3, "0000000004", 1.0, "x")],
+    }
+    rows = [row for rows in broken.values() for row in rows] + whole("fine") + whole("stranger")
+    customers = spark.createDataFrame([(c,) for c in [*broken, "fine", "no_list"]], "customer_id string")
+    report = publish.check_lists(lists(spark, rows), customers, k=3)
+    assert report == {"customers": len(broken) + 2, "without_list": 1, "unknown_customers": 1,
+                      "bad_lists": len(broken), "example": "dup_article", "rows": len(rows)}
+    fine = spark.createDataFrame([("fine",)], "customer_id string")
+    assert publish.check_lists(lists(spark, whole("fine")), fine, k=3)["bad_lists"] == 0
+    # K above the ranks' bit set: the distinct ranks are counted another way, to the same effect
+    big = [("c", r, f"{r:010d}", 1.0, "x") for r in range(1, 71)]
+    one = spark.createDataFrame([("c",)], "customer_id string")
+    assert publish.check_lists(lists(spark, big), one, k=70)["bad_lists"] == 0
+    twice = [big[0], ("c", 3, "0000000002", 1.0, "x"), *big[2:]]  # rank 3 twice, no rank 2
+    assert publish.check_lists(lists(spark, twice), one, k=70)["bad_lists"] == 1
