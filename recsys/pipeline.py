@@ -307,7 +307,7 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
 
     `drop_day` (YYYY-MM-DD or 'latest'): ingest merges that day's drop instead of reading the raw CSVs.
     `nightly`: relist between full runs (module docstring)."""
-    from recsys.spark import described, get_spark
+    from recsys.spark import described, get_spark, release
 
     selected = _select(steps, from_stage)
     if since and drop_day:
@@ -340,6 +340,7 @@ def run(config: Config, steps: list[str] | None = None, as_of: str | None = None
             out(f"[{stage:>8}] running ...")
             with described(lake.spark, stage):
                 result = RUNNERS[stage](ctx)
+            release(lake.spark)  # what the stage let go of, handed back before the next one grows
         except Exception as exc:
             published = lake.version(RECOMMENDATIONS)
             message = f"{type(exc).__name__}: {exc}"

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
+import sys
 
 import pytest
 from pyspark.sql import Row
@@ -87,6 +89,24 @@ def test_a_shipped_object_reaches_every_batch_and_its_pickled_bytes_are_let_go(l
     rows = lake.spark.range(0, 20, numPartitions=4).mapInPandas(body, "total long, bytes_kept boolean").collect()
     assert len(rows) == 20 and {r.total for r in rows} == {499500}
     assert not any(r.bytes_kept for r in rows)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_hands_the_memory_python_freed_back_to_the_system(lake):
+    from recsys.spark import release
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    size = 4000  # below glibc's mmap threshold: each block is carved from its heap (a variable: no folded constant)
+    blocks = [b"x" * size for _ in range(60_000)]  # ~230 MiB
+    kept = blocks[::100]  # one block in a hundred stays: the freed ones lie between live ones, not at the top
+    del blocks
+    before = rss_mib()
+    release(lake.spark)
+    assert rss_mib() < before - 100, "the freed blocks' pages stayed with the process"
+    assert len(kept) == 600
 
 
 def test_spark_session_has_delta_and_round_trips(lake):
