@@ -131,7 +131,7 @@ class ScoringConfig:
     candidate_weeks: int = 0             # >0: index only articles sold in the last N weeks (still selling)
     exclude_purchased: bool = False      # H&M customers buy again: keep bought articles by default
     threads_per_task: int = 1            # faiss/torch threads per Spark task (tasks x threads <= cores)
-    slice_customers: int = 460000        # the two stages publish in slices of about this many customers (0: one)
+    slice_customers: int = 690000        # the two stages publish in slices of about this many customers (0: one)
 
 
 @dataclass
