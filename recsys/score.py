@@ -229,8 +229,12 @@ def _retrieval(lake: Lakehouse, encoder: Any, snapshot: dt.date, mlflow_run_id: 
         if recall:
             fallback = f", below scoring.min_recall {scoring.min_recall}: exact search instead" \
                 if "fallback" in recall else ""
+            cells = (f" searching {recall['nprobe']:,} of {recall['lists']:,} cells" if "nprobe" in recall else "") + (
+                f" ({' -> '.join(f'{r:.2%} at {p:,}' for p, r in recall['tried'][:-1])} cells before)"
+                if len(recall.get("tried", [])) > 1 else "")
             print(f"article index: {scoring.index_type} found {recall['recall']:.2%} of the exact top {searched} "
-                  f"for {recall['recall_queries']:,} customers ({recall['speedup']}x faster){fallback}", flush=True)
+                  f"for {recall['recall_queries']:,} customers{cells} ({recall['speedup']}x faster){fallback}",
+                  flush=True)
     index_dir = Path(config.path(config.paths.artifacts_dir)) / "index" / model_version.replace("/", "_")
     index_location = save_with_model(index, index_dir, run_id=mlflow_run_id, tracking_uri=config.tracking_uri)
     facts = {"index": {"type": index.index_type, "articles": index.size, "dim": index.dim, **recall,

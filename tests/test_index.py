@@ -67,6 +67,20 @@ def test_an_approximate_index_is_kept_only_at_its_measured_recall():
         checked(every_cell, ITEMS, QUERIES, 12, 1.5)
 
 
+def test_an_ivf_index_short_of_the_recall_searches_more_cells_before_searching_exactly(tmp_path):
+    index = build_index(ITEMS, IDS, "ivf", ivf_lists=64, ivf_probe=1)
+    kept, facts = checked(index, ITEMS, QUERIES, 12, 0.9)
+    assert kept is index and "fallback" not in facts
+    assert [cells for cells, _ in facts["tried"]] == [1, 2, 4, 8, 16] and facts["nprobe"] == 16 == kept.meta["nprobe"]
+    recalls = [recall for _, recall in facts["tried"]]
+    assert recalls == sorted(recalls) and recalls[-1] >= 0.9 > recalls[-2] and facts["recall"] == recalls[-1]
+    assert compare_to_exact(kept, QUERIES, 12)["recall_at_k"] == pytest.approx(facts["recall"], abs=1e-4)
+    assert load_index(kept.save(tmp_path / "kept")).meta["nprobe"] == 16  # saved as measured
+    # a quarter of the cells (16 of 64) is the most it searches: short of the recall there, exact search
+    exact, facts = checked(build_index(ITEMS, IDS, "ivf", ivf_lists=64, ivf_probe=1), ITEMS, QUERIES, 12, 0.99)
+    assert exact.index_type == "flat" and facts["fallback"] == "flat" and facts["tried"][-1][0] == 16
+
+
 def test_recall_at_k_by_hand():
     assert recall_at_k(np.array([["a", "b"], ["c", "x"]]), np.array([["b", "a"], ["c", "d"]]), k=2) == 0.75
 
