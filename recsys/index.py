@@ -250,8 +250,8 @@ def checked(index: ArticleIndex, vectors: Any, queries: Any, k: int, min_recall:
     up to a quarter of them (`_wider`); else the exact index over the same `vectors`. Its recall depends on how a
     model's embeddings cluster, which every training run changes: measured each time, never assumed (at full size
     32 of 1,024 cells found 99.3 % of one run's exact top 50 and 98.9 % of the next run's, the same code: that
-    run searched exactly, 8.8x slower, rather than more cells). Returns (the index to search, what was measured; empty for
-    an exact index); `tried` lists [cells searched, recall] of each IVF measurement."""
+    run searched exactly, 8.8x slower, rather than more cells). Returns (the index to search, what was measured;
+    empty for an exact index); `tried` lists [cells searched, recall] of each IVF measurement."""
     if isinstance(min_recall, bool) or not isinstance(min_recall, (int, float)) or not 0 <= min_recall <= 1:
         raise ValueError(f"scoring.min_recall must be a share between 0 and 1, got {min_recall!r}")
     if index.index_type == "flat" or len(queries) == 0:
